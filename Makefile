@@ -1,0 +1,50 @@
+# Every target sets up what it needs: on a fresh machine `make run` and `make test` just work.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: help install services run test test-unit lint format bench schema clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "verloop-worker needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install the project with its dev tools
+
+services: $(STAMP)  ## Check that RabbitMQ and Redis answer (says how to start them if not)
+	@$(BIN)/verloop-worker check --services-only
+
+run: services  ## Run the worker against the Verloop simulator, with a few demo messages
+	$(BIN)/verloop-worker run --sandbox --demo 10 --processes 1 --threads 4
+
+test: services  ## Run every test (real RabbitMQ, Redis and the simulator)
+	$(BIN)/pytest
+
+test-unit: $(STAMP)  ## Run the tests that need no services
+	$(BIN)/pytest tests/unit
+
+lint: $(STAMP)  ## ruff (lint and format check) and mypy --strict on worker/
+	$(BIN)/ruff check worker tests bench
+	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/mypy
+
+format: $(STAMP)  ## Format the code
+	$(BIN)/ruff format worker tests bench
+	$(BIN)/ruff check --fix worker tests bench
+
+bench: services  ## Benchmarks: the send path against a naive dramatiq actor
+	$(BIN)/python -m bench
+
+schema: $(STAMP)  ## Regenerate config/jobs.schema.json from the job models
+	$(BIN)/verloop-worker schema --output config/jobs.schema.json
+
+clean:  ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,56 @@
+"""Assembling a worker: settings → logging → broker with middleware → actors.
+
+:func:`boot` is what ``verloop-worker run`` hands to dramatiq's process manager; dramatiq calls it
+once in every worker process. Settings are read there, at the entry point, not at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dramatiq
+
+from .actors import register_actors
+from .broker import VerloopBroker, build_broker
+from .observability.logging import configure_logging
+from .outcomes import JobOutcomes, RetryPolicy
+from .services import Lifecycle
+from .settings import Settings
+
+__all__ = ["WorkerApp", "boot", "create_app"]
+
+
+@dataclass(frozen=True)
+class WorkerApp:
+    """A configured broker with its actors, ready for a dramatiq ``Worker``."""
+
+    settings: Settings
+    broker: VerloopBroker
+    lifecycle: Lifecycle
+    actors: dict[str, dramatiq.Actor[..., None]]
+
+
+def create_app(settings: Settings) -> WorkerApp:
+    """Build the broker, its middleware and its actors from ``settings``."""
+    lifecycle = Lifecycle(settings)
+    outcomes = JobOutcomes(
+        RetryPolicy(
+            max_retries=settings.retry_max_retries,
+            min_backoff_s=settings.retry_min_backoff_s,
+            max_backoff_s=settings.retry_max_backoff_s,
+        )
+    )
+    broker = build_broker(
+        settings.amqp_url.get_secret_value(),
+        max_job_bytes=settings.max_job_bytes,
+        middleware=[lifecycle, outcomes],
+    )
+    actors = register_actors(broker, lifecycle)
+    return WorkerApp(settings, broker, lifecycle, actors)
+
+
+def boot() -> None:
+    """Entry point for dramatiq's worker processes (``worker.app:boot``)."""
+    settings = Settings.load()
+    configure_logging(settings.log_format, settings.log_level)
+    create_app(settings)

@@ -1,0 +1,188 @@
+"""The one place the dramatiq broker is built, and how it copes with bad input.
+
+Dramatiq on its own rejects a body it cannot decode, or a job for an actor it does not know, by
+nacking it into the dead-letter queue with no word of why; a body whose ``queue_name`` names
+another queue even stops the worker thread that took it. Here every body that reaches a consumer
+becomes a dramatiq message:
+
+* a body that is not a valid dramatiq message becomes a message for :data:`UNDECODABLE_ACTOR`
+  carrying the original bytes and the reason;
+* an unknown actor name resolves to a stand-in actor that raises :class:`InvalidJob`;
+
+so both reach the job outcome middleware, which dead-letters them with their reason and keeps
+the original body (see :mod:`worker.outcomes`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.encoder import JSONEncoder
+from dramatiq.middleware import Middleware, TimeLimit
+
+from .errors import InvalidJob
+
+__all__ = ["UNDECODABLE_ACTOR", "VerloopBroker", "WireEncoder", "build_broker", "raw_body_of"]
+
+#: Actor name given to bodies that are not dramatiq messages; never declared.
+UNDECODABLE_ACTOR = "verloop.undecodable"
+
+#: The fields of a dramatiq message; any other top-level field makes a body invalid.
+_ENVELOPE_FIELDS = frozenset(
+    {"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"}
+)
+
+
+class _ConsumingQueue(threading.local):
+    #: The queue this thread consumes, set in consumer threads only.
+    name: str | None = None
+
+
+_consuming = _ConsumingQueue()
+
+
+class WireEncoder(JSONEncoder):
+    """Dramatiq's JSON encoding, with a decoder that never fails inside a consumer.
+
+    Optional envelope fields get defaults (``args``, ``options``, ``message_id``,
+    ``message_timestamp``, and ``queue_name``: the queue the body arrived on), so a producer
+    in any language can publish the minimal ``{"actor_name": ..., "kwargs": {...}}``.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        queue = _consuming.name
+        if queue is None:  # not a consumer thread (tools, tests): plain dramatiq behaviour
+            return super().decode(data)
+        try:
+            return self._envelope(data, queue)
+        except ValueError as exc:
+            return {
+                "queue_name": queue,
+                "actor_name": UNDECODABLE_ACTOR,
+                "args": [],
+                "kwargs": {
+                    "reason": f"not a valid job: {exc}",
+                    "raw_body_b64": base64.b64encode(data).decode("ascii"),
+                },
+                "options": {},
+                "message_id": str(uuid.uuid4()),
+                "message_timestamp": int(time.time() * 1000),
+            }
+
+    def _envelope(self, data: bytes, queue: str) -> dict[str, Any]:
+        if len(data) > self.max_bytes:
+            raise ValueError(f"body is {len(data)} bytes; the limit is {self.max_bytes}")
+        try:
+            envelope = json.loads(data)
+        except UnicodeDecodeError:
+            raise ValueError("body is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"body is not JSON ({exc.msg} at position {exc.pos})") from None
+        if not isinstance(envelope, dict):
+            raise ValueError(f"body is a JSON {type(envelope).__name__}, not an object")
+        unknown = sorted(set(envelope) - _ENVELOPE_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown top-level field(s) {', '.join(map(repr, unknown[:5]))}")
+        envelope.setdefault("queue_name", queue)
+        envelope.setdefault("args", [])
+        envelope.setdefault("kwargs", {})
+        envelope.setdefault("options", {})
+        envelope.setdefault("message_id", str(uuid.uuid4()))
+        envelope.setdefault("message_timestamp", int(time.time() * 1000))
+        expected = {
+            "actor_name": str,
+            "queue_name": str,
+            "args": list,
+            "kwargs": dict,
+            "options": dict,
+            "message_id": str,
+            "message_timestamp": int,
+        }
+        for field, kind in expected.items():
+            if field not in envelope:
+                raise ValueError(f"missing {field!r}")
+            if not isinstance(envelope[field], kind) or isinstance(envelope[field], bool):
+                raise ValueError(f"{field!r} must be a JSON {_JSON_TYPE_NAMES[kind]}")
+        if envelope["queue_name"] != queue:
+            raise ValueError(
+                f"queue_name {envelope['queue_name']!r} does not match the queue it arrived on "
+                f"({queue!r})"
+            )
+        if not envelope["actor_name"]:
+            raise ValueError("actor_name is empty")
+        return envelope
+
+
+_JSON_TYPE_NAMES = {str: "string", list: "array", dict: "object", int: "integer"}
+
+
+def raw_body_of(kwargs: dict[str, Any]) -> bytes:
+    """The original bytes of a body that became an :data:`UNDECODABLE_ACTOR` message."""
+    return base64.b64decode(str(kwargs.get("raw_body_b64", "")))
+
+
+class _RejectingActor:
+    """Stands in for an actor that does not exist; running it raises :class:`InvalidJob`.
+
+    Dramatiq and its middleware read ``priority`` and ``options`` from whatever ``get_actor``
+    returns, so those are all it has.
+    """
+
+    priority = 0
+
+    def __init__(self, actor_name: str) -> None:
+        self.actor_name = actor_name
+        self.options: dict[str, Any] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        if self.actor_name == UNDECODABLE_ACTOR:
+            raise InvalidJob(str(kwargs.get("reason", "not a valid job")))
+        raise InvalidJob(f"unknown actor {self.actor_name!r}")
+
+
+class VerloopBroker(RabbitmqBroker):
+    """A RabbitMQ broker whose unknown actors fail as invalid jobs instead of vanishing."""
+
+    def get_actor(self, actor_name: str) -> Any:
+        actor = self.actors.get(actor_name)
+        return actor if actor is not None else _RejectingActor(actor_name)
+
+
+class _TrackConsumingQueue(Middleware):
+    """Tells :class:`WireEncoder` which queue each consumer thread reads."""
+
+    def after_consumer_thread_boot(self, broker: Any, thread: Any) -> None:
+        _consuming.name = thread.queue_name
+
+
+def build_broker(
+    amqp_url: str,
+    *,
+    max_job_bytes: int,
+    middleware: list[Middleware],
+    time_limit_ms: int = 5 * 60 * 1000,
+) -> VerloopBroker:
+    """Build the broker, set it as dramatiq's global one, and return it.
+
+    Dramatiq's default retry, callback and pipeline middleware are left out on purpose: retries
+    and dead letters are ours (:mod:`worker.outcomes`), and callbacks would let a job's options
+    start arbitrary actors.
+    """
+    dramatiq.set_encoder(WireEncoder(max_job_bytes))
+    broker = VerloopBroker(
+        url=amqp_url,
+        confirm_delivery=True,
+        middleware=[_TrackConsumingQueue(), TimeLimit(time_limit=time_limit_ms), *middleware],
+    )
+    dramatiq.set_broker(broker)
+    return broker

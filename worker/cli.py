@@ -1,0 +1,432 @@
+"""``verloop-worker``: run the worker, enqueue a message, run the simulator, check the setup.
+
+Built with click (sub-commands, ``--help`` generated from the docstrings, typed options).
+Exit codes: 0 success, 1 a service or job failed, 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import pika
+import pika.exceptions
+import redis
+
+from .errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
+from .jobs import SEND_QUEUE, jobs_json_schema
+from .observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text
+from .phones import mask_phone
+from .services import open_redis, open_verloop_client
+from .settings import Settings
+from .verloop.tokens import SystemToken
+
+__all__ = ["main"]
+
+_SANDBOX_USERNAME = "sandbox"
+_SANDBOX_PASSWORD = "sandbox-password"  # noqa: S105 - the simulator's well-known fake login
+
+
+class _Context:
+    def __init__(self, env_file: Path | None) -> None:
+        self.env_file = env_file
+
+    def settings(self, **overrides: Any) -> Settings:
+        try:
+            return Settings.load(self.env_file, **overrides)
+        except ConfigurationError as exc:
+            raise click.UsageError(str(exc)) from None
+
+
+pass_context = click.make_pass_decorator(_Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--env-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="VERLOOP_WORKER_ENV_FILE",
+    help="Settings file (dotenv format, see config/example.env). Environment variables win.",
+)
+@click.version_option(package_name="verloop-worker")
+@click.pass_context
+def cli(ctx: click.Context, env_file: Path | None) -> None:
+    """Send WhatsApp messages through Verloop from jobs on RabbitMQ.
+
+    \b
+    Start here:
+      verloop-worker check                 are RabbitMQ, Redis and Verloop reachable?
+      verloop-worker run --sandbox         run against the built-in Verloop simulator
+      verloop-worker send --to +91... --text hi --client-id C --phone-id P
+    """
+    ctx.obj = _Context(env_file)
+
+
+# --- run ------------------------------------------------------------------------------------------
+@cli.command(short_help="Run the worker daemon.")
+@click.option(
+    "-p", "--processes", type=click.IntRange(1), default=os.cpu_count() or 1, show_default=True
+)
+@click.option("-t", "--threads", type=click.IntRange(1), default=8, show_default=True)
+@click.option("-Q", "--queues", multiple=True, help="Consume only these queues (repeatable).")
+@click.option(
+    "--sandbox",
+    is_flag=True,
+    help="Send to the Verloop simulator instead of Verloop (started for you).",
+)
+@click.option(
+    "--sandbox-url", help="With --sandbox: use this running simulator instead of starting one."
+)
+@click.option(
+    "--demo",
+    type=click.IntRange(0),
+    default=0,
+    help="With --sandbox: enqueue this many sample messages at start.",
+)
+@pass_context
+def run(
+    obj: _Context,
+    processes: int,
+    threads: int,
+    queues: tuple[str, ...],
+    sandbox: bool,
+    sandbox_url: str | None,
+    demo: int,
+) -> None:
+    """Run the worker daemon (stop it with Ctrl-C or SIGTERM; in-flight jobs finish first).
+
+    Without --sandbox it refuses to start unless Verloop credentials are set:
+    VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and VERLOOP_PASSWORD.
+    """
+    settings = obj.settings()
+    if (sandbox_url or demo) and not sandbox:
+        raise click.UsageError("--sandbox-url and --demo need --sandbox")
+    if not sandbox and not settings.has_verloop_credentials:
+        raise click.UsageError(
+            "no Verloop credentials: set VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and "
+            "VERLOOP_PASSWORD (see config/example.env), or try it with --sandbox"
+        )
+    fmt = resolve_log_format(settings.log_format)
+    configure_logging(fmt, settings.log_level)
+    os.environ["LOG_FORMAT"] = fmt  # worker processes write to a pipe: decide for them here
+
+    with _maybe_sandbox(sandbox, sandbox_url) as url:
+        if url is not None:
+            settings = obj.settings()  # the sandbox overrides are in the environment now
+            _banner(url)
+        problems = _service_problems(settings)
+        if problems:
+            for line in problems:
+                click.secho(f"✗ {line}", fg="red", err=True)
+            sys.exit(1)
+        if demo:
+            _enqueue_demo(settings, demo)
+        from dramatiq.cli import main as dramatiq_main
+        from dramatiq.cli import make_argument_parser
+
+        args = [
+            "worker.app:boot",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "--skip-logging",
+            "--worker-shutdown-timeout",
+            str(int(settings.shutdown_timeout_s * 1000)),
+        ]
+        if queues:
+            args += ["--queues", *queues]
+        # dramatiq's CLI is not annotated; these two calls are its documented entry points.
+        parsed = make_argument_parser().parse_args(args)  # type: ignore[no-untyped-call]
+        code = dramatiq_main(parsed)  # type: ignore[no-untyped-call]
+    sys.exit(code)
+
+
+@contextmanager
+def _maybe_sandbox(enabled: bool, url: str | None) -> Iterator[str | None]:
+    """Start the simulator (unless given its URL) and point this process's settings at it."""
+    if not enabled:
+        yield None
+        return
+    system_token = str(uuid.uuid4())
+    proc: subprocess.Popen[str] | None = None
+    if url is None:
+        proc = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
+            [
+                sys.executable,
+                "-m",
+                "worker.sandbox",
+                "--port",
+                "0",
+                "--username",
+                _SANDBOX_USERNAME,
+                "--password",
+                _SANDBOX_PASSWORD,
+                "--system-user-token",
+                system_token,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if not line.startswith("sandbox listening on "):
+            proc.kill()
+            raise click.ClickException("the Verloop simulator did not start")
+        url = line.removeprefix("sandbox listening on ")
+    os.environ.update(
+        VERLOOP_BASE_URL=url,
+        VERLOOP_USERNAME=_SANDBOX_USERNAME,
+        VERLOOP_PASSWORD=_SANDBOX_PASSWORD,
+        VERLOOP_SYSTEM_TOKEN=system_token if proc is not None else "",
+    )
+    if proc is None:
+        del os.environ["VERLOOP_SYSTEM_TOKEN"]
+    try:
+        yield url
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _banner(url: str) -> None:
+    bar = "!" * 78
+    for line in (
+        bar,
+        "  SANDBOX MODE: sending to the Verloop simulator at " + url,
+        "  Nothing reaches Verloop or WhatsApp. Recorded sends: " + url + "/admin/messages",
+        bar,
+    ):
+        click.secho(line, fg="yellow", bold=True, err=True)
+
+
+def _enqueue_demo(settings: Settings, count: int) -> None:
+    from .producer import Producer
+
+    with Producer(settings.amqp_url.get_secret_value()) as producer:
+        for n in range(count):
+            producer.send_message(
+                client_id="demo-client",
+                phone_id=f"demo-phone-{n % 2 + 1}",
+                to=f"+9198765{n:05d}",
+                message={"type": "text", "text": {"body": f"Hello from verloop-worker #{n + 1}"}},
+                idempotency_key=f"demo-{uuid.uuid4()}",
+            )
+    click.secho(f"enqueued {count} demo messages on {SEND_QUEUE}", fg="green", err=True)
+
+
+# --- send -----------------------------------------------------------------------------------------
+@cli.command(short_help="Enqueue one message.")
+@click.option("--client-id", required=True, help="Verloop client id.")
+@click.option("--phone-id", required=True, help="Verloop phone id of the sending number.")
+@click.option("--to", "to", required=True, help="Recipient in E.164 form, e.g. +919876543210.")
+@click.option("--text", help="Send a text message with this body.")
+@click.option("--template", help="Send this approved template (name).")
+@click.option("--language", default="en", show_default=True, help="Template language code.")
+@click.option("--param", "params", multiple=True, help="Template body parameter (repeatable).")
+@click.option(
+    "--message-json",
+    help='The whole message object as JSON, e.g. \'{"type":"image","image":{...}}\'.',
+)
+@click.option("--idempotency-key", help="Key that makes re-sends of this job harmless.")
+@click.option("--metadata", help="JSON object echoed in the worker's log lines.")
+@click.option("--queue", default=SEND_QUEUE, show_default=True)
+@pass_context
+def send(
+    obj: _Context,
+    client_id: str,
+    phone_id: str,
+    to: str,
+    text: str | None,
+    template: str | None,
+    language: str,
+    params: tuple[str, ...],
+    message_json: str | None,
+    idempotency_key: str | None,
+    metadata: str | None,
+    queue: str,
+) -> None:
+    """Enqueue one message (validated first; confirmed by RabbitMQ)."""
+    from .producer import Producer
+
+    message = _message_from_options(text, template, language, params, message_json)
+    settings = obj.settings()
+    try:
+        with Producer(settings.amqp_url.get_secret_value()) as producer:
+            message_id = producer.send_message(
+                client_id=client_id,
+                phone_id=phone_id,
+                to=to,
+                message=message,
+                idempotency_key=idempotency_key,
+                metadata=_json_option("--metadata", metadata) if metadata else None,
+                queue=queue,
+            )
+    except InvalidJob as exc:
+        raise click.UsageError(str(exc)) from None
+    except EnqueueError as exc:
+        raise click.ClickException(scrub_text(str(exc))) from None
+    click.echo(f"enqueued {message_id} on {queue} (to {mask_phone(to)})")
+
+
+def _json_option(name: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=name) from None
+
+
+def _message_from_options(
+    text: str | None,
+    template: str | None,
+    language: str,
+    params: tuple[str, ...],
+    message_json: str | None,
+) -> dict[str, Any]:
+    given = [x for x in (text, template, message_json) if x is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --text, --template or --message-json")
+    if text is not None:
+        return {"type": "text", "text": {"body": text}}
+    if template is not None:
+        components = (
+            [{"type": "body", "parameters": [{"type": "text", "text": p} for p in params]}]
+            if params
+            else []
+        )
+        return {
+            "type": "template",
+            "template": {
+                "name": template,
+                "language": {"code": language},
+                "components": components,
+            },
+        }
+    message = _json_option("--message-json", str(message_json))
+    if not isinstance(message, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--message-json")
+    return message
+
+
+# --- sandbox --------------------------------------------------------------------------------------
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+    short_help="Run the Verloop simulator.",
+)
+@click.argument("simulator_args", nargs=-1, type=click.UNPROCESSED)
+def sandbox(simulator_args: tuple[str, ...]) -> None:
+    """Run the Verloop simulator (all options are the simulator's: see `sandbox --help`)."""
+    from .sandbox.__main__ import main as sandbox_main
+
+    sandbox_main(["--help"] if "-h" in simulator_args else list(simulator_args))
+
+
+# --- check ----------------------------------------------------------------------------------------
+@cli.command(short_help="Check RabbitMQ, Redis and Verloop auth.")
+@click.option("--services-only", is_flag=True, help="Check RabbitMQ and Redis, not Verloop.")
+@pass_context
+def check(obj: _Context, services_only: bool) -> None:
+    """Check that RabbitMQ, Redis and Verloop authentication work; exit 0 if all do, else 1."""
+    settings = obj.settings()
+    problems = _service_problems(settings)
+    for line in _service_lines(settings, problems):
+        click.echo(line)
+    if services_only:
+        sys.exit(1 if problems else 0)
+    verloop_problem = _verloop_problem(settings)
+    if verloop_problem is None:
+        click.secho(f"✓ Verloop: authenticated at {settings.verloop_base_url}", fg="green")
+    else:
+        click.secho(f"✗ Verloop: {verloop_problem}", fg="red")
+    sys.exit(1 if problems or verloop_problem else 0)
+
+
+def _service_lines(settings: Settings, problems: list[str]) -> Iterator[str]:
+    failed = {p.split(":", 1)[0] for p in problems}
+    amqp = mask_url(settings.amqp_url.get_secret_value())
+    rds = mask_url(settings.redis_url.get_secret_value())
+    yield from (click.style(f"✗ {p}", fg="red") for p in problems)
+    if "RabbitMQ" not in failed:
+        yield click.style(f"✓ RabbitMQ: connected to {amqp}", fg="green")
+    if "Redis" not in failed:
+        yield click.style(f"✓ Redis: connected to {rds}", fg="green")
+
+
+def _service_problems(settings: Settings) -> list[str]:
+    """One plain sentence per service that does not answer, with how to start it."""
+    problems = []
+    amqp = settings.amqp_url.get_secret_value()
+    try:
+        params = pika.URLParameters(amqp)
+        params.connection_attempts = 1
+        params.socket_timeout = 3
+        pika.BlockingConnection(params).close()
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        problems.append(
+            f"RabbitMQ: cannot connect to {mask_url(amqp)} ({type(exc).__name__}). "
+            "Is it running? Start it with: rabbitmq-server -detached"
+        )
+    client = open_redis(settings)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        problems.append(
+            f"Redis: cannot connect to {mask_url(settings.redis_url.get_secret_value())} "
+            f"({type(exc).__name__}). Start it with: redis-server --daemonize yes"
+        )
+    finally:
+        client.close()
+    return problems
+
+
+def _verloop_problem(settings: Settings) -> str | None:
+    if not settings.has_verloop_credentials:
+        return "no credentials: set VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and VERLOOP_PASSWORD"
+    client = open_verloop_client(settings, threads=1)
+    system = SystemToken(
+        client,
+        token=settings.verloop_system_token,
+        username=settings.verloop_username,
+        password=settings.verloop_password,
+    )
+    try:
+        if settings.verloop_system_token is None:
+            system.get()  # logs in with the username and password
+        else:
+            client.list_clients(system.get())  # a documented call that needs the token
+    except JobFailure as exc:
+        return scrub_text(str(exc))
+    finally:
+        client.close()
+    return None
+
+
+# --- schema ---------------------------------------------------------------------------------------
+@cli.command(short_help="Print the JSON Schema of jobs.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file instead of standard output.",
+)
+def schema(output: Path | None) -> None:
+    """Print the JSON Schema of every job's kwargs (config/jobs.schema.json)."""
+    text = json.dumps(jobs_json_schema(), indent=2, sort_keys=False) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="verloop-worker")

@@ -1,0 +1,308 @@
+"""The public job contract: what upstream systems put on RabbitMQ, and its validation.
+
+A job is a dramatiq message (see README, "Wire format") whose ``kwargs`` match one of the models
+below. Every job is validated on receipt; a job that does not match is dead-lettered with the
+reason :func:`parse_job` gives, and never retried. ``config/jobs.schema.json`` is generated from
+these models (``verloop-worker schema``), so producers in any language can validate first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+)
+
+from .errors import InvalidJob
+from .phones import normalize_e164
+
+__all__ = [
+    "ACTOR_QUEUES",
+    "JOB_MODELS",
+    "MANAGE_QUEUE",
+    "MAX_METADATA_BYTES",
+    "SEND_QUEUE",
+    "TEXT_MAX_CHARS",
+    "Job",
+    "ListClientsJob",
+    "RefreshPhoneTokenJob",
+    "SendMessageJob",
+    "describe_validation_error",
+    "jobs_json_schema",
+    "parse_job",
+]
+
+#: Queue of transactional sends.
+SEND_QUEUE = "verloop.send"
+#: Queue of management jobs (listing clients, refreshing tokens).
+MANAGE_QUEUE = "verloop.manage"
+
+#: WhatsApp's limit on a text message body.
+TEXT_MAX_CHARS = 4096
+#: WhatsApp's limit on a media caption.
+CAPTION_MAX_CHARS = 1024
+#: ``metadata`` is echoed in every log line of the job, so it is kept small.
+MAX_METADATA_BYTES = 4096
+
+_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+Identifier = Annotated[str, Field(pattern=_ID_PATTERN, description="Verloop identifier")]
+E164 = Annotated[
+    str,
+    AfterValidator(normalize_e164),
+    Field(description="Recipient in E.164 form, e.g. +919876543210", examples=["+919876543210"]),
+]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are errors: a misspelt ``idempotncy_key`` must not be silently dropped.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+# --- message content, shaped like the WhatsApp Cloud API message object ----------------------
+class Text(_Strict):
+    body: str = Field(min_length=1, max_length=TEXT_MAX_CHARS)
+    preview_url: bool = False
+
+
+class Media(_Strict):
+    link: HttpUrl
+    caption: str | None = Field(default=None, max_length=CAPTION_MAX_CHARS)
+
+
+class Document(Media):
+    filename: str | None = Field(default=None, max_length=240)
+
+
+class Audio(_Strict):
+    link: HttpUrl
+
+
+class TemplateLanguage(_Strict):
+    code: str = Field(min_length=2, max_length=15, examples=["en", "en_US", "pt_BR"])
+    policy: Literal["deterministic"] = "deterministic"
+
+
+class TemplateParameter(BaseModel):
+    """One parameter; its content key depends on ``type`` (``text``, ``currency``...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: Literal[
+        "text",
+        "currency",
+        "date_time",
+        "image",
+        "document",
+        "video",
+        "location",
+        "payload",
+        "coupon_code",
+        "action",
+    ]
+
+
+class TemplateComponent(_Strict):
+    type: Literal["header", "body", "footer", "button", "carousel"]
+    sub_type: str | None = Field(default=None, max_length=32)
+    index: int | str | None = None
+    parameters: list[TemplateParameter] = Field(default_factory=list, max_length=100)
+
+
+class Template(_Strict):
+    name: str = Field(min_length=1, max_length=512, pattern=r"^[a-z0-9_]+$")
+    language: TemplateLanguage
+    components: list[TemplateComponent] = Field(default_factory=list, max_length=20)
+
+
+class InteractiveBody(_Strict):
+    text: str = Field(min_length=1, max_length=1024)
+
+
+class InteractiveFooter(_Strict):
+    text: str = Field(min_length=1, max_length=60)
+
+
+class Interactive(_Strict):
+    type: Literal[
+        "button",
+        "list",
+        "cta_url",
+        "flow",
+        "product",
+        "product_list",
+        "location_request_message",
+    ]
+    header: dict[str, Any] | None = None
+    body: InteractiveBody | None = None
+    footer: InteractiveFooter | None = None
+    action: dict[str, Any]
+
+
+class TextMessage(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ImageMessage(_Strict):
+    type: Literal["image"]
+    image: Media
+
+
+class VideoMessage(_Strict):
+    type: Literal["video"]
+    video: Media
+
+
+class DocumentMessage(_Strict):
+    type: Literal["document"]
+    document: Document
+
+
+class AudioMessage(_Strict):
+    type: Literal["audio"]
+    audio: Audio
+
+
+class TemplateMessage(_Strict):
+    type: Literal["template"]
+    template: Template
+
+
+class InteractiveMessage(_Strict):
+    type: Literal["interactive"]
+    interactive: Interactive
+
+
+Message = Annotated[
+    TextMessage
+    | ImageMessage
+    | VideoMessage
+    | DocumentMessage
+    | AudioMessage
+    | TemplateMessage
+    | InteractiveMessage,
+    Field(discriminator="type"),
+]
+
+
+def _small_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and len(json.dumps(value, default=str)) > MAX_METADATA_BYTES:
+        raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+Metadata = Annotated[
+    dict[str, Any] | None,
+    AfterValidator(_small_metadata),
+    Field(description="Opaque to the worker; echoed in its log lines"),
+]
+
+
+# --- jobs ------------------------------------------------------------------------------------
+class SendMessageJob(_Strict):
+    """kwargs of ``send_message``: send one WhatsApp message from a Verloop phone number."""
+
+    client_id: Identifier
+    phone_id: Identifier
+    to: E164
+    message: Message
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    metadata: Metadata = None
+
+    def request_body(self) -> dict[str, Any]:
+        """The body of the (modeled) send call: the Cloud API message object."""
+        content = self.message.model_dump(mode="json", exclude_none=True)
+        envelope = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": self.to}
+        return envelope | content
+
+
+class ListClientsJob(_Strict):
+    """kwargs of ``list_clients``: list the partner's clients (logged; events come later)."""
+
+    metadata: Metadata = None
+
+
+class RefreshPhoneTokenJob(_Strict):
+    """kwargs of ``refresh_phone_token``: forget a cached phone token and fetch it again."""
+
+    client_id: Identifier
+    phone_id: Identifier
+    metadata: Metadata = None
+
+
+Job = SendMessageJob | ListClientsJob | RefreshPhoneTokenJob
+
+#: Actor name → kwargs model. The public list of what the worker runs.
+JOB_MODELS: Mapping[str, type[SendMessageJob] | type[ListClientsJob] | type[RefreshPhoneTokenJob]]
+JOB_MODELS = {
+    "send_message": SendMessageJob,
+    "list_clients": ListClientsJob,
+    "refresh_phone_token": RefreshPhoneTokenJob,
+}
+
+#: Actor name → the queue its jobs are published to.
+ACTOR_QUEUES: Mapping[str, str] = {
+    "send_message": SEND_QUEUE,
+    "list_clients": MANAGE_QUEUE,
+    "refresh_phone_token": MANAGE_QUEUE,
+}
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
+    """``to: must be in E.164 form...; message.text.body: String should have at most...``.
+
+    Input values are left out: they can be large, and the reason is stored with the job anyway.
+    """
+    parts = []
+    for err in exc.errors(include_input=False)[:limit]:
+        # A tagged union repeats the tag in the path (message.text.text.body): drop the echo.
+        path = [str(p) for i, p in enumerate(err["loc"]) if i == 0 or p != err["loc"][i - 1]]
+        where = ".".join(path) or "job"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling)"
+        parts.append(f"{where}: {msg}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def parse_job(actor_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Job:
+    """Validate a job's arguments against its actor's model.
+
+    Raises:
+        InvalidJob: naming every field that is wrong and why.
+    """
+    model = JOB_MODELS.get(actor_name)
+    if model is None:
+        raise InvalidJob(f"unknown actor {actor_name!r}; known actors: {', '.join(JOB_MODELS)}")
+    if args:
+        raise InvalidJob(f"{actor_name} takes keyword arguments only; got {len(args)} positional")
+    try:
+        return model.model_validate(dict(kwargs))
+    except ValidationError as exc:
+        raise InvalidJob(f"invalid {actor_name} job: {describe_validation_error(exc)}") from None
+
+
+def jobs_json_schema() -> dict[str, Any]:
+    """JSON Schema (2020-12) of every actor's kwargs, keyed by actor name."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "verloop-worker job kwargs",
+        "description": (
+            "The `kwargs` object of a dramatiq message for each actor. "
+            "Generated by `verloop-worker schema`; do not edit by hand."
+        ),
+        "actors": {
+            name: {"queue": ACTOR_QUEUES[name], "kwargs": model.model_json_schema()}
+            for name, model in JOB_MODELS.items()
+        },
+    }

@@ -1,0 +1,159 @@
+"""structlog, configured once per process: JSON by default, console on a terminal.
+
+Every line, ours and the standard-library ones from dramatiq, pika and httpx alike, goes through
+:func:`redact_secrets`, which removes
+
+* values of keys that name a secret (``token``, ``password``, ``authorization``...),
+* every secret string registered with :func:`register_secret` (tokens the worker fetched, the
+  system token, the password), wherever it appears in any string,
+* the password part of URLs such as ``amqp://user:password@host``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = [
+    "REDACTED",
+    "configure_logging",
+    "forget_secrets",
+    "mask_url",
+    "redact_secrets",
+    "register_secret",
+    "resolve_log_format",
+    "scrub_text",
+]
+
+REDACTED = "[REDACTED]"
+
+_SECRET_KEY = re.compile(r"token|password|passwd|secret|authorization|api[_-]?key", re.I)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@", re.I)
+#: Shorter strings are not registered: they would blank out ordinary words.
+_MIN_SECRET_LENGTH = 6
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+_secret_pattern: re.Pattern[str] | None = None
+
+
+def register_secret(value: str | None) -> None:
+    """Make ``value`` unprintable: it is replaced by ``[REDACTED]`` in every later log line."""
+    global _secret_pattern
+    if not value or len(value) < _MIN_SECRET_LENGTH or value in _secrets:
+        return
+    with _secrets_lock:
+        _secrets.add(value)
+        # Longest first, so a secret that contains another is removed whole.
+        ordered = sorted(_secrets, key=len, reverse=True)
+        _secret_pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+
+def forget_secrets() -> None:
+    """Forget every registered secret (tests use this to start clean)."""
+    global _secret_pattern
+    with _secrets_lock:
+        _secrets.clear()
+        _secret_pattern = None
+
+
+def mask_url(url: str) -> str:
+    """``amqp://guest:guest@host/`` → ``amqp://guest:***@host/``."""
+    return _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", url)
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with registered secrets and URL passwords removed (for dead letters, CLI output)."""
+    return str(_scrub(text))
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        pattern = _secret_pattern
+        if pattern is not None:
+            value = pattern.sub(REDACTED, value)
+        if "@" in value:
+            value = mask_url(value)
+        return value
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and _is_secret_key(k) else _scrub(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _is_secret_key(key: str) -> bool:
+    # ``token_source`` or ``tokens_fetched`` describe tokens without holding one.
+    return bool(_SECRET_KEY.search(key)) and not key.endswith(("_source", "_fetched", "_kind"))
+
+
+def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: remove secrets from every key and value of the event."""
+    for key in list(event_dict):
+        if _is_secret_key(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _scrub(event_dict[key])
+    return event_dict
+
+
+def resolve_log_format(
+    fmt: Literal["auto", "json", "console"], stream: Any = None
+) -> Literal["json", "console"]:
+    """``auto`` means console when writing to a terminal, JSON otherwise."""
+    if fmt != "auto":
+        return fmt
+    stream = stream or sys.stderr
+    return "console" if hasattr(stream, "isatty") and stream.isatty() else "json"
+
+
+def configure_logging(
+    fmt: Literal["auto", "json", "console"] = "auto",
+    level: str = "INFO",
+    *,
+    stream: Any = None,
+    quiet_loggers: Iterable[str] = ("pika", "httpx", "httpcore", "aiohttp.access"),
+) -> None:
+    """Set up structlog and the standard library's root logger for this process."""
+    stream = stream or sys.stderr
+    renderer: Processor
+    if resolve_log_format(fmt, stream) == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Exceptions become text before redaction, so a secret inside one is caught too.
+        structlog.processors.format_exc_info,
+        redact_secrets,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in quiet_loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)

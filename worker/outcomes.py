@@ -1,0 +1,203 @@
+"""What happens after a job ran: the one log line, and retry or dead letter on failure.
+
+This middleware replaces dramatiq's ``Retries`` so that every failure is classified the same way:
+
+* success: the job's outcome (``sent``, ``done``) is logged;
+* :class:`InvalidJob` or another non-retryable :class:`JobFailure`: dead-lettered at once, with
+  its reason (:mod:`worker.deadletters`);
+* :class:`TransientFailure`, or an exception we did not foresee: retried after an exponential
+  backoff with jitter (or Verloop's ``Retry-After``), each delay under RabbitMQ's 30-minute
+  consumer timeout; after ``RETRY_MAX_RETRIES`` retries it is dead-lettered as ``gave_up``.
+
+The original delivery is acknowledged only once its retry or dead letter is confirmed by
+RabbitMQ; if that publish fails the delivery is rejected instead, which still puts it in the
+dead-letter queue (without our header), so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from dramatiq.errors import BrokerConnectionError
+from dramatiq.middleware import Middleware
+
+from .broker import UNDECODABLE_ACTOR, raw_body_of
+from .deadletters import DeadLetter, publish_dead_letter
+from .errors import FailureDetails, InvalidJob, JobFailure, VerloopWorkerError
+from .observability.logging import scrub_text
+from .settings import MAX_SINGLE_DELAY_S
+
+__all__ = ["JobOutcomes", "JobRecord", "RetryPolicy", "current_job"]
+
+_log = structlog.get_logger("verloop_worker.job")
+
+
+@dataclass
+class JobRecord:
+    """Fields of the job's one log line, filled in as the job runs."""
+
+    fields: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)
+
+    def bind(self, **values: Any) -> None:
+        """Add fields to the job's log line."""
+        self.fields.update(values)
+
+
+_current: ContextVar[JobRecord | None] = ContextVar("verloop_current_job", default=None)
+
+
+def current_job() -> JobRecord:
+    """The record of the job this thread is running (a throwaway one outside a job)."""
+    record = _current.get()
+    return record if record is not None else JobRecord(fields={})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded in count and in each single delay."""
+
+    max_retries: int
+    min_backoff_s: float
+    max_backoff_s: float
+
+    def delay_s(self, retries_so_far: int, retry_after: float | None) -> float:
+        """Seconds to wait before the next attempt."""
+        if retry_after is not None:
+            # Verloop said when: wait that long, plus a little spread so a fleet does not
+            # come back in one burst.
+            delay = retry_after + random.uniform(0, min(1.0, 0.1 * retry_after + 0.1))
+        else:
+            ceiling = min(self.max_backoff_s, self.min_backoff_s * 2 ** min(retries_so_far, 30))
+            delay = random.uniform(ceiling / 2, ceiling)
+        return min(delay, MAX_SINGLE_DELAY_S)
+
+
+def _retries_so_far(options: dict[str, Any]) -> int:
+    value = options.get("retries", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class JobOutcomes(Middleware):
+    """Logs each job once, and retries or dead-letters failed ones (see the module docstring)."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        attempt = _retries_so_far(message.options) + 1
+        _current.set(
+            JobRecord(
+                fields={
+                    "message_id": message.message_id,
+                    "actor": message.actor_name,
+                    "queue": message.queue_name,
+                    "attempt": attempt,
+                }
+            )
+        )
+
+    def after_process_message(
+        self,
+        broker: Any,
+        message: Any,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        record = current_job()
+        _current.set(None)
+        if exception is None:
+            record.fields.setdefault("outcome", "done")
+            self._log(record, "info")
+            return
+        try:
+            level = self._settle_failure(broker, message, exception, record)
+        except (VerloopWorkerError, BrokerConnectionError) as exc:
+            # The retry or dead letter was not confirmed: reject the delivery so RabbitMQ
+            # dead-letters it itself, rather than acknowledging a job we did not keep.
+            message.fail()
+            record.bind(outcome="rejected", publish_error=f"{type(exc).__name__}: {exc}")
+            level = "error"
+        except Exception:  # noqa: BLE001 - whatever broke, the delivery must not be acked unkept
+            message.fail()
+            record.bind(outcome="rejected")
+            _log.exception("settling a failed job failed; rejected it to the dead-letter queue")
+            level = "error"
+        self._log(record, level)
+
+    def _settle_failure(
+        self, broker: Any, message: Any, exception: BaseException, record: JobRecord
+    ) -> str:
+        if isinstance(exception, JobFailure):
+            details = exception.details
+            retryable = exception.retryable
+        else:
+            # Not foreseen (a bug, a time limit): retry it, and keep its class in the reason.
+            details = FailureDetails(reason=f"unexpected {type(exception).__name__}: {exception}")
+            retryable = True
+        details = FailureDetails(
+            reason=scrub_text(details.reason),
+            http_status=details.http_status,
+            code=details.code,
+            retry_after=details.retry_after,
+        )
+        record.bind(
+            error=type(exception).__name__,
+            reason=details.reason,
+            http_status=details.http_status,
+            code=details.code,
+        )
+        retries = _retries_so_far(message.options)
+        if retryable and retries < self.policy.max_retries:
+            delay_s = self.policy.delay_s(retries, details.retry_after)
+            broker.enqueue(
+                message.copy(options={"retries": retries + 1, "last_error": details.reason[:500]}),
+                delay=int(delay_s * 1000),
+            )
+            record.bind(outcome="retrying", retry_in_s=round(delay_s, 3))
+            return "warning"
+
+        outcome: Literal["invalid", "failed", "gave_up"]
+        if isinstance(exception, InvalidJob):
+            outcome = "invalid"
+        elif retryable:
+            outcome = "gave_up"
+            details = FailureDetails(
+                reason=f"gave up after {retries + 1} attempts: {details.reason}",
+                http_status=details.http_status,
+                code=details.code,
+            )
+        else:
+            outcome = "failed"
+        body = (
+            raw_body_of(message.kwargs)
+            if message.actor_name == UNDECODABLE_ACTOR
+            else message.encode()
+        )
+        publish_dead_letter(
+            broker,
+            body,
+            DeadLetter(
+                details=details,
+                error=type(exception).__name__,
+                outcome=outcome,
+                attempts=retries + 1,
+                queue=message.queue_name,
+                actor=message.actor_name,
+                message_id=message.message_id,
+            ),
+        )
+        record.bind(outcome="dead_lettered", dead_letter=outcome, reason=details.reason)
+        return "error" if outcome != "invalid" else "warning"
+
+    @staticmethod
+    def _log(record: JobRecord, level: str) -> None:
+        fields = {k: v for k, v in record.fields.items() if v is not None}
+        fields["duration_ms"] = round((time.perf_counter() - record.started) * 1000, 1)
+        getattr(_log, level)("job", **fields)

@@ -1,0 +1,173 @@
+"""The Python API for upstream systems: validate a job, publish it, and know it arrived.
+
+    from worker.producer import Producer
+
+    with Producer("amqp://guest:guest@127.0.0.1:5672/%2F") as producer:
+        message_id = producer.send_message(
+            client_id="acme", phone_id="1234", to="+919876543210",
+            message={"type": "text", "text": {"body": "Your code is 4711"}},
+            idempotency_key="otp-4711",
+        )
+
+Every publish waits for RabbitMQ's publisher confirm and is ``mandatory``, so a job that was not
+stored raises :class:`EnqueueError` instead of vanishing; an invalid job raises
+:class:`InvalidJob` before anything is published. A producer holds one connection and is not
+thread-safe: use one per thread. Delivery is at least once: if a confirm is lost to a broken
+connection, the job is published again, which is why sends carry an ``idempotency_key``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from types import TracebackType
+from typing import Any
+
+import pika
+import pika.exceptions
+from dramatiq.common import xq_name
+
+from .errors import EnqueueError
+from .jobs import ACTOR_QUEUES, SEND_QUEUE, parse_job
+
+__all__ = ["Producer", "encode_job", "queue_arguments"]
+
+#: How long a publish may block while RabbitMQ applies flow control before we give up.
+_BLOCKED_TIMEOUT_S = 30
+_PUBLISH_ATTEMPTS = 2
+
+
+def queue_arguments(queue: str) -> dict[str, Any]:
+    """The arguments dramatiq declares its queues with; a producer must declare the same."""
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+
+
+def encode_job(actor_name: str, kwargs: dict[str, Any], *, queue: str, message_id: str) -> bytes:
+    """The dramatiq message body (the public wire format; see README, "Wire format")."""
+    envelope = {
+        "queue_name": queue,
+        "actor_name": actor_name,
+        "args": [],
+        "kwargs": kwargs,
+        "options": {},
+        "message_id": message_id,
+        "message_timestamp": int(time.time() * 1000),
+    }
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class Producer:
+    """Publishes validated jobs with publisher confirms (see the module docstring)."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self._parameters = pika.URLParameters(amqp_url)
+        self._parameters.blocked_connection_timeout = _BLOCKED_TIMEOUT_S
+        self._connection: Any = None
+        self._channel: Any = None
+        self._declared: set[str] = set()
+
+    # --- jobs -----------------------------------------------------------------------------------
+    def send_message(
+        self,
+        *,
+        client_id: str,
+        phone_id: str,
+        to: str,
+        message: dict[str, Any],
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        queue: str = SEND_QUEUE,
+    ) -> str:
+        """Enqueue one WhatsApp message; returns the job's message id."""
+        kwargs: dict[str, Any] = {
+            "client_id": client_id,
+            "phone_id": phone_id,
+            "to": to,
+            "message": message,
+        }
+        if idempotency_key is not None:
+            kwargs["idempotency_key"] = idempotency_key
+        if metadata is not None:
+            kwargs["metadata"] = metadata
+        return self.enqueue("send_message", kwargs, queue=queue)
+
+    def enqueue(self, actor_name: str, kwargs: dict[str, Any], *, queue: str | None = None) -> str:
+        """Validate and publish any job; returns its message id.
+
+        Raises:
+            InvalidJob: the job would be rejected by the worker; nothing was published.
+            EnqueueError: RabbitMQ did not confirm the job.
+        """
+        job = parse_job(actor_name, (), kwargs)
+        queue = queue or ACTOR_QUEUES[actor_name]
+        message_id = str(uuid.uuid4())
+        body = encode_job(
+            actor_name,
+            job.model_dump(mode="json", exclude_none=True),
+            queue=queue,
+            message_id=message_id,
+        )
+        self._publish(queue, body, message_id)
+        return message_id
+
+    # --- connection -----------------------------------------------------------------------------
+    def _publish(self, queue: str, body: bytes, message_id: str) -> None:
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            content_type="application/json",
+            message_id=message_id,
+        )
+        last_error: Exception | None = None
+        for _ in range(_PUBLISH_ATTEMPTS):
+            try:
+                channel = self._ensure_channel(queue)
+                channel.basic_publish(
+                    exchange="", routing_key=queue, body=body, properties=properties, mandatory=True
+                )
+                return
+            except pika.exceptions.UnroutableError:
+                self._declared.discard(queue)  # the queue vanished: declare it again
+                last_error = EnqueueError(f"queue {queue!r} did not accept the job")
+            except pika.exceptions.NackError:
+                raise EnqueueError(f"RabbitMQ refused job {message_id} (nack)") from None
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                last_error = exc
+                self._reset()
+        raise EnqueueError(
+            f"RabbitMQ did not confirm job {message_id}: {type(last_error).__name__}"
+        ) from None
+
+    def _ensure_channel(self, queue: str) -> Any:
+        if self._connection is None or not self._connection.is_open:
+            self._connection = pika.BlockingConnection(self._parameters)
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()
+            self._declared.clear()
+        if queue not in self._declared:
+            self._channel.queue_declare(queue=queue, durable=True, arguments=queue_arguments(queue))
+            self._declared.add(queue)
+        return self._channel
+
+    def _reset(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            # It may be broken already; a new one is opened on the next publish.
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._reset()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,23 @@
+"""Verloop simulator ("sandbox"): an HTTP server imitating Verloop's WhatsApp partner API.
+
+Used by integration tests (:class:`SandboxServer`), ``make run`` demos and
+benchmarks (``python -m worker.sandbox``).  Besides the partner API it serves
+``/admin/*`` endpoints to inspect recorded sends and inject faults.
+"""
+
+from worker.sandbox.app import Sandbox, create_app
+from worker.sandbox.config import DEFAULT_CLIENTS, SandboxConfig
+from worker.sandbox.faults import FaultConfigError, Faults, ScriptedResponse
+from worker.sandbox.server import SandboxServer, serve
+
+__all__ = [
+    "DEFAULT_CLIENTS",
+    "FaultConfigError",
+    "Faults",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxServer",
+    "ScriptedResponse",
+    "create_app",
+    "serve",
+]

@@ -1,0 +1,106 @@
+"""The long-lived resources of one worker process, opened at boot and closed at shutdown."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import redis
+from dramatiq.middleware import Middleware
+
+from .errors import ConfigurationError
+from .settings import Settings
+from .verloop.client import VerloopClient
+from .verloop.endpoints import resolve_endpoints
+from .verloop.tokens import PhoneTokens, SystemToken
+
+__all__ = ["Lifecycle", "Services", "open_redis", "open_verloop_client"]
+
+
+def open_redis(settings: Settings) -> redis.Redis:
+    """A Redis client with short timeouts: a dead Redis fails a call, it does not hang it."""
+    return redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        decode_responses=True,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+        health_check_interval=15,
+        retry_on_timeout=False,
+    )
+
+
+def open_verloop_client(settings: Settings, *, threads: int = 8) -> VerloopClient:
+    """The HTTP client, its pool sized to the worker's threads."""
+    pool = max(settings.verloop_max_connections, threads)
+    return VerloopClient(
+        base_url=settings.verloop_base_url,
+        api_prefix=settings.verloop_api_prefix,
+        endpoints=resolve_endpoints(settings.verloop_endpoints),
+        timeout=httpx.Timeout(
+            settings.verloop_timeout_s, connect=settings.verloop_connect_timeout_s
+        ),
+        limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+    )
+
+
+@dataclass
+class Services:
+    """Everything a job needs besides its own arguments."""
+
+    settings: Settings
+    verloop: VerloopClient
+    cache: redis.Redis
+    system_token: SystemToken
+    phone_tokens: PhoneTokens
+
+    @classmethod
+    def open(cls, settings: Settings, *, threads: int = 8) -> Services:
+        """Open the HTTP pool and the Redis client, and read the tokens file."""
+        configured = settings.load_phone_tokens()
+        verloop = open_verloop_client(settings, threads=threads)
+        cache = open_redis(settings)
+        system = SystemToken(
+            verloop,
+            token=settings.verloop_system_token,
+            username=settings.verloop_username,
+            password=settings.verloop_password,
+        )
+        phone_tokens = PhoneTokens(
+            verloop,
+            cache,
+            system,
+            configured=configured,
+            legacy_lookup=settings.verloop_phone_token_variant == "legacy",  # noqa: S105
+            local_ttl_s=settings.token_local_ttl_s,
+            cache_ttl_s=settings.token_cache_ttl_s,
+        )
+        return cls(settings, verloop, cache, system, phone_tokens)
+
+    def close(self) -> None:
+        """Close the HTTP pool and the Redis connections."""
+        self.verloop.close()
+        self.cache.close()
+
+
+class Lifecycle(Middleware):
+    """Opens :class:`Services` before the worker's threads start and closes them after."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._services: Services | None = None
+
+    @property
+    def services(self) -> Services:
+        """The open services; only valid inside a running worker."""
+        if self._services is None:
+            raise ConfigurationError("worker services used before the worker booted")
+        return self._services
+
+    def before_worker_boot(self, broker: Any, worker: Any) -> None:
+        self._services = Services.open(self.settings, threads=worker.worker_threads)
+
+    def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        if self._services is not None:
+            self._services.close()
+            self._services = None

@@ -1,0 +1,171 @@
+"""The one immutable settings object, loaded once at the entry point.
+
+Values come from, highest precedence first: the environment, then an optional dotenv-style
+file (``--env-file`` or ``VERLOOP_WORKER_ENV_FILE``; see ``config/example.env``), then the
+defaults below. Nothing reads the environment at import time: call :meth:`Settings.load`.
+The names are a public contract; ``config/example.env`` documents each one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_BASE_URL", "EndpointOverride", "Settings"]
+
+#: Verloop's production host; the API prefix is added by the client (see VERLOOP_API.md).
+DEFAULT_BASE_URL = "https://partners.verloop.io"
+
+#: RabbitMQ closes a channel whose delivery stays unacked for 30 minutes (its default
+#: ``consumer_timeout``). A delayed retry is held unacked in dramatiq's delay queue consumer, so
+#: every single delay must stay well below that.
+MAX_SINGLE_DELAY_S = 25 * 60
+
+
+class EndpointOverride(BaseModel):
+    """A deployment's correction to one entry of the Verloop endpoint table."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["GET", "POST", "PUT"] | None = None
+    path: str | None = None
+    response_keys: tuple[str, ...] | None = None
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker, validated at start. Secrets are ``SecretStr``: they print as
+    ``**********`` and must be unwrapped on purpose."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="ignore",
+        case_sensitive=False,
+        env_file_encoding="utf-8",
+        hide_input_in_errors=True,
+    )
+
+    # --- services -------------------------------------------------------------------------
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+
+    # --- Verloop ----------------------------------------------------------------------------
+    verloop_base_url: str = DEFAULT_BASE_URL
+    verloop_api_prefix: str = "/api/v2/whatsapp"
+    verloop_system_token: SecretStr | None = None
+    verloop_username: str | None = None
+    verloop_password: SecretStr | None = None
+    #: JSON file ``{"<client_id>": {"<phone_id>": "<token>"}}`` of tokens made in Verloop's UI.
+    verloop_phone_tokens_file: Path | None = None
+    #: Which documented get_phone_token call to use: ``current`` (GET) or ``legacy`` (POST).
+    verloop_phone_token_variant: Literal["current", "legacy"] = "current"  # noqa: S105 - a mode
+    #: Corrections to the endpoint table, e.g. ``{"send": {"path": "/messages"}}`` as JSON.
+    verloop_endpoints: dict[str, EndpointOverride] = Field(default_factory=dict)
+    verloop_connect_timeout_s: float = Field(default=5.0, gt=0)
+    verloop_timeout_s: float = Field(default=15.0, gt=0)
+    verloop_max_connections: int = Field(default=64, ge=1)
+
+    # --- tokens ------------------------------------------------------------------------------
+    #: How long a process trusts a phone token it read, before asking Redis again.
+    token_local_ttl_s: float = Field(default=300.0, ge=0)
+    #: How long Redis keeps a phone token (they never expire at Verloop; this bounds staleness).
+    token_cache_ttl_s: int = Field(default=86_400, ge=60)
+
+    # --- retries -----------------------------------------------------------------------------
+    retry_max_retries: int = Field(default=8, ge=0, le=100)
+    retry_min_backoff_s: float = Field(default=2.0, gt=0)
+    retry_max_backoff_s: float = Field(default=600.0, gt=0, le=MAX_SINGLE_DELAY_S)
+
+    # --- jobs --------------------------------------------------------------------------------
+    #: Bodies larger than this are dead-lettered unread.
+    max_job_bytes: int = Field(default=256 * 1024, ge=1024)
+
+    # --- process -----------------------------------------------------------------------------
+    metrics_port: int = Field(default=9191, ge=0, le=65535)
+    metrics_bind: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod/host address
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _backoff_bounds_are_ordered(self) -> Settings:
+        if self.retry_min_backoff_s > self.retry_max_backoff_s:
+            raise ValueError("RETRY_MIN_BACKOFF_S must not exceed RETRY_MAX_BACKOFF_S")
+        return self
+
+    @field_validator("verloop_base_url")
+    @classmethod
+    def _base_url_is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, env_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Read settings from the environment and ``env_file`` (or ``VERLOOP_WORKER_ENV_FILE``).
+
+        Raises:
+            ConfigurationError: with one line per bad setting, naming it; values are not echoed.
+        """
+        path = env_file or os.environ.get("VERLOOP_WORKER_ENV_FILE") or None
+        if path is not None and not Path(path).is_file():
+            raise ConfigurationError(f"settings file {path} does not exist")
+        try:
+            return cls(_env_file=path, **overrides)  # type: ignore[call-arg]
+        except ValidationError as exc:
+            lines = [
+                f"  {'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}"
+                for err in exc.errors()
+            ]
+            raise ConfigurationError("invalid settings:\n" + "\n".join(lines)) from None
+
+    @property
+    def has_verloop_credentials(self) -> bool:
+        """True when a system token, or a username and password to get one, are set."""
+        return self.verloop_system_token is not None or (
+            self.verloop_username is not None and self.verloop_password is not None
+        )
+
+    def load_phone_tokens(self) -> dict[tuple[str, str], SecretStr]:
+        """Read ``VERLOOP_PHONE_TOKENS_FILE`` into ``{(client_id, phone_id): token}``."""
+        if self.verloop_phone_tokens_file is None:
+            return {}
+        path = self.verloop_phone_tokens_file
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(
+                f"VERLOOP_PHONE_TOKENS_FILE {path}: cannot read JSON ({type(exc).__name__})"
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigurationError(f"VERLOOP_PHONE_TOKENS_FILE {path}: expected a JSON object")
+        tokens: dict[tuple[str, str], SecretStr] = {}
+        for client_id, phones in raw.items():
+            if not isinstance(phones, dict):
+                raise ConfigurationError(
+                    f"VERLOOP_PHONE_TOKENS_FILE {path}: client {client_id!r} must map phone ids "
+                    "to tokens"
+                )
+            for phone_id, token in phones.items():
+                if not isinstance(token, str) or not token:
+                    raise ConfigurationError(
+                        f"VERLOOP_PHONE_TOKENS_FILE {path}: token for {client_id}/{phone_id} "
+                        "must be a non-empty string"
+                    )
+                tokens[(str(client_id), str(phone_id))] = SecretStr(token)
+        return tokens

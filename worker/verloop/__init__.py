@@ -1,0 +1,1 @@
+"""Talking to Verloop: the endpoint table, the HTTP client, error classification, tokens."""

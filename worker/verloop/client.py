@@ -1,0 +1,159 @@
+"""The Verloop HTTP client: one per worker process, owned by the worker lifecycle.
+
+Every call goes through :meth:`VerloopClient._call`, the one place where httpx exceptions and
+non-2xx answers become our errors (:mod:`worker.errors`). Tokens travel only in the
+``Authorization`` header; nothing here formats a token into a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ..errors import PermanentFailure, TransientFailure
+from .classify import classify_response
+from .endpoints import Endpoint, pick
+
+__all__ = ["SendResult", "VerloopClient"]
+
+_USER_AGENT = "verloop-worker/0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What Verloop answered to an accepted send."""
+
+    message_id: str | None
+    http_status: int
+
+
+class VerloopClient:
+    """Calls Verloop's partner API through the endpoint table.
+
+    Args:
+        base_url: ``https://partners.verloop.io`` (no trailing slash).
+        api_prefix: ``/api/v2/whatsapp``; prepended to every path not marked ``from_root``.
+        endpoints: the resolved endpoint table.
+        timeout: per-call timeouts; a call never waits longer than these.
+        limits: connection pool bounds (size it to the worker's threads).
+        transport: a seam for tests (``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_prefix: str,
+        endpoints: dict[str, Endpoint],
+        timeout: httpx.Timeout,
+        limits: httpx.Limits,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._endpoints = endpoints
+        self._api_prefix = "/" + api_prefix.strip("/") if api_prefix.strip("/") else ""
+        self._http = httpx.Client(
+            base_url=base_url,
+            timeout=timeout,
+            limits=limits,
+            transport=transport,
+            headers={"User-Agent": _USER_AGENT, "Accept": "application/json"},
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    # --- documented calls ----------------------------------------------------------------------
+    def authenticate(self, username: str, password: str) -> str:
+        """Exchange a username and password for the system user token."""
+        answer = self._call("auth", token=None, json={"username": username, "password": password})
+        return self._value(answer, "auth")
+
+    def get_phone_token(
+        self, system_token: str, client_id: str, phone_id: str, *, legacy: bool = False
+    ) -> str:
+        """Get (or have Verloop generate) the token of one sending number."""
+        ids = {"client_id": client_id, "phone_id": phone_id}
+        if legacy:
+            answer = self._call("get_phone_token_legacy", token=system_token, json=ids)
+            return self._value(answer, "get_phone_token_legacy")
+        answer = self._call("get_phone_token", token=system_token, params=ids)
+        return self._value(answer, "get_phone_token")
+
+    def list_clients(self, system_token: str) -> Any:
+        """The partner's clients, as Verloop returns them (the shape is not public)."""
+        return self._call("list_clients", token=system_token).body
+
+    # --- modeled calls -------------------------------------------------------------------------
+    def send_message(
+        self, phone_token: str, body: dict[str, Any], *, idempotency_key: str | None = None
+    ) -> SendResult:
+        """Send one message; ``body`` is the Cloud-API-shaped message object."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        answer = self._call("send", token=phone_token, json=body, headers=headers)
+        # A 2xx means Verloop accepted the message, even if we cannot find its id: the send
+        # must not be retried or dead-lettered for that (it would message the customer twice).
+        message_id = pick(answer.body, self._endpoints["send"].response_keys)
+        return SendResult(
+            message_id=None if message_id is None else str(message_id),
+            http_status=answer.status,
+        )
+
+    # --- the boundary --------------------------------------------------------------------------
+    def _url(self, endpoint: Endpoint) -> str:
+        return endpoint.path if endpoint.from_root else self._api_prefix + endpoint.path
+
+    def _call(
+        self,
+        name: str,
+        *,
+        token: str | None,
+        json: Any = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> _Answer:
+        endpoint = self._endpoints[name]
+        all_headers = {"Authorization": token or ""} | (headers or {})
+        try:
+            response = self._http.request(
+                endpoint.method,
+                self._url(endpoint),
+                json=json,
+                params=params,
+                headers=all_headers,
+            )
+        except httpx.TimeoutException as exc:
+            raise TransientFailure(f"{name} timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise TransientFailure(
+                f"{name} could not reach Verloop ({type(exc).__name__})"
+            ) from None
+        if not response.is_success:
+            raise classify_response(
+                response.status_code, response.content, response.headers, what=name
+            )
+        try:
+            body = response.json() if response.content else None
+        except ValueError:
+            body = None  # callers that need a value say so; a send is accepted regardless
+        return _Answer(response.status_code, body)
+
+    def _value(self, answer: _Answer, name: str) -> str:
+        value = pick(answer.body, self._endpoints[name].response_keys)
+        if not isinstance(value, str) or not value:
+            keys = ", ".join(self._endpoints[name].response_keys)
+            raise PermanentFailure(
+                f"{name} answered without any of the expected keys ({keys}); "
+                "correct them with VERLOOP_ENDPOINTS",
+                http_status=answer.status,
+            )
+        return value
