@@ -83,7 +83,7 @@ class WireEncoder(JSONEncoder):
         if len(data) > self.max_bytes:
             raise ValueError(f"body is {len(data)} bytes; the limit is {self.max_bytes}")
         try:
-            envelope = json.loads(data)
+            envelope = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError:
             raise ValueError("body is not UTF-8 text") from None
         except json.JSONDecodeError as exc:

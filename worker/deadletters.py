@@ -1,7 +1,8 @@
 """Dead letters: the original job, untouched, plus why it died, in ``<queue>.XQ``.
 
-The body of a dead letter is exactly the body the worker received (so it can be replayed, and so
-a body that was not even JSON is kept). The reason travels in one AMQP header table,
+The body of a dead letter is the job as the worker received it: a body that could not be decoded
+is kept byte for byte; a decoded one is kept in dramatiq's format with the optional envelope
+fields filled in (so it can be replayed as it is). The reason travels in one AMQP header table,
 :data:`DEAD_LETTER_HEADER`, readable from the RabbitMQ management UI and from any AMQP client::
 
     x-verloop-dead-letter: {

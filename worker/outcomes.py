@@ -129,7 +129,9 @@ class JobOutcomes(Middleware):
             record.bind(outcome="rejected")
             _log.exception("settling a failed job failed; rejected it to the dead-letter queue")
             level = "error"
-        self._log(record, level)
+        # A failure we did not foresee is a bug or an outage: keep its traceback.
+        unforeseen = None if isinstance(exception, JobFailure) else exception
+        self._log(record, level, unforeseen)
 
     def _settle_failure(
         self, broker: Any, message: Any, exception: BaseException, record: JobRecord
@@ -197,7 +199,7 @@ class JobOutcomes(Middleware):
         return "error" if outcome != "invalid" else "warning"
 
     @staticmethod
-    def _log(record: JobRecord, level: str) -> None:
+    def _log(record: JobRecord, level: str, exc_info: BaseException | None = None) -> None:
         fields = {k: v for k, v in record.fields.items() if v is not None}
         fields["duration_ms"] = round((time.perf_counter() - record.started) * 1000, 1)
-        getattr(_log, level)("job", **fields)
+        getattr(_log, level)("job", exc_info=exc_info, **fields)

@@ -3,9 +3,13 @@ masked form used in logs and CLI output."""
 
 from __future__ import annotations
 
+import re
+
 import phonenumbers
 
 __all__ = ["mask_phone", "normalize_e164"]
+
+_ALLOWED = re.compile(r"\+[0-9 ()./-]{1,30}")
 
 
 def normalize_e164(raw: str) -> str:
@@ -16,6 +20,10 @@ def normalize_e164(raw: str) -> str:
     text = raw.strip()
     if not text.startswith("+"):
         raise ValueError("must be in E.164 form, starting with + and the country code")
+    # Only ASCII digits and the usual separators: libphonenumber would otherwise read
+    # full-width digits and drop bidi marks, turning a spoofed string into a real number.
+    if not _ALLOWED.fullmatch(text):
+        raise ValueError("may contain only ASCII digits after the + (spaces, - ( ) . allowed)")
     try:
         number = phonenumbers.parse(text, None)
     except phonenumbers.NumberParseException as exc:

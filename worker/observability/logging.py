@@ -107,6 +107,17 @@ def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDic
     return event_dict
 
 
+class _DropDramatiqJobFailures(logging.Filter):
+    """Drop dramatiq's own "Failed to process message ..." lines.
+
+    They print the job's arguments (recipient, message text) in full, and every failure is
+    already logged once, redacted and masked, by the job outcome middleware.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to process message")
+
+
 def resolve_log_format(
     fmt: Literal["auto", "json", "console"], stream: Any = None
 ) -> Literal["json", "console"]:
@@ -157,3 +168,6 @@ def configure_logging(
     root.setLevel(level)
     for name in quiet_loggers:
         logging.getLogger(name).setLevel(logging.WARNING)
+    worker_thread_log = logging.getLogger("dramatiq.worker.WorkerThread")
+    if not any(isinstance(f, _DropDramatiqJobFailures) for f in worker_thread_log.filters):
+        worker_thread_log.addFilter(_DropDramatiqJobFailures())

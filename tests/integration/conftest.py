@@ -1,0 +1,279 @@
+"""Real RabbitMQ, real Redis, and the Verloop simulator as a real HTTP server.
+
+Tests use their own RabbitMQ vhost (``verloop-test``) and Redis database (15), so they never
+touch what ``make run`` or a developer's worker uses. A missing service stops the whole run
+with a message saying how to start it; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pika
+import pika.exceptions
+import pytest
+import redis
+from dramatiq import Worker
+
+from worker.app import WorkerApp, create_app
+from worker.observability.logging import forget_secrets
+from worker.producer import Producer
+from worker.sandbox import SandboxConfig, SandboxServer
+from worker.settings import Settings
+
+TEST_VHOST = "verloop-test"
+AMQP_URL = os.environ.get("TEST_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+SANDBOX_USER = "sandbox"
+SANDBOX_PASSWORD = "sandbox-password-for-tests"
+#: Every queue the worker declares; deleted before each test so each starts empty.
+QUEUES = [q + suffix for q in ("verloop.send", "verloop.manage") for suffix in ("", ".DQ", ".XQ")]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _ensure_vhost() -> None:
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None or "TEST_AMQP_URL" in os.environ:
+        return
+    listed = subprocess.run([ctl, "-q", "list_vhosts"], capture_output=True, text=True)
+    if TEST_VHOST not in listed.stdout.split():
+        subprocess.run([ctl, "-q", "add_vhost", TEST_VHOST], capture_output=True, check=False)
+    subprocess.run(
+        [ctl, "-q", "set_permissions", "-p", TEST_VHOST, "guest", ".*", ".*", ".*"],
+        capture_output=True,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services_answer() -> None:
+    """Stop the run at once, saying how to fix it, if RabbitMQ or Redis do not answer."""
+    _ensure_vhost()
+    try:
+        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
+    except pika.exceptions.AMQPError as exc:
+        pytest.exit(
+            f"RabbitMQ does not answer at {AMQP_URL} ({type(exc).__name__}). Start it with "
+            f"`rabbitmq-server -detached`; the tests need vhost {TEST_VHOST!r} "
+            f"(`rabbitmqctl add_vhost {TEST_VHOST}` and set_permissions for guest).",
+            returncode=3,
+        )
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.exit(
+            f"Redis does not answer at {REDIS_URL} ({type(exc).__name__}). Start it with "
+            "`redis-server --daemonize yes --bind 127.0.0.1 --port 6379`.",
+            returncode=3,
+        )
+
+
+@pytest.fixture(autouse=True)
+def clean_state() -> Iterator[None]:
+    """Empty queues and token cache before each test; forget registered secrets after."""
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    for queue in QUEUES:
+        channel.queue_delete(queue)
+    connection.close()
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    yield
+    forget_secrets()
+
+
+# --- the simulator -------------------------------------------------------------------------------
+class Simulator:
+    """The running simulator and its admin API."""
+
+    def __init__(self, server: SandboxServer) -> None:
+        self.server = server
+        self.url = server.url
+        self.http = httpx.Client(base_url=server.url, timeout=10)
+
+    def messages(self, **filters: str) -> list[dict[str, Any]]:
+        return list(self.http.get("/admin/messages", params=filters).json()["messages"])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.http.get("/admin/stats").json())
+
+    def send_requests(self) -> int:
+        return int(self.stats()["requests"].get("send_message", 0))
+
+    def script(self, *responses: dict[str, Any]) -> None:
+        self.http.post("/admin/script", json={"responses": list(responses)}).raise_for_status()
+
+    def faults(self, **faults: Any) -> None:
+        self.http.patch("/admin/faults", json=faults).raise_for_status()
+
+    def revoke_phone_token(self, client_id: str, phone_id: str) -> str:
+        answer = self.http.post(
+            "/admin/revoke_phone_token", json={"client_id": client_id, "phone_id": phone_id}
+        )
+        answer.raise_for_status()
+        return str(answer.json()["token"])
+
+    def phone_token(self, client_id: str, phone_id: str) -> str:
+        """The current token of a number, fetched the documented way."""
+        answer = self.http.get(
+            "/api/v2/whatsapp/get_phone_token",
+            params={"client_id": client_id, "phone_id": phone_id},
+            headers={"Authorization": self.server.system_user_token},
+        )
+        answer.raise_for_status()
+        return str(answer.json()["token"])
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    """A fresh Verloop simulator on a free port."""
+    config = SandboxConfig(username=SANDBOX_USER, password=SANDBOX_PASSWORD)
+    with SandboxServer(config) as server:
+        sim = Simulator(server)
+        yield sim
+        sim.http.close()
+
+
+# --- settings, producer, worker -------------------------------------------------------------------
+@pytest.fixture
+def make_settings(simulator: Simulator) -> Callable[..., Settings]:
+    """Settings pointing at the test services and simulator, with fast retries."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "amqp_url": AMQP_URL,
+            "redis_url": REDIS_URL,
+            "verloop_base_url": simulator.url,
+            "verloop_username": SANDBOX_USER,
+            "verloop_password": SANDBOX_PASSWORD,
+            "retry_min_backoff_s": 0.05,
+            "retry_max_backoff_s": 0.2,
+            "verloop_timeout_s": 2.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def producer() -> Iterator[Producer]:
+    """A producer on the test vhost."""
+    with Producer(AMQP_URL) as p:
+        yield p
+
+
+@pytest.fixture
+def start_worker(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., WorkerApp]]:
+    """Start an in-process dramatiq worker (real RabbitMQ); stopped at teardown."""
+    running: list[tuple[Worker, WorkerApp]] = []
+
+    def start(threads: int = 4, **overrides: Any) -> WorkerApp:
+        app = create_app(make_settings(**overrides))
+        worker = Worker(app.broker, worker_threads=threads, worker_timeout=100)
+        worker.start()
+        running.append((worker, app))
+        return app
+
+    yield start
+    for worker, app in running:
+        worker.stop(timeout=10_000)
+        app.broker.close()
+
+
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 15.0, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def dead_letters(queue: str = "verloop.send") -> list[tuple[dict[str, Any], bytes]]:
+    """Take every message from ``queue``'s dead-letter queue: (headers, body) pairs."""
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    letters = []
+    try:
+        while True:
+            method, properties, body = channel.basic_get(queue + ".XQ", auto_ack=True)
+            if method is None:
+                break
+            letters.append((dict(properties.headers or {}), body))
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:  # no XQ yet means no dead letters
+            raise
+    finally:
+        if connection.is_open:
+            connection.close()
+    return letters
+
+
+def queue_depth(queue: str) -> int:
+    """Ready messages in ``queue`` (0 if it does not exist)."""
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+# --- the real CLI in a subprocess ------------------------------------------------------------------
+def worker_env(simulator: Simulator, **extra: str) -> dict[str, str]:
+    """Environment for a ``verloop-worker`` subprocess aimed at the test services."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VERLOOP_", "AMQP", "REDIS"))}
+    env.update(
+        AMQP_URL=AMQP_URL,
+        REDIS_URL=REDIS_URL,
+        VERLOOP_BASE_URL=simulator.url,
+        VERLOOP_USERNAME=SANDBOX_USER,
+        VERLOOP_PASSWORD=SANDBOX_PASSWORD,
+        RETRY_MIN_BACKOFF_S="0.05",
+        RETRY_MAX_BACKOFF_S="0.2",
+        LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def worker_process(
+    simulator: Simulator, log_path: Path, *args: str, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``verloop-worker run`` as a real process, its logs written to ``log_path``."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "verloop-worker"), "run", "--processes", "1", *args],
+            env=worker_env(simulator, **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: b"ready for action" in log_path.read_bytes(), timeout=30)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

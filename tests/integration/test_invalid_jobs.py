@@ -1,0 +1,153 @@
+"""Bad input is dead-lettered at once with its reason, never retried, never sent, and the worker
+keeps going."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pytest
+
+from worker.app import WorkerApp
+from worker.deadletters import DEAD_LETTER_HEADER
+from worker.producer import Producer, queue_arguments
+
+from .conftest import AMQP_URL, Simulator, dead_letters, wait_until
+
+GOOD_KWARGS: dict[str, Any] = {
+    "client_id": "acme",
+    "phone_id": "phone-1",
+    "to": "+919876543210",
+    "message": {"type": "text", "text": {"body": "hello"}},
+}
+
+
+def envelope(actor: str = "send_message", **kwargs: Any) -> bytes:
+    return json.dumps({"actor_name": actor, "kwargs": {**GOOD_KWARGS, **kwargs}}).encode()
+
+
+def without(key: str) -> bytes:
+    kwargs = {k: v for k, v in GOOD_KWARGS.items() if k != key}
+    return json.dumps({"actor_name": "send_message", "kwargs": kwargs}).encode()
+
+
+#: (id, body as published, words the dead letter's reason must contain)
+CORPUS: list[tuple[str, bytes, str]] = [
+    ("not-json", b"this is not json", "not JSON"),
+    ("not-utf8", b"\xff\xfe\x00garbage", "not UTF-8"),
+    ("json-array", b"[1, 2, 3]", "not an object"),
+    ("json-string", b'"send_message"', "not an object"),
+    ("empty-body", b"", "not JSON"),
+    ("unknown-actor", envelope("send_mesage"), "unknown actor 'send_mesage'"),
+    ("missing-actor", json.dumps({"kwargs": GOOD_KWARGS}).encode(), "missing 'actor_name'"),
+    (
+        "kwargs-not-object",
+        json.dumps({"actor_name": "send_message", "kwargs": []}).encode(),
+        "'kwargs' must be a JSON object",
+    ),
+    (
+        "unknown-top-level-field",
+        json.dumps({"actor_name": "send_message", "kwargs": GOOD_KWARGS, "prio": 1}).encode(),
+        "unknown top-level field",
+    ),
+    (
+        "other-queue-name",
+        json.dumps(
+            {"actor_name": "send_message", "kwargs": GOOD_KWARGS, "queue_name": "default"}
+        ).encode(),
+        "does not match the queue",
+    ),
+    (
+        "positional-args",
+        json.dumps(
+            {"actor_name": "send_message", "args": ["acme"], "kwargs": GOOD_KWARGS}
+        ).encode(),
+        "keyword arguments only",
+    ),
+    ("missing-to", without("to"), "to: Field required"),
+    ("missing-message", without("message"), "message: Field required"),
+    ("bad-phone-number", envelope(to="+12"), "to:"),
+    ("phone-without-plus", envelope(to="919876543210"), "E.164"),
+    ("unknown-message-type", envelope(message={"type": "hologram"}), "hologram"),
+    ("misspelt-idempotency-key", envelope(idempotncy_key="k1"), "idempotncy_key: unknown field"),
+    (
+        "text-over-4096",
+        envelope(message={"type": "text", "text": {"body": "x" * 4097}}),
+        "at most 4096 characters",
+    ),
+    ("client-id-wrong-type", envelope(client_id=42), "client_id"),
+    ("image-without-link", envelope(message={"type": "image", "image": {}}), "image.link"),
+    ("oversized-body", envelope(metadata={"blob": "y" * 300_000}), "limit is"),
+    ("odd-unicode-phone", envelope(to="+９１９８７６５４３２１０\u202e"), "to:"),
+]
+
+
+def _tagged(case_id: str, body: bytes) -> bytes:
+    """Give decodable envelopes the case id as message_id, so their dead letter can be found."""
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(envelope, dict):
+        return body
+    return json.dumps({**envelope, "message_id": case_id}).encode()
+
+
+CORPUS = [(case_id, _tagged(case_id, body), expected) for case_id, body, expected in CORPUS]
+
+
+def publish_raw(bodies: list[bytes], queue: str = "verloop.send") -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue))
+    for body in bodies:
+        channel.basic_publish(
+            exchange="",
+            routing_key=queue,
+            body=body,
+            properties=pika.BasicProperties(delivery_mode=2),
+            mandatory=True,
+        )
+    connection.close()
+
+
+def test_every_malformed_job_is_dead_lettered_with_its_reason_and_nothing_is_sent(
+    simulator: Simulator, start_worker: Callable[..., WorkerApp], producer: Producer
+) -> None:
+    """The whole corpus lands in the dead-letter queue, one letter each, bodies byte-for-byte,
+    reasons that say what is wrong; then a good job still goes out."""
+    start_worker()
+    publish_raw([body for _, body, _ in CORPUS])
+    letters: list[tuple[dict[str, Any], bytes]] = []
+    wait_until(lambda: letters.extend(dead_letters()) or len(letters) >= len(CORPUS), timeout=20)
+    assert len(letters) == len(CORPUS), [h[DEAD_LETTER_HEADER]["reason"] for h, _ in letters]
+    # A body that could not be decoded is kept byte for byte; a decoded one by its message id.
+    found = {}
+    for headers, body in letters:
+        info = headers[DEAD_LETTER_HEADER]
+        found[info["message_id"]] = found[body] = info
+    for case_id, body, expected in CORPUS:
+        info = found.get(case_id) or found[body]
+        assert expected in info["reason"], f"{case_id}: {info['reason']!r}"
+        assert info["outcome"] == "invalid", case_id
+        assert info["attempts"] == 1, case_id
+    assert simulator.send_requests() == 0
+
+    producer.send_message(**GOOD_KWARGS)
+    wait_until(simulator.messages)
+
+
+@pytest.mark.parametrize("queue", ["verloop.manage"])
+def test_a_malformed_management_job_is_dead_lettered_on_its_own_queue(
+    simulator: Simulator, start_worker: Callable[..., WorkerApp], queue: str
+) -> None:
+    """refresh_phone_token without phone_id is dead-lettered to verloop.manage.XQ."""
+    start_worker()
+    body = json.dumps({"actor_name": "refresh_phone_token", "kwargs": {"client_id": "a"}}).encode()
+    publish_raw([body], queue=queue)
+    [(headers, got)] = wait_until(lambda: dead_letters(queue))
+    assert json.loads(got)["kwargs"] == {"client_id": "a"}
+    assert "phone_id: Field required" in headers[DEAD_LETTER_HEADER]["reason"]

@@ -1,0 +1,241 @@
+"""Unit tests for worker.observability.logging: JSON lines and secret redaction."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from worker.observability.logging import (
+    REDACTED,
+    configure_logging,
+    forget_secrets,
+    mask_url,
+    register_secret,
+    resolve_log_format,
+    scrub_text,
+)
+
+SECRET = "tok-3f9a1c77-secret"
+QUIET = ("pika", "httpx", "httpcore", "aiohttp.access")
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging_state() -> Iterator[None]:
+    """Forget registered secrets and structlog's configuration after each test."""
+    yield
+    forget_secrets()
+    structlog.reset_defaults()
+
+
+@contextlib.contextmanager
+def json_logging(level: str = "INFO") -> Iterator[io.StringIO]:
+    """configure_logging to a StringIO, then put the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    quiet_levels = {name: logging.getLogger(name).level for name in QUIET}
+    stream = io.StringIO()
+    try:
+        configure_logging(fmt="json", level=level, stream=stream)
+        yield stream
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+        for name, value in quiet_levels.items():
+            logging.getLogger(name).setLevel(value)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    """Every line written so far, each parsed as JSON (fails if one is not JSON)."""
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_structlog_and_stdlib_lines_are_both_json() -> None:
+    """Our structlog lines and dramatiq's stdlib lines both come out as JSON objects."""
+    with json_logging() as stream:
+        structlog.get_logger("verloop_worker.test").info("job", outcome="sent", attempt=1)
+        logging.getLogger("dramatiq").warning("consumer %s restarted", "verloop.send")
+    ours, theirs = lines(stream)
+    assert ours["event"] == "job"
+    assert ours["outcome"] == "sent"
+    assert ours["attempt"] == 1
+    assert ours["level"] == "info"
+    assert "timestamp" in ours
+    assert theirs["event"] == "consumer verloop.send restarted"
+    assert theirs["logger"] == "dramatiq"
+    assert theirs["level"] == "warning"
+
+
+def test_lines_below_the_level_are_dropped() -> None:
+    """configure_logging's level filters both kinds of lines."""
+    with json_logging(level="WARNING") as stream:
+        structlog.get_logger("t").info("quiet")
+        logging.getLogger("dramatiq").info("quiet too")
+        structlog.get_logger("t").error("loud")
+    assert [line["event"] for line in lines(stream)] == ["loud"]
+
+
+def test_noisy_libraries_are_quietened_to_warning() -> None:
+    """httpx and pika info lines (one per request) are not logged."""
+    with json_logging(level="DEBUG") as stream:
+        logging.getLogger("httpx").info("HTTP Request: POST https://x")
+        logging.getLogger("pika").warning("connection lost")
+    assert [line["event"] for line in lines(stream)] == ["connection lost"]
+
+
+def test_a_registered_secret_is_redacted_from_the_event_text() -> None:
+    """A registered secret inside the message is replaced by [REDACTED]."""
+    register_secret(SECRET)
+    with json_logging() as stream:
+        structlog.get_logger("t").info(f"fetched token {SECRET} for acme")
+        logging.getLogger("dramatiq").info("header was %s", SECRET)
+    out = stream.getvalue()
+    assert SECRET not in out
+    first, second = lines(stream)
+    assert first["event"] == f"fetched token {REDACTED} for acme"
+    assert second["event"] == f"header was {REDACTED}"
+
+
+def test_a_registered_secret_is_redacted_in_nested_values() -> None:
+    """Secrets inside dicts and lists of an event's values are redacted too."""
+    register_secret(SECRET)
+    with json_logging() as stream:
+        structlog.get_logger("t").info(
+            "call", request={"headers": [f"x {SECRET}"], "note": SECRET}, ids=("a", SECRET)
+        )
+    (line,) = lines(stream)
+    assert SECRET not in stream.getvalue()
+    assert line["request"] == {"headers": [f"x {REDACTED}"], "note": REDACTED}
+    assert line["ids"] == ["a", REDACTED]
+
+
+def test_a_registered_secret_is_redacted_from_structlog_tracebacks() -> None:
+    """An exception logged with structlog's .exception() has the secret removed."""
+    register_secret(SECRET)
+    with json_logging() as stream:
+        try:
+            raise RuntimeError(f"Verloop said: bad token {SECRET}")
+        except RuntimeError:
+            structlog.get_logger("t").exception("send crashed")
+    (line,) = lines(stream)
+    assert SECRET not in stream.getvalue()
+    assert "RuntimeError: Verloop said: bad token [REDACTED]" in line["exception"]
+
+
+def test_a_registered_secret_is_redacted_from_stdlib_tracebacks() -> None:
+    """An exception logged by a library through logging has the secret removed."""
+    register_secret(SECRET)
+    with json_logging() as stream:
+        try:
+            raise ValueError(f"oops {SECRET}")
+        except ValueError:
+            logging.getLogger("dramatiq.worker").exception("actor failed")
+    (line,) = lines(stream)
+    assert SECRET not in stream.getvalue()
+    assert "ValueError: oops [REDACTED]" in line["exception"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["token", "phone_token", "password", "Authorization", "api_key", "client_secret", "passwd"],
+)
+def test_values_of_secret_named_keys_are_redacted(key: str) -> None:
+    """A key naming a secret has its value replaced, whatever the value is."""
+    with json_logging() as stream:
+        structlog.get_logger("t").info("call", **{key: "plain-value-not-registered"})
+    (line,) = lines(stream)
+    assert line[key] == REDACTED
+    assert "plain-value-not-registered" not in stream.getvalue()
+
+
+def test_secret_named_keys_inside_nested_dicts_are_redacted() -> None:
+    """A nested {"Authorization": ...} is redacted just like a top-level key."""
+    with json_logging() as stream:
+        structlog.get_logger("t").info("call", headers={"Authorization": "abc", "Accept": "json"})
+    (line,) = lines(stream)
+    assert line["headers"] == {"Authorization": REDACTED, "Accept": "json"}
+
+
+@pytest.mark.parametrize("key", ["token_source", "tokens_fetched", "token_kind"])
+def test_keys_that_describe_tokens_are_not_redacted(key: str) -> None:
+    """token_source and friends describe a token without holding one, so they are kept."""
+    with json_logging() as stream:
+        structlog.get_logger("t").info("job", **{key: "redis"})
+    (line,) = lines(stream)
+    assert line[key] == "redis"
+
+
+def test_url_passwords_are_masked_in_log_lines() -> None:
+    """A password inside a URL is masked, the user and host are kept."""
+    with json_logging() as stream:
+        structlog.get_logger("t").info(
+            "connecting to amqp://u:p@h/%2F", redis="redis://:pw@r:6379/0"
+        )
+    (line,) = lines(stream)
+    assert line["event"] == "connecting to amqp://u:***@h/%2F"
+    assert line["redis"] == "redis://:***@r:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("amqp://u:p@h", "amqp://u:***@h"),
+        ("amqps://guest:guest@rabbit:5671/%2F", "amqps://guest:***@rabbit:5671/%2F"),
+        ("redis://:secret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("https://partners.verloop.io/api", "https://partners.verloop.io/api"),
+        ("amqp://guest@h/", "amqp://guest@h/"),
+    ],
+)
+def test_mask_url_hides_only_the_password(url: str, masked: str) -> None:
+    """mask_url replaces the password part of a URL and leaves everything else alone."""
+    assert mask_url(url) == masked
+
+
+def test_forget_secrets_stops_redacting_them() -> None:
+    """After forget_secrets, a formerly registered value is printed again."""
+    register_secret(SECRET)
+    assert scrub_text(SECRET) == REDACTED
+    forget_secrets()
+    assert scrub_text(SECRET) == SECRET
+
+
+def test_a_longer_secret_containing_a_shorter_one_is_removed_whole() -> None:
+    """Overlapping secrets are matched longest first, so no tail of the longer one is left."""
+    register_secret("abcdef")
+    register_secret("abcdef-123456")
+    assert scrub_text("x abcdef-123456 y abcdef") == f"x {REDACTED} y {REDACTED}"
+
+
+def test_very_short_values_are_not_registered_as_secrets() -> None:
+    """Values under six characters are ignored, so ordinary words are not blanked out."""
+    register_secret("abc")
+    register_secret("")
+    register_secret(None)
+    assert scrub_text("abc and abcdef") == "abc and abcdef"
+
+
+def test_auto_format_is_json_when_not_writing_to_a_terminal() -> None:
+    """'auto' means JSON for a stream that is not a tty."""
+    assert resolve_log_format("auto", io.StringIO()) == "json"
+
+
+def test_auto_format_is_console_on_a_terminal() -> None:
+    """'auto' means console for a stream that is a tty."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert resolve_log_format("auto", Terminal()) == "console"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_an_explicit_format_is_kept(fmt: Any) -> None:
+    """An explicit json or console format is used whatever the stream is."""
+    assert resolve_log_format(fmt, io.StringIO()) == fmt
