@@ -235,7 +235,7 @@ def queue_depth(queue: str) -> int:
             connection.close()
 
 
-# --- the real CLI in a subprocess ------------------------------------------------------------------
+# --- the real CLI in a subprocess ----------------------------------------------------------------
 def worker_env(simulator: Simulator, **extra: str) -> dict[str, str]:
     """Environment for a ``verloop-worker`` subprocess aimed at the test services."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VERLOOP_", "AMQP", "REDIS"))}

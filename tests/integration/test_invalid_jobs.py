@@ -80,7 +80,12 @@ CORPUS: list[tuple[str, bytes, str]] = [
     ("client-id-wrong-type", envelope(client_id=42), "client_id"),
     ("image-without-link", envelope(message={"type": "image", "image": {}}), "image.link"),
     ("oversized-body", envelope(metadata={"blob": "y" * 300_000}), "limit is"),
-    ("odd-unicode-phone", envelope(to="+９１９８７６５４３２１０\u202e"), "to:"),
+    # Full-width digits and a right-to-left override: libphonenumber alone would accept it.
+    (
+        "odd-unicode-phone",
+        envelope(to="+" + "".join(chr(0xFF10 + int(d)) for d in "919876543210") + "\u202e"),
+        "to:",
+    ),
 ]
 
 
