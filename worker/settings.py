@@ -56,6 +56,7 @@ class Settings(BaseSettings):
         extra="ignore",
         case_sensitive=False,
         env_file_encoding="utf-8",
+        env_ignore_empty=True,  # VERLOOP_PASSWORD= means "not set", not "the empty password"
         hide_input_in_errors=True,
     )
 

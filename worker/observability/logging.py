@@ -6,7 +6,8 @@ Every line, ours and the standard-library ones from dramatiq, pika and httpx ali
 * values of keys that name a secret (``token``, ``password``, ``authorization``...),
 * every secret string registered with :func:`register_secret` (tokens the worker fetched, the
   system token, the password), wherever it appears in any string,
-* the password part of URLs such as ``amqp://user:password@host``.
+* the password part of URLs such as ``amqp://user:password@host``;
+* phone numbers in E.164 form, masked to ``+91******3210``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any, Literal
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from ..phones import mask_phone
 
 __all__ = [
     "REDACTED",
@@ -36,6 +39,7 @@ REDACTED = "[REDACTED]"
 
 _SECRET_KEY = re.compile(r"token|password|passwd|secret|authorization|api[_-]?key", re.I)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@", re.I)
+_E164 = re.compile(r"\+[1-9][0-9]{7,14}\b")
 #: Shorter strings are not registered: they would blank out ordinary words.
 _MIN_SECRET_LENGTH = 6
 
@@ -81,6 +85,9 @@ def _scrub(value: Any) -> Any:
             value = pattern.sub(REDACTED, value)
         if "@" in value:
             value = mask_url(value)
+        if "+" in value:
+            # Recipients printed by libraries (dramatiq's debug lines show job arguments).
+            value = _E164.sub(lambda m: mask_phone(m.group(0)), value)
         return value
     if isinstance(value, dict):
         return {
