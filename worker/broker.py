@@ -88,6 +88,8 @@ class WireEncoder(JSONEncoder):
             raise ValueError("body is not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"body is not JSON ({exc.msg} at position {exc.pos})") from None
+        except RecursionError:
+            raise ValueError("body is JSON nested too deeply") from None
         if not isinstance(envelope, dict):
             raise ValueError(f"body is a JSON {type(envelope).__name__}, not an object")
         unknown = sorted(set(envelope) - _ENVELOPE_FIELDS)

@@ -16,6 +16,7 @@ dead-letter queue (without our header), so nothing is lost.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from contextvars import ContextVar
@@ -68,7 +69,7 @@ class RetryPolicy:
 
     def delay_s(self, retries_so_far: int, retry_after: float | None) -> float:
         """Seconds to wait before the next attempt."""
-        if retry_after is not None:
+        if retry_after is not None and math.isfinite(retry_after):
             # Verloop said when: wait that long, plus a little spread so a fleet does not
             # come back in one burst.
             delay = retry_after + random.uniform(0, min(1.0, 0.1 * retry_after + 0.1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from .errors import ConfigurationError
 
@@ -35,6 +37,13 @@ DEFAULT_BASE_URL = "https://partners.verloop.io"
 #: ``consumer_timeout``). A delayed retry is held unacked in dramatiq's delay queue consumer, so
 #: every single delay must stay well below that.
 MAX_SINGLE_DELAY_S = 25 * 60
+
+
+def _unparsable_field(exc: Exception) -> str:
+    # pydantic-settings names the field in its message; the value is deliberately not repeated.
+    found = re.search(r'field "(\w+)"', str(exc))
+    name = found.group(1).upper() if found else "a setting"
+    return f"{name}: could not parse the value (expected JSON)"
 
 
 class EndpointOverride(BaseModel):
@@ -128,6 +137,9 @@ class Settings(BaseSettings):
             raise ConfigurationError(f"settings file {path} does not exist")
         try:
             return cls(_env_file=path, **overrides)  # type: ignore[call-arg]
+        except SettingsError as exc:
+            # Raised before validation, e.g. VERLOOP_ENDPOINTS that is not JSON.
+            raise ConfigurationError(f"invalid settings:\n  {_unparsable_field(exc)}") from None
         except ValidationError as exc:
             lines = [
                 f"  {'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}"

@@ -146,14 +146,6 @@ def test_a_failed_response_is_classified_by_status_and_code(
     assert failure.retryable is (expected is TransientFailure)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: any unrecognised integer 'code' in a 4xx body is permanent, even when it merely "
-        "echoes the HTTP status: 429/408 get dead-lettered instead of retried, and 401 skips "
-        "the token refresh"
-    ),
-)
 @pytest.mark.parametrize(
     ("status", "expected"),
     [(429, TransientFailure), (408, TransientFailure), (401, TokenInvalid)],
@@ -234,13 +226,6 @@ def test_a_retry_after_date_is_measured_from_the_given_now() -> None:
     assert parse_retry_after(date, now=reference) == pytest.approx(30.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: parse_retry_after('nan') returns nan; RetryPolicy.delay_s then returns nan and "
-        "JobOutcomes' int(delay_s * 1000) raises, so the job is rejected instead of retried"
-    ),
-)
 @pytest.mark.parametrize("value", ["nan", "NaN"])
 def test_a_non_finite_retry_after_is_garbage(value: str) -> None:
     """Retry-After values that are not finite numbers are ignored like other garbage."""

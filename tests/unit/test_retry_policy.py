@@ -81,13 +81,6 @@ def test_a_zero_retry_after_waits_almost_not_at_all() -> None:
     assert all(0.0 <= delay <= 0.1 for delay in delays(3, retry_after=0.0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a NaN retry_after (parse_retry_after('nan')) passes through delay_s as NaN, and "
-        "JobOutcomes' int(delay_s * 1000) then raises ValueError"
-    ),
-)
 def test_a_nan_retry_after_still_gives_a_finite_delay() -> None:
     """Whatever retry_after holds, delay_s returns a finite number of seconds."""
     assert math.isfinite(POLICY.delay_s(0, float("nan")))

@@ -147,13 +147,6 @@ def test_a_configuration_error_never_contains_a_secret_value() -> None:
         assert secret not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: VERLOOP_ENDPOINTS that is not valid JSON makes pydantic-settings raise "
-        "SettingsError, which Settings.load does not translate into ConfigurationError"
-    ),
-)
 def test_verloop_endpoints_that_are_not_json_are_a_configuration_error() -> None:
     """A malformed VERLOOP_ENDPOINTS stops the worker with a ConfigurationError naming it."""
     assert "VERLOOP_ENDPOINTS" in load_error(VERLOOP_ENDPOINTS="{send: /x}")

@@ -153,13 +153,6 @@ def test_the_reason_for_a_huge_body_does_not_contain_the_body(encoder: WireEncod
     assert len(reason) < 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a deeply nested JSON body (well under MAX_JOB_BYTES) makes json.loads raise "
-        "RecursionError, which WireEncoder does not catch, so decode fails in the consumer"
-    ),
-)
 @pytest.mark.usefixtures("consuming")
 def test_a_deeply_nested_body_becomes_an_undecodable_message() -> None:
     """A body of 100,000 nested arrays is dead-lettered with a reason, like other bad bodies."""

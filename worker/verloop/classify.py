@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..errors import JobFailure, PermanentFailure, TokenInvalid, TransientFailure
+from ..observability.logging import scrub_text
 
 __all__ = ["DEFAULT_DELAYS_S", "classify_response", "parse_retry_after"]
 
@@ -49,9 +51,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     value = value.strip()
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -98,8 +102,11 @@ def classify_response(
     except ValueError:
         body = None
     code, message = _find_code_and_message(body)
-    retry_after = parse_retry_after(headers.get("retry-after"))
-    detail = (message or _status_text(status))[:_MAX_REASON_CHARS]
+    if code == status:
+        code = None  # a body that only repeats the HTTP status says nothing more
+    retry_after = parse_retry_after(_header(headers, "retry-after"))
+    # Verloop's text is kept for ops, minus anything that looks like one of our secrets.
+    detail = scrub_text((message or _status_text(status))[:_MAX_REASON_CHARS])
     reason = f"{what} failed: {detail}"
 
     def transient(delay: float | None = None) -> TransientFailure:
@@ -117,12 +124,11 @@ def classify_response(
         # Everything else Meta documents is permanent: undeliverable (131026), outside the
         # 24 h window (131047), bad parameters (100, 132xxx), permissions (10, 200-299),
         # policy/account blocks (368, 131031, 131042), quality (131048), marketing cap (131049).
-        if (
-            code in {10, 100, 368, 131026, 131031, 131042, 131047, 131048, 131049}
-            or _is_meta_code(code, (200, 299), (132000, 132999))
-            or 400 <= status < 500
+        if code in {10, 100, 368, 131026, 131031, 131042, 131047, 131048, 131049} or (
+            _is_meta_code(code, (200, 299), (132000, 132999))
         ):
             return permanent()
+        # An unknown code: the HTTP status decides, below.
     elif isinstance(code, str):
         if code in TWIRP_TOKEN:
             return TokenInvalid(reason, http_status=status, code=code)
@@ -136,6 +142,13 @@ def classify_response(
     if status in (408, 425, 429) or status >= 500:
         return transient()
     return permanent()
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:  # a plain dict is case-sensitive; httpx.Headers is not
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    return value
 
 
 def _status_text(status: int) -> str:
