@@ -111,10 +111,13 @@ def publish_backlog(actor: str, queue: str, jobs: int) -> None:
     connection.close()
 
 
-def measure(sim: str, jobs: int, command: list[str], env: dict[str, str], log: Path) -> float:
+def measure(
+    sim: str, latency_ms: float, jobs: int, command: list[str], env: dict[str, str], log: Path
+) -> float:
     """Start the worker, wait for the backlog to drain at the simulator; return sends/s."""
     http = httpx.Client(base_url=sim, timeout=10)
-    http.post("/admin/reset").raise_for_status()
+    http.post("/admin/reset").raise_for_status()  # counters, and faults too: set latency again
+    http.put("/admin/faults", json={"latency_ms": latency_ms}).raise_for_status()
     low, high = int(jobs * 0.1), int(jobs * 0.9)
     t_low = t_high = None
     with log.open("wb") as out:
@@ -142,8 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--jobs", type=int, default=4000, help="backlog size per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=5000, help="backlog size per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     args = parser.parse_args()
 
@@ -178,6 +181,7 @@ def main() -> None:
             publish_backlog("naive_send", "bench.naive", args.jobs)
             rate = measure(
                 sim,
+                args.latency_ms,
                 args.jobs,
                 [str(BIN / "dramatiq"), "bench.naive", *pool, "--skip-logging"],
                 naive_env,
@@ -188,6 +192,7 @@ def main() -> None:
             publish_backlog("send_message", "verloop.send", args.jobs)
             rate = measure(
                 sim,
+                args.latency_ms,
                 args.jobs,
                 [str(BIN / "verloop-worker"), "run", *pool],
                 ours_env,

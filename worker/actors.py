@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import dramatiq
-import structlog
 
 from .errors import PermanentFailure, TokenInvalid
 from .jobs import (
@@ -33,8 +32,6 @@ from .services import Lifecycle, Services
 from .verloop.client import SendResult
 
 __all__ = ["list_clients", "refresh_phone_token", "register_actors", "send_message"]
-
-_log = structlog.get_logger("verloop_worker.actors")
 
 
 def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> None:

@@ -101,16 +101,7 @@ class WireEncoder(JSONEncoder):
         envelope.setdefault("options", {})
         envelope.setdefault("message_id", str(uuid.uuid4()))
         envelope.setdefault("message_timestamp", int(time.time() * 1000))
-        expected = {
-            "actor_name": str,
-            "queue_name": str,
-            "args": list,
-            "kwargs": dict,
-            "options": dict,
-            "message_id": str,
-            "message_timestamp": int,
-        }
-        for field, kind in expected.items():
+        for field, kind in _ENVELOPE_TYPES:
             if field not in envelope:
                 raise ValueError(f"missing {field!r}")
             if not isinstance(envelope[field], kind) or isinstance(envelope[field], bool):
@@ -126,6 +117,15 @@ class WireEncoder(JSONEncoder):
 
 
 _JSON_TYPE_NAMES = {str: "string", list: "array", dict: "object", int: "integer"}
+_ENVELOPE_TYPES = (
+    ("actor_name", str),
+    ("queue_name", str),
+    ("args", list),
+    ("kwargs", dict),
+    ("options", dict),
+    ("message_id", str),
+    ("message_timestamp", int),
+)
 
 
 def raw_body_of(kwargs: dict[str, Any]) -> bytes:

@@ -107,6 +107,10 @@ def run(
     VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and VERLOOP_PASSWORD.
     """
     settings = obj.settings()
+    try:
+        settings.load_phone_tokens()  # a broken tokens file stops us here, not in every process
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from None
     if (sandbox_url or demo) and not sandbox:
         raise click.UsageError("--sandbox-url and --demo need --sandbox")
     if not sandbox and not settings.has_verloop_credentials:

@@ -35,7 +35,8 @@ from .settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["JobOutcomes", "JobRecord", "RetryPolicy", "current_job"]
 
-_log = structlog.get_logger("verloop_worker.job")
+_log = structlog.get_logger()
+_LOGGER_NAME = "verloop_worker.job"  # the same "logger" field the library lines carry
 
 
 @dataclass
@@ -203,4 +204,5 @@ class JobOutcomes(Middleware):
     def _log(record: JobRecord, level: str, exc_info: BaseException | None = None) -> None:
         fields = {k: v for k, v in record.fields.items() if v is not None}
         fields["duration_ms"] = round((time.perf_counter() - record.started) * 1000, 1)
+        fields["logger"] = _LOGGER_NAME
         getattr(_log, level)("job", exc_info=exc_info, **fields)

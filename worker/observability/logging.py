@@ -12,6 +12,7 @@ Every line, ours and the standard-library ones from dramatiq, pika and httpx ali
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any, Literal
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -78,17 +80,21 @@ def scrub_text(text: str) -> str:
     return str(_scrub(text))
 
 
+def _scrub_str(value: str) -> str:
+    pattern = _secret_pattern
+    if pattern is not None:
+        value = pattern.sub(REDACTED, value)
+    if "@" in value:
+        value = mask_url(value)
+    if "+" in value:
+        # Recipients printed by libraries (dramatiq's debug lines show job arguments).
+        value = _E164.sub(lambda m: mask_phone(m.group(0)), value)
+    return value
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        pattern = _secret_pattern
-        if pattern is not None:
-            value = pattern.sub(REDACTED, value)
-        if "@" in value:
-            value = mask_url(value)
-        if "+" in value:
-            # Recipients printed by libraries (dramatiq's debug lines show job arguments).
-            value = _E164.sub(lambda m: mask_phone(m.group(0)), value)
-        return value
+        return _scrub_str(value)
     if isinstance(value, dict):
         return {
             k: REDACTED if isinstance(k, str) and _is_secret_key(k) else _scrub(v)
@@ -99,6 +105,7 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_secret_key(key: str) -> bool:
     # ``token_source`` or ``tokens_fetched`` describe tokens without holding one.
     return bool(_SECRET_KEY.search(key)) and not key.endswith(("_source", "_fetched", "_kind"))
@@ -106,11 +113,14 @@ def _is_secret_key(key: str) -> bool:
 
 def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """structlog processor: remove secrets from every key and value of the event."""
-    for key in list(event_dict):
+    # Runs for every log line: strings (the common case) take the short path.
+    for key, value in event_dict.items():
         if _is_secret_key(key):
             event_dict[key] = REDACTED
-        else:
-            event_dict[key] = _scrub(event_dict[key])
+        elif isinstance(value, str):
+            event_dict[key] = _scrub_str(value)
+        elif isinstance(value, dict | list | tuple):
+            event_dict[key] = _scrub(value)
     return event_dict
 
 
@@ -123,6 +133,10 @@ class _DropDramatiqJobFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Failed to process message")
+
+
+def _orjson_text(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=repr).decode()
 
 
 def resolve_log_format(
@@ -146,7 +160,8 @@ def configure_logging(
     stream = stream or sys.stderr
     renderer: Processor
     if resolve_log_format(fmt, stream) == "json":
-        renderer = structlog.processors.JSONRenderer()
+        # orjson renders a job's line in a fraction of json.dumps' time (a line per job adds up).
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_text)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
 
@@ -158,11 +173,13 @@ def configure_logging(
         structlog.processors.format_exc_info,
         redact_secrets,
     ]
+    # Our own lines skip the standard library (a third of the cost of a line); library lines
+    # come in through the root handler below and get the same processors.
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
+        processors=[*shared, renderer],
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
+        cache_logger_on_first_use=False,  # configure_logging may be called again (tests)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
