@@ -39,7 +39,11 @@ __all__ = [
 
 REDACTED = "[REDACTED]"
 
-_SECRET_KEY = re.compile(r"token|password|passwd|secret|authorization|api[_-]?key", re.I)
+# Keys that hold a secret end with one of these words (``phone_token``, ``Authorization``);
+# ``token_source`` or ``token_refreshed`` describe a token without holding one.
+_SECRET_KEY = re.compile(
+    r"(?:^|[_-])(?:token|password|passwd|secret|authorization|api[_-]?key)$", re.I
+)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@", re.I)
 _E164 = re.compile(r"\+[1-9][0-9]{7,14}\b")
 #: Shorter strings are not registered: they would blank out ordinary words.
@@ -107,8 +111,7 @@ def _scrub(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=4096)
 def _is_secret_key(key: str) -> bool:
-    # ``token_source`` or ``tokens_fetched`` describe tokens without holding one.
-    return bool(_SECRET_KEY.search(key)) and not key.endswith(("_source", "_fetched", "_kind"))
+    return bool(_SECRET_KEY.search(key))
 
 
 def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -154,7 +157,7 @@ def configure_logging(
     level: str = "INFO",
     *,
     stream: Any = None,
-    quiet_loggers: Iterable[str] = ("pika", "httpx", "httpcore", "aiohttp.access"),
+    quiet_loggers: Iterable[str] = ("pika", "httpx", "httpcore", "redis", "aiohttp.access"),
 ) -> None:
     """Set up structlog and the standard library's root logger for this process."""
     stream = stream or sys.stderr
