@@ -3,8 +3,10 @@
 ``send_message``:
   1. validate the job (:func:`worker.jobs.parse_job`)  → invalid: dead letter, no retry
   2. find the phone token (file → memory → Redis → Verloop)
-  3. call Verloop's send endpoint                       → classified failure: retry or dead letter
-  4. on a rejected token: refresh it once and send again; rejected again: dead letter
+  3. wait for the number's slot (:mod:`worker.limits`)  → too far: re-delayed, no retry used
+  4. call Verloop's send endpoint                       → classified failure: retry or dead letter;
+                                                          rate-limit answers teach the limiter
+  5. on a rejected token: refresh it once and send again; rejected again: dead letter
 
 Failures are raised, not handled here: :mod:`worker.outcomes` retries or dead-letters them and
 writes the job's one log line, to which each step adds its fields.
@@ -17,7 +19,7 @@ from typing import Any
 
 import dramatiq
 
-from .errors import PermanentFailure, TokenInvalid
+from .errors import JobFailure, PermanentFailure, TokenInvalid
 from .jobs import (
     ACTOR_QUEUES,
     Job,
@@ -26,6 +28,7 @@ from .jobs import (
     SendMessageJob,
     parse_job,
 )
+from .limits import Lane
 from .outcomes import JobRecord, current_job
 from .phones import mask_phone
 from .services import Lifecycle, Services
@@ -39,13 +42,14 @@ def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> 
     tokens = services.phone_tokens
     token, source = tokens.get(job.client_id, job.phone_id)
     record.bind(token_source=source)
+    lane: Lane = "campaign" if record.fields.get("lane") == "campaign" else "transactional"
     try:
-        result = _send(services, token, job)
+        result = _paced_send(services, token, job, lane, record)
     except TokenInvalid:
         token, source = tokens.refresh(job.client_id, job.phone_id, rejected=token)
         record.bind(token_source=source, token_refreshed=True)
         try:
-            result = _send(services, token, job)
+            result = _paced_send(services, token, job, lane, record)
         except TokenInvalid as exc:
             raise PermanentFailure(
                 "Verloop rejected the phone token again after refreshing it; check the number's "
@@ -58,10 +62,22 @@ def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> 
     )
 
 
-def _send(services: Services, token: str, job: SendMessageJob) -> SendResult:
-    return services.verloop.send_message(
-        token, job.request_body(), idempotency_key=job.idempotency_key
-    )
+def _paced_send(
+    services: Services, token: str, job: SendMessageJob, lane: Lane, record: JobRecord
+) -> SendResult:
+    """One call to Verloop in the number's next slot."""
+    waited = services.gate.admit(job.phone_id, job.to, lane)
+    if waited > 0.0005:
+        record.bind(limit_wait_ms=round(waited * 1000, 1))
+    try:
+        return services.verloop.send_message(
+            token, job.request_body(), idempotency_key=job.idempotency_key
+        )
+    except TokenInvalid:
+        raise
+    except JobFailure as exc:
+        services.gate.react(job.phone_id, job.to, lane, exc)
+        raise
 
 
 def list_clients(services: Services, job: ListClientsJob, record: JobRecord) -> None:

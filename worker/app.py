@@ -12,6 +12,7 @@ import dramatiq
 
 from .actors import register_actors
 from .broker import VerloopBroker, build_broker
+from .jobs import CAMPAIGN_QUEUE
 from .observability.logging import configure_logging
 from .outcomes import JobOutcomes, RetryPolicy
 from .services import Lifecycle
@@ -46,6 +47,8 @@ def create_app(settings: Settings) -> WorkerApp:
         middleware=[lifecycle, outcomes],
     )
     actors = register_actors(broker, lifecycle)
+    # Campaign sends use the send_message actor from their own queue (its own lane).
+    broker.declare_queue(CAMPAIGN_QUEUE)
     return WorkerApp(settings, broker, lifecycle, actors)
 
 

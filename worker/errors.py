@@ -6,6 +6,8 @@ above the boundary catches only these::
     VerloopWorkerError
     ├── ConfigurationError      settings or files are wrong; the process cannot start
     ├── EnqueueError            a producer could not get RabbitMQ to confirm a job
+    ├── Deferred                not an error: the job must wait (rate limit, pause); it is
+    │                           re-delayed without using up a retry
     └── JobFailure              one job could not be completed; carries a FailureDetails
         ├── InvalidJob          the job itself is malformed: dead-letter at once, never retry
         ├── PermanentFailure    Verloop refused it for good: dead-letter at once, never retry
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ConfigurationError",
+    "Deferred",
     "EnqueueError",
     "FailureDetails",
     "InvalidJob",
@@ -43,6 +46,16 @@ class ConfigurationError(VerloopWorkerError):
 
 class EnqueueError(VerloopWorkerError):
     """A job was not confirmed by RabbitMQ; the caller must treat it as not enqueued."""
+
+
+class Deferred(VerloopWorkerError):
+    """Control flow, not a failure: send this job again in ``delay_s`` seconds, with its retry
+    count unchanged (its number's slot is far away, its recipient is cooling down...)."""
+
+    def __init__(self, delay_s: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from .phones import normalize_e164
 
 __all__ = [
     "ACTOR_QUEUES",
+    "CAMPAIGN_QUEUE",
     "JOB_MODELS",
     "MANAGE_QUEUE",
     "MAX_METADATA_BYTES",
@@ -42,6 +43,8 @@ __all__ = [
 
 #: Queue of transactional sends.
 SEND_QUEUE = "verloop.send"
+#: Queue of campaign sends: same ``send_message`` contract, paced behind transactional sends.
+CAMPAIGN_QUEUE = "verloop.campaign"
 #: Queue of management jobs (listing clients, refreshing tokens).
 MANAGE_QUEUE = "verloop.manage"
 

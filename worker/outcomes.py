@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import structlog
+from dramatiq.common import q_name
 from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Middleware
 
 from .broker import UNDECODABLE_ACTOR, raw_body_of
 from .deadletters import DeadLetter, publish_dead_letter
-from .errors import FailureDetails, InvalidJob, JobFailure, VerloopWorkerError
+from .errors import Deferred, FailureDetails, InvalidJob, JobFailure, VerloopWorkerError
+from .jobs import CAMPAIGN_QUEUE
 from .observability.logging import scrub_text
 from .settings import MAX_SINGLE_DELAY_S
 
@@ -93,12 +95,14 @@ class JobOutcomes(Middleware):
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         attempt = _retries_so_far(message.options) + 1
+        queue = q_name(message.queue_name)
         _current.set(
             JobRecord(
                 fields={
                     "message_id": message.message_id,
                     "actor": message.actor_name,
-                    "queue": message.queue_name,
+                    "queue": queue,
+                    "lane": "campaign" if queue == CAMPAIGN_QUEUE else "transactional",
                     "attempt": attempt,
                 }
             )
@@ -119,6 +123,10 @@ class JobOutcomes(Middleware):
             self._log(record, "info")
             return
         try:
+            if isinstance(exception, Deferred):
+                self._defer(broker, message, exception, record)
+                self._log(record, "info")
+                return
             level = self._settle_failure(broker, message, exception, record)
         except (VerloopWorkerError, BrokerConnectionError) as exc:
             # The retry or dead letter was not confirmed: reject the delivery so RabbitMQ
@@ -134,6 +142,20 @@ class JobOutcomes(Middleware):
         # A failure we did not foresee is a bug or an outage: keep its traceback.
         unforeseen = None if isinstance(exception, JobFailure) else exception
         self._log(record, level, unforeseen)
+
+    @staticmethod
+    def _defer(broker: Any, message: Any, deferred: Deferred, record: JobRecord) -> None:
+        """Send the job again later with its retry count unchanged."""
+        delay_s = min(max(deferred.delay_s, 0.0), MAX_SINGLE_DELAY_S)
+        deferrals = message.options.get("deferrals", 0)
+        deferrals = deferrals + 1 if isinstance(deferrals, int) else 1
+        broker.enqueue(message.copy(options={"deferrals": deferrals}), delay=int(delay_s * 1000))
+        record.bind(
+            outcome="deferred",
+            reason=deferred.reason,
+            retry_in_s=round(delay_s, 3),
+            deferrals=deferrals,
+        )
 
     def _settle_failure(
         self, broker: Any, message: Any, exception: BaseException, record: JobRecord

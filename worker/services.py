@@ -10,12 +10,20 @@ import redis
 from dramatiq.middleware import Middleware
 
 from .errors import ConfigurationError
+from .limits import (
+    GateSettings,
+    LimitPolicy,
+    MemoryLimiter,
+    RateLimiter,
+    RedisLimiter,
+    SendGate,
+)
 from .settings import Settings
 from .verloop.client import VerloopClient
 from .verloop.endpoints import resolve_endpoints
 from .verloop.tokens import PhoneTokens, SystemToken
 
-__all__ = ["Lifecycle", "Services", "open_redis", "open_verloop_client"]
+__all__ = ["Lifecycle", "Services", "open_limiter", "open_redis", "open_verloop_client"]
 
 
 def open_redis(settings: Settings) -> redis.Redis:
@@ -44,6 +52,20 @@ def open_verloop_client(settings: Settings, *, threads: int = 8) -> VerloopClien
     )
 
 
+def open_limiter(settings: Settings, cache: redis.Redis) -> RateLimiter:
+    """The rate limiter settings ask for (Redis unless memory is chosen explicitly)."""
+    policy = LimitPolicy(
+        default_rate=settings.rate_limit_per_number,
+        overrides=dict(settings.rate_limit_overrides),
+        reserve=settings.rate_limit_reserve,
+        max_wait_s=settings.rate_limit_max_wait_s,
+        account_rate=settings.rate_limit_account_per_s,
+    )
+    if settings.rate_limit_backend == "memory":
+        return MemoryLimiter(policy)
+    return RedisLimiter(cache, policy)
+
+
 @dataclass
 class Services:
     """Everything a job needs besides its own arguments."""
@@ -53,6 +75,7 @@ class Services:
     cache: redis.Redis
     system_token: SystemToken
     phone_tokens: PhoneTokens
+    gate: SendGate
 
     @classmethod
     def open(cls, settings: Settings, *, threads: int = 8) -> Services:
@@ -75,10 +98,20 @@ class Services:
             local_ttl_s=settings.token_local_ttl_s,
             cache_ttl_s=settings.token_cache_ttl_s,
         )
-        return cls(settings, verloop, cache, system, phone_tokens)
+        gate = SendGate(
+            open_limiter(settings, cache),
+            GateSettings(
+                max_wait_s=settings.rate_limit_max_wait_s,
+                penalty_factor=settings.rate_limit_penalty_factor,
+                penalty_s=settings.rate_limit_penalty_s,
+                quality_pause_s=settings.quality_pause_s,
+            ),
+        )
+        return cls(settings, verloop, cache, system, phone_tokens, gate)
 
     def close(self) -> None:
         """Close the HTTP pool and the Redis connections."""
+        self.gate.limiter.close()
         self.verloop.close()
         self.cache.close()
 

@@ -100,6 +100,27 @@ class Settings(BaseSettings):
     retry_min_backoff_s: float = Field(default=2.0, gt=0)
     retry_max_backoff_s: float = Field(default=600.0, gt=0, le=MAX_SINGLE_DELAY_S)
 
+    # --- rate limits ---------------------------------------------------------------------------
+    #: ``redis`` (shared by the fleet) or ``memory`` (one development process only).
+    rate_limit_backend: Literal["redis", "memory"] = "redis"
+    #: Messages per second per sending number (WhatsApp: 80 by default, 1,000 upgraded, 20 for
+    #: numbers shared with the Business app).
+    rate_limit_per_number: float = Field(default=80.0, gt=0, le=10_000)
+    #: Per-number limits, as JSON: ``{"<phone_id>": 1000}``.
+    rate_limit_overrides: dict[str, float] = Field(default_factory=dict)
+    #: Share of a second's worth of a number's messages kept free for transactional sends
+    #: while a campaign saturates it (at least one message).
+    rate_limit_reserve: float = Field(default=0.1, ge=0, le=0.5)
+    #: A send waits up to this long for its slot; further away, it is re-delayed (no retry used).
+    rate_limit_max_wait_s: float = Field(default=2.0, gt=0, le=30)
+    #: Optional limit on all calls to Verloop, across every number.
+    rate_limit_account_per_s: float | None = Field(default=None, gt=0)
+    #: After a 429/130429 a number's rate is multiplied by this, for this long.
+    rate_limit_penalty_factor: float = Field(default=0.5, gt=0, lt=1)
+    rate_limit_penalty_s: float = Field(default=30.0, gt=0)
+    #: 131048 (spam rate limit): campaign sends from that number pause this long.
+    quality_pause_s: float = Field(default=3600.0, gt=0)
+
     # --- jobs --------------------------------------------------------------------------------
     #: Bodies larger than this are dead-lettered unread.
     max_job_bytes: int = Field(default=256 * 1024, ge=1024)
@@ -116,6 +137,14 @@ class Settings(BaseSettings):
         if self.retry_min_backoff_s > self.retry_max_backoff_s:
             raise ValueError("RETRY_MIN_BACKOFF_S must not exceed RETRY_MAX_BACKOFF_S")
         return self
+
+    @field_validator("rate_limit_overrides")
+    @classmethod
+    def _overrides_are_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [phone for phone, rate in value.items() if not 0 < rate <= 10_000]
+        if bad:
+            raise ValueError(f"rates must be in (0, 10000] messages/s; check {', '.join(bad)}")
+        return value
 
     @field_validator("verloop_base_url")
     @classmethod

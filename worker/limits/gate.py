@@ -1,0 +1,123 @@
+"""The send path's use of the limiter: wait for a slot, and react to what Verloop says.
+
+:meth:`SendGate.admit` is called right before each call to Verloop's send endpoint; it sleeps
+for a reserved slot (at most ``RATE_LIMIT_MAX_WAIT_S``) or raises :class:`Deferred` to re-delay
+the job without using a retry. :meth:`SendGate.react` turns platform limit answers into limiter
+state: a 429/130429 slows the number down for a while; 131056 cools only that recipient;
+131057 pauses the number for about a minute; 131048 pauses the number's campaign sends.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from ..errors import Deferred, JobFailure
+from ..settings import MAX_SINGLE_DELAY_S
+from .pacing import Lane, RateLimiter, Verdict
+from .redis_limiter import LimiterUnavailable
+
+__all__ = ["GateSettings", "SendGate"]
+
+_log = structlog.get_logger()
+
+#: While Redis is down, a send checks again this often (and is never sent without a slot).
+LIMITER_DOWN_RETRY_S = 5.0
+#: 131056 without Retry-After: how long that recipient waits.
+PAIR_COOLDOWN_S = 10.0
+#: 131057: the number is being upgraded "for about a minute".
+MAINTENANCE_PAUSE_S = 60.0
+
+_REASONS = {
+    Verdict.WAIT: "rate limit: the number's next free slot is {s:.1f} s away",
+    Verdict.RECIPIENT_COOLING: "recipient cooling down after a pair rate limit (131056)",
+    Verdict.NUMBER_PAUSED: "number paused by Verloop (131057, maintenance)",
+    Verdict.CAMPAIGN_PAUSED: "campaign sends paused on this number for quality (131048)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GateSettings:
+    """The reaction knobs, from settings."""
+
+    max_wait_s: float
+    penalty_factor: float
+    penalty_s: float
+    quality_pause_s: float
+
+
+class SendGate:
+    """Admits sends at the pace the limiter allows; see the module docstring."""
+
+    def __init__(self, limiter: RateLimiter, settings: GateSettings) -> None:
+        self.limiter = limiter
+        self.settings = settings
+
+    def admit(self, phone_id: str, recipient: str, lane: Lane) -> float:
+        """Wait for a slot; return the seconds waited.
+
+        Raises:
+            Deferred: the slot is further than the bound, the recipient or number is held, or
+                the limiter cannot be reached (fail closed).
+        """
+        started = time.monotonic()
+        deadline = started + self.settings.max_wait_s
+        while True:
+            try:
+                decision = self.limiter.acquire(phone_id, recipient, lane)
+            except LimiterUnavailable as exc:
+                _log.warning("sends held: rate limiter unreachable", reason=str(exc))
+                raise Deferred(LIMITER_DOWN_RETRY_S, f"{exc}; held, not sent") from None
+            if decision.verdict is Verdict.GO:
+                if decision.wait_s > 0:
+                    time.sleep(decision.wait_s)
+                return time.monotonic() - started
+            now = time.monotonic()
+            if decision.verdict is Verdict.WAIT and now + decision.wait_s <= deadline:
+                # Campaign sends take only free slots: look again when one should be free.
+                time.sleep(decision.wait_s)
+                continue
+            delay = min(decision.wait_s, MAX_SINGLE_DELAY_S)
+            # A little spread, so jobs held together do not all come back in the same instant.
+            delay += random.uniform(0, min(0.5, 0.1 * delay + 0.01))
+            raise Deferred(delay, _REASONS[decision.verdict].format(s=decision.wait_s))
+
+    def react(self, phone_id: str, recipient: str, lane: Lane, failure: JobFailure) -> None:
+        """Record what a refused send says about the number; raise :class:`Deferred` when the
+        job should simply wait instead of counting a retry."""
+        code = failure.details.code
+        details = failure.details
+        try:
+            if code == "130429" or (details.http_status == 429 and code in (None, "4", "80007")):
+                self.limiter.penalize(
+                    phone_id, self.settings.penalty_factor, self.settings.penalty_s
+                )
+                _log.warning(
+                    "number slowed down after a rate-limit answer",
+                    phone_id=phone_id,
+                    code=code,
+                    factor=self.settings.penalty_factor,
+                    seconds=self.settings.penalty_s,
+                )
+            elif code == "131056":
+                seconds = details.retry_after or PAIR_COOLDOWN_S
+                self.limiter.cool_recipient(phone_id, recipient, seconds)
+                raise Deferred(seconds, _REASONS[Verdict.RECIPIENT_COOLING]) from None
+            elif code == "131057":
+                seconds = details.retry_after or MAINTENANCE_PAUSE_S
+                self.limiter.pause(phone_id, seconds, campaign_only=False)
+                raise Deferred(seconds, _REASONS[Verdict.NUMBER_PAUSED]) from None
+            elif code == "131048":
+                self.limiter.pause(phone_id, self.settings.quality_pause_s, campaign_only=True)
+                _log.warning(
+                    "campaign sends paused on a number for quality (131048)",
+                    phone_id=phone_id,
+                    seconds=self.settings.quality_pause_s,
+                )
+        except LimiterUnavailable as exc:
+            # The answer is still handled as a failure (retried or dead-lettered); only the
+            # limiter's memory of it is lost.
+            _log.warning("could not record a rate-limit answer", reason=str(exc))
