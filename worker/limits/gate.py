@@ -80,9 +80,9 @@ class SendGate:
                 # Campaign sends take only free slots: look again when one should be free.
                 time.sleep(decision.wait_s)
                 continue
-            delay = min(decision.wait_s, MAX_SINGLE_DELAY_S)
-            # A little spread, so jobs held together do not all come back in the same instant.
-            delay += random.uniform(0, min(0.5, 0.1 * delay + 0.01))
+            # Nothing is reserved for a re-delayed job, so jobs held together must not all come
+            # back in the same instant: spread them over a quarter of their delay.
+            delay = min(decision.wait_s * random.uniform(1.0, 1.25) + 0.01, MAX_SINGLE_DELAY_S)
             raise Deferred(delay, _REASONS[decision.verdict].format(s=decision.wait_s))
 
     def react(self, phone_id: str, recipient: str, lane: Lane, failure: JobFailure) -> None:
