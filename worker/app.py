@@ -12,7 +12,7 @@ import dramatiq
 
 from .actors import register_actors
 from .broker import VerloopBroker, build_broker
-from .jobs import CAMPAIGN_QUEUE
+from .jobs import CAMPAIGN_QUEUE, JOB_MODELS
 from .observability.logging import configure_logging
 from .outcomes import JobOutcomes, RetryPolicy
 from .services import Lifecycle
@@ -44,6 +44,7 @@ def create_app(settings: Settings) -> WorkerApp:
     broker = build_broker(
         settings.amqp_url.get_secret_value(),
         max_job_bytes=settings.max_job_bytes,
+        known_actors=frozenset(JOB_MODELS),
         middleware=[lifecycle, outcomes],
     )
     actors = register_actors(broker, lifecycle)

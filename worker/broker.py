@@ -5,9 +5,10 @@ nacking it into the dead-letter queue with no word of why; a body whose ``queue_
 another queue even stops the worker thread that took it. Here every body that reaches a consumer
 becomes a dramatiq message:
 
-* a body that is not a valid dramatiq message becomes a message for :data:`UNDECODABLE_ACTOR`
-  carrying the original bytes and the reason;
-* an unknown actor name resolves to a stand-in actor that raises :class:`InvalidJob`;
+* a body that is not a valid dramatiq message, or names an actor the worker does not run,
+  becomes a message for :data:`UNDECODABLE_ACTOR` carrying the original bytes and the reason;
+* should an unknown actor name get past that, it resolves to a stand-in actor that raises
+  :class:`InvalidJob`;
 
 so both reach the job outcome middleware, which dead-letters them with their reason and keeps
 the original body (see :mod:`worker.outcomes`).
@@ -56,8 +57,11 @@ class WireEncoder(JSONEncoder):
     in any language can publish the minimal ``{"actor_name": ..., "kwargs": {...}}``.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, known_actors: frozenset[str] | None = None) -> None:
         self.max_bytes = max_bytes
+        # Unknown actor names are turned away here, so no label or log line ever carries a
+        # name a producer made up (metric labels stay bounded), and the body is kept as sent.
+        self.known_actors = known_actors
 
     def decode(self, data: bytes) -> dict[str, Any]:
         queue = _consuming.name
@@ -113,6 +117,8 @@ class WireEncoder(JSONEncoder):
             )
         if not envelope["actor_name"]:
             raise ValueError("actor_name is empty")
+        if self.known_actors is not None and envelope["actor_name"] not in self.known_actors:
+            raise ValueError(f"unknown actor {envelope['actor_name'][:100]!r}")
         return envelope
 
 
@@ -171,6 +177,7 @@ def build_broker(
     amqp_url: str,
     *,
     max_job_bytes: int,
+    known_actors: frozenset[str],
     middleware: list[Middleware],
     time_limit_ms: int = 5 * 60 * 1000,
 ) -> VerloopBroker:
@@ -180,7 +187,7 @@ def build_broker(
     and dead letters are ours (:mod:`worker.outcomes`), and callbacks would let a job's options
     start arbitrary actors.
     """
-    dramatiq.set_encoder(WireEncoder(max_job_bytes))
+    dramatiq.set_encoder(WireEncoder(max_job_bytes, known_actors))
     broker = VerloopBroker(
         url=amqp_url,
         confirm_delivery=True,
