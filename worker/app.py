@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import dramatiq
+from dramatiq.middleware import Middleware
 
 from .actors import register_actors
 from .broker import VerloopBroker, build_broker
 from .jobs import CAMPAIGN_QUEUE, JOB_MODELS
 from .observability.logging import configure_logging
+from .observability.metrics import Metrics
 from .outcomes import JobOutcomes, RetryPolicy
 from .services import Lifecycle
 from .settings import Settings
@@ -33,19 +35,31 @@ class WorkerApp:
 
 def create_app(settings: Settings) -> WorkerApp:
     """Build the broker, its middleware and its actors from ``settings``."""
-    lifecycle = Lifecycle(settings)
+    metrics = None
+    middleware: list[Middleware] = []
+    if settings.metrics_port:
+        # Metrics are served by dramatiq's exposition process, forked by its CLI: only worker
+        # processes started by ``verloop-worker run`` have one (and the multiprocess folder).
+        # Imported here: dramatiq's module reads its metrics settings from the environment and
+        # makes its folder when imported, which only a worker process should do.
+        from dramatiq.middleware.prometheus import Prometheus
+
+        metrics = Metrics(rate_for=settings.rate_for)
+        middleware.append(Prometheus())
+    lifecycle = Lifecycle(settings, metrics)
     outcomes = JobOutcomes(
         RetryPolicy(
             max_retries=settings.retry_max_retries,
             min_backoff_s=settings.retry_min_backoff_s,
             max_backoff_s=settings.retry_max_backoff_s,
-        )
+        ),
+        metrics,
     )
     broker = build_broker(
         settings.amqp_url.get_secret_value(),
         max_job_bytes=settings.max_job_bytes,
         known_actors=frozenset(JOB_MODELS),
-        middleware=[lifecycle, outcomes],
+        middleware=[*middleware, lifecycle, outcomes],
     )
     actors = register_actors(broker, lifecycle)
     # Campaign sends use the send_message actor from their own queue (its own lane).

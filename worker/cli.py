@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,7 +122,10 @@ def run(
         )
     fmt = resolve_log_format(settings.log_format)
     configure_logging(fmt, settings.log_level)
-    os.environ["LOG_FORMAT"] = fmt  # worker processes write to a pipe: decide for them here
+    # Worker processes write to a pipe, so the terminal is judged here, once.
+    os.environ.update(LOG_FORMAT=fmt, LOG_LEVEL=settings.log_level)
+    if obj.env_file is not None:
+        os.environ["VERLOOP_WORKER_ENV_FILE"] = str(obj.env_file.resolve())
 
     with _maybe_sandbox(sandbox, sandbox_url) as url:
         if url is not None:
@@ -133,9 +138,8 @@ def run(
             sys.exit(1)
         if demo:
             _enqueue_demo(settings, demo)
-        from dramatiq.cli import main as dramatiq_main
-        from dramatiq.cli import make_argument_parser
-
+        if settings.metrics_port:
+            os.environ.update(_metrics_environment(settings))
         args = [
             "worker.app:boot",
             "--processes",
@@ -148,10 +152,44 @@ def run(
         ]
         if queues:
             args += ["--queues", *queues]
-        # dramatiq's CLI is not annotated; these two calls are its documented entry points.
-        parsed = make_argument_parser().parse_args(args)  # type: ignore[no-untyped-call]
-        code = dramatiq_main(parsed)  # type: ignore[no-untyped-call]
+        code = _supervise([sys.executable, "-m", "worker.supervisor", *args])
     sys.exit(code)
+
+
+def _metrics_environment(settings: Settings) -> dict[str, str]:
+    """A metrics directory for this instance (one per port, emptied now) and where to serve.
+
+    prometheus-client's multiprocess mode keeps one file per worker process there; files left
+    by an earlier run would add its counts to this one's, and two instances on one host must
+    not share files (they cannot share a port either).
+    """
+    root = settings.metrics_dir or Path(tempfile.gettempdir())
+    directory = root / f"verloop-worker-metrics-{settings.metrics_port}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    return {
+        "PROMETHEUS_MULTIPROC_DIR": str(directory),
+        "dramatiq_prom_db": str(directory),
+        "dramatiq_prom_host": settings.metrics_bind,
+        "dramatiq_prom_port": str(settings.metrics_port),
+    }
+
+
+def _supervise(command: list[str]) -> int:
+    """Run dramatiq's process manager in its own session and pass stop signals on to it.
+
+    A session of its own means a terminal's Ctrl-C reaches it once, through us, instead of
+    twice (dramatiq takes a second signal as "kill now").
+    """
+    proc = subprocess.Popen(command, start_new_session=True)  # noqa: S603 - our own module
+
+    def forward(signum: int, _: object) -> None:
+        proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    return proc.wait()
 
 
 @contextmanager

@@ -52,10 +52,12 @@ class Deferred(VerloopWorkerError):
     """Control flow, not a failure: send this job again in ``delay_s`` seconds, with its retry
     count unchanged (its number's slot is far away, its recipient is cooling down...)."""
 
-    def __init__(self, delay_s: float, reason: str) -> None:
+    def __init__(self, delay_s: float, reason: str, *, kind: str = "other") -> None:
         super().__init__(reason)
         self.delay_s = delay_s
         self.reason = reason
+        #: A short, fixed name for metrics: ``rate_limit``, ``recipient_cooling``...
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)

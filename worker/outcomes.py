@@ -33,6 +33,7 @@ from .deadletters import DeadLetter, publish_dead_letter
 from .errors import Deferred, FailureDetails, InvalidJob, JobFailure, VerloopWorkerError
 from .jobs import CAMPAIGN_QUEUE
 from .observability.logging import scrub_text
+from .observability.metrics import Metrics
 from .settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["JobOutcomes", "JobRecord", "RetryPolicy", "current_job"]
@@ -90,8 +91,9 @@ def _retries_so_far(options: dict[str, Any]) -> int:
 class JobOutcomes(Middleware):
     """Logs each job once, and retries or dead-letters failed ones (see the module docstring)."""
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, metrics: Metrics | None = None) -> None:
         self.policy = policy
+        self.metrics = metrics
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         attempt = _retries_so_far(message.options) + 1
@@ -152,6 +154,7 @@ class JobOutcomes(Middleware):
         broker.enqueue(message.copy(options={"deferrals": deferrals}), delay=int(delay_s * 1000))
         record.bind(
             outcome="deferred",
+            deferral=deferred.kind,
             reason=deferred.reason,
             retry_in_s=round(delay_s, 3),
             deferrals=deferrals,
@@ -222,9 +225,11 @@ class JobOutcomes(Middleware):
         record.bind(outcome="dead_lettered", dead_letter=outcome, reason=details.reason)
         return "error" if outcome != "invalid" else "warning"
 
-    @staticmethod
-    def _log(record: JobRecord, level: str, exc_info: BaseException | None = None) -> None:
+    def _log(self, record: JobRecord, level: str, exc_info: BaseException | None = None) -> None:
         fields = {k: v for k, v in record.fields.items() if v is not None}
-        fields["duration_ms"] = round((time.perf_counter() - record.started) * 1000, 1)
+        seconds = time.perf_counter() - record.started
+        fields["duration_ms"] = round(seconds * 1000, 1)
+        if self.metrics is not None:
+            self.metrics.observe_job(fields, seconds)
         fields["logger"] = _LOGGER_NAME
         getattr(_log, level)("job", exc_info=exc_info, **fields)

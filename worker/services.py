@@ -18,6 +18,7 @@ from .limits import (
     RedisLimiter,
     SendGate,
 )
+from .observability.metrics import Metrics
 from .settings import Settings
 from .verloop.client import VerloopClient
 from .verloop.endpoints import resolve_endpoints
@@ -38,7 +39,9 @@ def open_redis(settings: Settings) -> redis.Redis:
     )
 
 
-def open_verloop_client(settings: Settings, *, threads: int = 8) -> VerloopClient:
+def open_verloop_client(
+    settings: Settings, *, threads: int = 8, metrics: Metrics | None = None
+) -> VerloopClient:
     """The HTTP client, its pool sized to the worker's threads."""
     pool = max(settings.verloop_max_connections, threads)
     return VerloopClient(
@@ -49,6 +52,7 @@ def open_verloop_client(settings: Settings, *, threads: int = 8) -> VerloopClien
             settings.verloop_timeout_s, connect=settings.verloop_connect_timeout_s
         ),
         limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+        observe=metrics.observe_api_call if metrics is not None else None,
     )
 
 
@@ -78,10 +82,12 @@ class Services:
     gate: SendGate
 
     @classmethod
-    def open(cls, settings: Settings, *, threads: int = 8) -> Services:
+    def open(
+        cls, settings: Settings, *, threads: int = 8, metrics: Metrics | None = None
+    ) -> Services:
         """Open the HTTP pool and the Redis client, and read the tokens file."""
         configured = settings.load_phone_tokens()
-        verloop = open_verloop_client(settings, threads=threads)
+        verloop = open_verloop_client(settings, threads=threads, metrics=metrics)
         cache = open_redis(settings)
         system = SystemToken(
             verloop,
@@ -119,8 +125,9 @@ class Services:
 class Lifecycle(Middleware):
     """Opens :class:`Services` before the worker's threads start and closes them after."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self._services: Services | None = None
 
     @property
@@ -131,7 +138,9 @@ class Lifecycle(Middleware):
         return self._services
 
     def before_worker_boot(self, broker: Any, worker: Any) -> None:
-        self._services = Services.open(self.settings, threads=worker.worker_threads)
+        self._services = Services.open(
+            self.settings, threads=worker.worker_threads, metrics=self.metrics
+        )
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
         if self._services is not None:

@@ -128,6 +128,8 @@ class Settings(BaseSettings):
     # --- process -----------------------------------------------------------------------------
     metrics_port: int = Field(default=9191, ge=0, le=65535)
     metrics_bind: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod/host address
+    #: Where worker processes keep their metrics files (a per-port folder is made inside).
+    metrics_dir: Path | None = None
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -175,6 +177,10 @@ class Settings(BaseSettings):
                 for err in exc.errors()
             ]
             raise ConfigurationError("invalid settings:\n" + "\n".join(lines)) from None
+
+    def rate_for(self, phone_id: str) -> float:
+        """The configured messages/s of one sending number."""
+        return self.rate_limit_overrides.get(phone_id, self.rate_limit_per_number)
 
     @property
     def has_verloop_credentials(self) -> bool:

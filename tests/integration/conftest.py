@@ -157,6 +157,7 @@ def make_settings(simulator: Simulator) -> Callable[..., Settings]:
             "retry_min_backoff_s": 0.05,
             "retry_max_backoff_s": 0.2,
             "verloop_timeout_s": 2.0,
+            "metrics_port": 0,  # in-process workers have no metrics exposition process
         }
         values.update(overrides)
         return Settings(**values)
@@ -248,6 +249,7 @@ def worker_env(simulator: Simulator, **extra: str) -> dict[str, str]:
         RETRY_MIN_BACKOFF_S="0.05",
         RETRY_MAX_BACKOFF_S="0.2",
         LOG_FORMAT="json",
+        METRICS_PORT="0",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

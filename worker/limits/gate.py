@@ -39,6 +39,15 @@ _REASONS = {
 }
 
 
+#: The fixed names deferrals are counted under in metrics.
+_KINDS = {
+    Verdict.WAIT: "rate_limit",
+    Verdict.RECIPIENT_COOLING: "recipient_cooling",
+    Verdict.NUMBER_PAUSED: "number_paused",
+    Verdict.CAMPAIGN_PAUSED: "campaign_paused",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class GateSettings:
     """The reaction knobs, from settings."""
@@ -70,7 +79,9 @@ class SendGate:
                 decision = self.limiter.acquire(phone_id, recipient, lane)
             except LimiterUnavailable as exc:
                 _log.warning("sends held: rate limiter unreachable", reason=str(exc))
-                raise Deferred(LIMITER_DOWN_RETRY_S, f"{exc}; held, not sent") from None
+                raise Deferred(
+                    LIMITER_DOWN_RETRY_S, f"{exc}; held, not sent", kind="limiter_unavailable"
+                ) from None
             if decision.verdict is Verdict.GO:
                 if decision.wait_s > 0:
                     time.sleep(decision.wait_s)
@@ -83,7 +94,11 @@ class SendGate:
             # Nothing is reserved for a re-delayed job, so jobs held together must not all come
             # back in the same instant: spread them over a quarter of their delay.
             delay = min(decision.wait_s * random.uniform(1.0, 1.25) + 0.01, MAX_SINGLE_DELAY_S)
-            raise Deferred(delay, _REASONS[decision.verdict].format(s=decision.wait_s))
+            raise Deferred(
+                delay,
+                _REASONS[decision.verdict].format(s=decision.wait_s),
+                kind=_KINDS[decision.verdict],
+            )
 
     def react(self, phone_id: str, recipient: str, lane: Lane, failure: JobFailure) -> None:
         """Record what a refused send says about the number; raise :class:`Deferred` when the
@@ -105,11 +120,15 @@ class SendGate:
             elif code == "131056":
                 seconds = details.retry_after or PAIR_COOLDOWN_S
                 self.limiter.cool_recipient(phone_id, recipient, seconds)
-                raise Deferred(seconds, _REASONS[Verdict.RECIPIENT_COOLING]) from None
+                raise Deferred(
+                    seconds, _REASONS[Verdict.RECIPIENT_COOLING], kind="recipient_cooling"
+                ) from None
             elif code == "131057":
                 seconds = details.retry_after or MAINTENANCE_PAUSE_S
                 self.limiter.pause(phone_id, seconds, campaign_only=False)
-                raise Deferred(seconds, _REASONS[Verdict.NUMBER_PAUSED]) from None
+                raise Deferred(
+                    seconds, _REASONS[Verdict.NUMBER_PAUSED], kind="number_paused"
+                ) from None
             elif code == "131048":
                 self.limiter.pause(phone_id, self.settings.quality_pause_s, campaign_only=True)
                 _log.warning(

@@ -7,6 +7,8 @@ non-2xx answers become our errors (:mod:`worker.errors`). Tokens travel only in 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,7 @@ class VerloopClient:
         timeout: httpx.Timeout,
         limits: httpx.Limits,
         transport: httpx.BaseTransport | None = None,
+        observe: Callable[[str, str, str, float], None] | None = None,
     ) -> None:
         self._endpoints = endpoints
         prefix = "/" + api_prefix.strip("/") if api_prefix.strip("/") else ""
@@ -69,6 +72,8 @@ class VerloopClient:
         # (see bench/). Timeouts travel with each request, as httpx.Client would send them.
         self._transport = transport or httpx.HTTPTransport(limits=limits, retries=0)
         self._extensions = {"timeout": timeout.as_dict()}
+        #: Called after every call with (endpoint, status, code, seconds): the metrics hook.
+        self._observe = observe
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -129,6 +134,7 @@ class VerloopClient:
             headers=_HEADERS | {"Authorization": token or ""} | (headers or {}),
             extensions=self._extensions,
         )
+        started = time.perf_counter()
         try:
             response = self._transport.handle_request(request)
             try:
@@ -136,20 +142,29 @@ class VerloopClient:
             finally:
                 response.close()
         except httpx.TimeoutException as exc:
+            self._observed(name, "timeout", "", started)
             raise TransientFailure(f"{name} timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
+            self._observed(name, "error", "", started)
             raise TransientFailure(
                 f"{name} could not reach Verloop ({type(exc).__name__})"
             ) from None
         if not response.is_success:
-            raise classify_response(
+            failure = classify_response(
                 response.status_code, response.content, response.headers, what=name
             )
+            self._observed(name, str(response.status_code), failure.details.code or "", started)
+            raise failure
+        self._observed(name, str(response.status_code), "", started)
         try:
             body = response.json() if response.content else None
         except ValueError:
             body = None  # callers that need a value say so; a send is accepted regardless
         return _Answer(response.status_code, body)
+
+    def _observed(self, name: str, status: str, code: str, started: float) -> None:
+        if self._observe is not None:
+            self._observe(name, status, code, time.perf_counter() - started)
 
     def _value(self, answer: _Answer, name: str) -> str:
         value = pick(answer.body, self._endpoints[name].response_keys)

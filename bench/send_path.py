@@ -1,0 +1,185 @@
+"""The worker's send path against a naive dramatiq actor (limiter on, not binding).
+
+Both run as real worker processes (same ``--processes`` and ``--threads``) against the Verloop
+simulator at 20 ms latency, draining a backlog of the same size from RabbitMQ. The rate is
+measured by the simulator between 10 % and 90 % of the backlog, so process start-up and the
+tail are left out. Rounds alternate (naive, ours, naive, ours...) so drift on the machine hits
+both; the median of each is compared.
+
+The worker's rate limiter is on (every send takes a slot in Redis) with
+``RATE_LIMIT_PER_NUMBER=10000``, above what this machine can send, so it does not bind: this
+measures the send path's cost, limiter included, not its pacing.
+
+Target (issue 2, and the rate-limit issue's item 4): ours >= 0.9 x naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+
+import httpx
+
+from worker.producer import encode_job
+
+from .common import (
+    AMQP_URL,
+    BIN,
+    RESULTS,
+    BenchError,
+    Result,
+    clear_queues,
+    clear_redis,
+    phone_token,
+    publish_backlog,
+    simulator,
+    system_token,
+    verloop_worker,
+    worker,
+    worker_env,
+    write_json,
+)
+
+NAME = "send_path"
+TARGET_RATIO = 0.9
+PHONE = "bench-phone"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This benchmark's options (the names it always had)."""
+    group = parser.add_argument_group("send_path")
+    group.add_argument("--processes", type=int, default=2)
+    group.add_argument("--threads", type=int, default=8)
+    group.add_argument("--jobs", type=int, default=5000, help="backlog size per round")
+    group.add_argument("--rounds", type=int, default=5)
+    group.add_argument("--latency-ms", type=float, default=20.0)
+
+
+def backlog(actor: str, queue: str, jobs: int) -> list[bytes]:
+    """``jobs`` bodies for the naive actor or for ``send_message``."""
+    bodies = []
+    for n in range(jobs):
+        to = f"+9198{n:08d}"
+        if actor == "send_message":
+            kwargs = {
+                "client_id": "bench",
+                "phone_id": PHONE,
+                "to": to,
+                "message": {"type": "text", "text": {"body": f"bench {n}"}},
+            }
+        else:
+            kwargs = {"to": to, "text": f"bench {n}"}
+        bodies.append(encode_job(actor, kwargs, queue=queue, message_id=str(uuid.uuid4())))
+    return bodies
+
+
+def measure(
+    sim: str, latency_ms: float, jobs: int, command: list[str], env: dict[str, str], log: str
+) -> float:
+    """Start the worker, wait for the backlog to drain at the simulator; return sends/s."""
+    http = httpx.Client(base_url=sim, timeout=10)
+    http.post("/admin/reset").raise_for_status()  # counters, and faults too: set latency again
+    http.put("/admin/faults", json={"latency_ms": latency_ms}).raise_for_status()
+    low, high = int(jobs * 0.1), int(jobs * 0.9)
+    t_low = t_high = None
+    with worker(command, env, RESULTS / log) as proc:
+        deadline = time.monotonic() + 300
+        while t_high is None:
+            proc.check()
+            if time.monotonic() > deadline:
+                raise BenchError(f"worker stalled; see {proc.log}")
+            sent = http.get("/admin/stats").json()["sent"]
+            now = time.monotonic()
+            if t_low is None and sent >= low:
+                t_low = now
+            if sent >= high:
+                t_high = now
+            time.sleep(0.02)
+    http.close()
+    assert t_low is not None
+    return (high - low) / (t_high - t_low)
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    """The rounds, the printed comparison, and ``results/send_path.json``."""
+    RESULTS.mkdir(exist_ok=True)
+    clear_redis()
+    pool = ["--processes", str(args.processes), "--threads", str(args.threads)]
+    rates: dict[str, list[float]] = {"naive": [], "ours": []}
+    with simulator(args.latency_ms) as sim:
+        system = system_token(sim.url)
+        naive_env = worker_env(sim.url, system) | {
+            "BENCH_AMQP_URL": AMQP_URL,
+            "BENCH_VERLOOP_URL": sim.url,
+            "BENCH_PHONE_TOKEN": phone_token(sim.url, system, PHONE),
+        }
+        # The limiter is on (every send takes a slot in Redis) but set above what the
+        # machine can send, so it does not bind: this measures its cost, not its pacing.
+        ours_env = worker_env(sim.url, system, RATE_LIMIT_PER_NUMBER="10000")
+        try:
+            for round_no in range(1, args.rounds + 1):
+                publish_backlog({"bench.naive": backlog("naive_send", "bench.naive", args.jobs)})
+                rate = measure(
+                    sim.url,
+                    args.latency_ms,
+                    args.jobs,
+                    [str(BIN / "dramatiq"), "bench.naive", *pool, "--skip-logging"],
+                    naive_env,
+                    "naive.log",
+                )
+                rates["naive"].append(rate)
+                print(f"round {round_no}: naive dramatiq actor {rate:8.1f} sends/s", flush=True)
+                publish_backlog(
+                    {"verloop.send": backlog("send_message", "verloop.send", args.jobs)}
+                )
+                rate = measure(
+                    sim.url,
+                    args.latency_ms,
+                    args.jobs,
+                    verloop_worker(args.processes, args.threads),
+                    ours_env,
+                    "ours.log",
+                )
+                rates["ours"].append(rate)
+                print(f"round {round_no}: verloop-worker       {rate:8.1f} sends/s", flush=True)
+        finally:
+            clear_queues()
+
+    naive = statistics.median(rates["naive"])
+    ours = statistics.median(rates["ours"])
+    ratio = ours / naive
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+    print()
+    print(
+        f"send path, limiter on, not binding (RATE_LIMIT_PER_NUMBER=10000), "
+        f"{args.processes} processes x {args.threads} threads, "
+        f"simulator latency {args.latency_ms:g} ms, backlog {args.jobs}, median of "
+        f"{args.rounds} rounds"
+    )
+    print(f"  naive dramatiq actor (baseline): {naive:8.1f} sends/s")
+    print(f"  verloop-worker send path:        {ours:8.1f} sends/s")
+    print(f"  ratio ours/naive:                {ratio:8.3f}  (target >= {TARGET_RATIO}: {verdict})")
+    args_used = {
+        k: getattr(args, k) for k in ("processes", "threads", "jobs", "rounds", "latency_ms")
+    }
+    write_json(
+        NAME,
+        {
+            "args": args_used,
+            "limiter": "on, not binding (RATE_LIMIT_PER_NUMBER=10000)",
+            "rates": rates,
+            "naive": naive,
+            "ours": ours,
+            "ratio": ratio,
+        },
+    )
+    return [
+        Result(
+            "4. send path vs naive (limiter on, not binding)",
+            f"ratio {ratio:.3f} ({ours:.0f} vs {naive:.0f} sends/s)",
+            f">= {TARGET_RATIO}",
+            ratio >= TARGET_RATIO,
+        )
+    ]

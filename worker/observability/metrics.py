@@ -1,0 +1,177 @@
+"""Prometheus metrics of the worker's own domain (dramatiq's middleware adds its generic ones).
+
+Worker processes run under dramatiq's process manager, so metrics are kept in prometheus-client's
+multiprocess mode: every process writes to files in ``PROMETHEUS_MULTIPROC_DIR`` and dramatiq's
+exposition process serves them all on ``METRICS_BIND:METRICS_PORT``. ``verloop-worker run``
+sets that directory up (one per port, emptied at start) before any worker process starts.
+
+Labels are bounded: no recipient, message id or free text ever becomes a label. ``client_id``
+and ``phone_id`` are labels only once a job has been validated (they are the partner's own,
+finite set of numbers).
+
+=========================================  ====================================================
+metric                                     labels
+=========================================  ====================================================
+verloop_jobs_total                         actor, lane, outcome (sent, done, retrying,
+                                           deferred, dead_lettered, rejected)
+verloop_sends_total                        lane, outcome, client_id, phone_id
+verloop_job_duration_seconds               actor, lane
+verloop_dead_letters_total                 queue, outcome (invalid, failed, gave_up), error
+verloop_retries_total                      actor, lane
+verloop_deferrals_total                    lane, kind (rate_limit, recipient_cooling,
+                                           number_paused, campaign_paused,
+                                           limiter_unavailable)
+verloop_rate_limit_wait_seconds            lane
+verloop_number_rate_limit                  phone_id (configured messages/s)
+verloop_quality_pauses_total               phone_id (131048)
+verloop_api_requests_total                 endpoint, status (HTTP status, timeout, error),
+                                           code (Verloop/Meta code or "")
+verloop_api_request_duration_seconds       endpoint
+verloop_token_lookups_total                source (file, memory, redis, verloop)
+verloop_token_refreshes_total              (a phone token was rejected and fetched again)
+=========================================  ====================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
+
+
+class Metrics:
+    """The worker's metrics. One instance per process, created at worker boot."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        rate_for: Callable[[str], float] | None = None,
+    ) -> None:
+        self.rate_for = rate_for
+        # A registry of its own: in multiprocess mode values go to files whatever the registry,
+        # and a private one lets tests create several instances in one process.
+        registry = registry or CollectorRegistry(auto_describe=True)
+        self.jobs = Counter(
+            "verloop_jobs_total",
+            "Jobs finished by this worker, by how they ended.",
+            ["actor", "lane", "outcome"],
+            registry=registry,
+        )
+        self.sends = Counter(
+            "verloop_sends_total",
+            "send_message jobs by outcome, lane, client and sending number.",
+            ["lane", "outcome", "client_id", "phone_id"],
+            registry=registry,
+        )
+        self.job_duration = Histogram(
+            "verloop_job_duration_seconds",
+            "Time from a job's start to its end in the worker, waits included.",
+            ["actor", "lane"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "verloop_dead_letters_total",
+            "Jobs dead-lettered, by queue, outcome and error class.",
+            ["queue", "outcome", "error"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "verloop_retries_total",
+            "Jobs scheduled for another attempt after a transient failure.",
+            ["actor", "lane"],
+            registry=registry,
+        )
+        self.deferrals = Counter(
+            "verloop_deferrals_total",
+            "Jobs re-delayed without using a retry (rate limits, holds, limiter down).",
+            ["lane", "kind"],
+            registry=registry,
+        )
+        self.limit_wait = Histogram(
+            "verloop_rate_limit_wait_seconds",
+            "Time a send waited for its number's slot.",
+            ["lane"],
+            buckets=_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.number_limit = Gauge(
+            "verloop_number_rate_limit",
+            "Configured messages per second of a sending number.",
+            ["phone_id"],
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.quality_pauses = Counter(
+            "verloop_quality_pauses_total",
+            "Campaign sends paused on a number after 131048 (spam rate limit).",
+            ["phone_id"],
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "verloop_api_requests_total",
+            "Calls to Verloop by endpoint, HTTP status and Verloop/Meta error code.",
+            ["endpoint", "status", "code"],
+            registry=registry,
+        )
+        self.api_latency = Histogram(
+            "verloop_api_request_duration_seconds",
+            "Latency of calls to Verloop.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.token_lookups = Counter(
+            "verloop_token_lookups_total",
+            "Phone token lookups by where the token came from (cache hits and fetches).",
+            ["source"],
+            registry=registry,
+        )
+        self.token_refreshes = Counter(
+            "verloop_token_refreshes_total",
+            "Phone tokens rejected by Verloop and fetched again.",
+            registry=registry,
+        )
+
+    def observe_api_call(self, endpoint: str, status: str, code: str, seconds: float) -> None:
+        """One call to Verloop (the client calls this)."""
+        self.api_requests.labels(endpoint, status, code).inc()
+        self.api_latency.labels(endpoint).observe(seconds)
+
+    def observe_job(self, fields: Mapping[str, Any], seconds: float) -> None:
+        """One finished job, from the fields of its log line (the outcome middleware calls
+        this, so logs and metrics cannot disagree)."""
+        actor = str(fields.get("actor", ""))
+        lane = str(fields.get("lane", ""))
+        outcome = str(fields.get("outcome", ""))
+        self.jobs.labels(actor, lane, outcome).inc()
+        self.job_duration.labels(actor, lane).observe(seconds)
+        # message_type is bound only once a send_message job has been validated.
+        if actor == "send_message" and "message_type" in fields:
+            phone_id = fields["phone_id"]
+            self.sends.labels(lane, outcome, fields["client_id"], phone_id).inc()
+            if self.rate_for is not None:
+                self.number_limit.labels(phone_id).set(self.rate_for(phone_id))
+            if fields.get("code") == "131048":
+                self.quality_pauses.labels(phone_id).inc()
+        if outcome == "dead_lettered":
+            self.dead_letters.labels(
+                fields.get("queue", ""), fields.get("dead_letter", ""), fields.get("error", "")
+            ).inc()
+        elif outcome == "retrying":
+            self.retries.labels(actor, lane).inc()
+        elif outcome == "deferred":
+            self.deferrals.labels(lane, fields.get("deferral", "")).inc()
+        if "limit_wait_ms" in fields:
+            self.limit_wait.labels(lane).observe(fields["limit_wait_ms"] / 1000)
+        source = fields.get("token_source")
+        if source:
+            self.token_lookups.labels(source).inc()
+        if fields.get("token_refreshed"):
+            self.token_refreshes.inc()

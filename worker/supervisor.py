@@ -1,0 +1,33 @@
+"""``python -m worker.supervisor DRAMATIQ_ARGS``: dramatiq's process manager for our workers.
+
+``verloop-worker run`` prepares the environment (log format, settings file, the metrics
+directory and port) and starts this module in a fresh interpreter, because dramatiq and
+prometheus-client read that environment when they are first imported. It then runs dramatiq's
+own command line, which forks the worker processes (each calls :func:`worker.app.boot`) and the
+metrics exposition process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Literal, cast
+
+from .observability.logging import configure_logging
+
+
+def main(argv: list[str]) -> int:
+    """Run dramatiq's CLI with ``argv``; return its exit code."""
+    fmt = cast(Literal["auto", "json", "console"], os.environ.get("LOG_FORMAT", "json"))
+    configure_logging(fmt, os.environ.get("LOG_LEVEL", "INFO"))
+    # Imported only now, with the environment in place (see the module docstring).
+    from dramatiq.cli import main as dramatiq_main
+    from dramatiq.cli import make_argument_parser
+
+    # dramatiq's CLI is not annotated; these two calls are its documented entry points.
+    parsed = make_argument_parser().parse_args(argv)  # type: ignore[no-untyped-call]
+    return int(dramatiq_main(parsed) or 0)  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
