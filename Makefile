@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install services run test test-unit lint format bench schema clean
+.PHONY: help install services tools run test test-unit lint format bench schema clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,10 +22,15 @@ install: $(STAMP)  ## Create .venv and install the project with its dev tools
 services: $(STAMP)  ## Check that RabbitMQ and Redis answer (says how to start them if not)
 	@$(BIN)/verloop-worker check --services-only
 
+tools:  ## Install Prometheus and promtool (Debian's package) if missing: tests use both
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus package (prometheus, promtool)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
 run: services  ## Run the worker against the Verloop simulator, with a few demo messages
 	$(BIN)/verloop-worker run --sandbox --demo 10 --processes 1 --threads 4
 
-test: services  ## Run every test (real RabbitMQ, Redis and the simulator)
+test: services tools  ## Run every test (real RabbitMQ, Redis and the simulator)
 	$(BIN)/pytest
 
 test-unit: $(STAMP)  ## Run the tests that need no services
