@@ -45,7 +45,7 @@ format: $(STAMP)  ## Format the code
 	$(BIN)/ruff format worker tests bench
 	$(BIN)/ruff check --fix worker tests bench
 
-bench: services  ## Benchmarks: the send path against a naive dramatiq actor
+bench: services  ## Benchmarks: send path vs a naive actor; rate limits (fidelity, 1,000/s, lanes)
 	$(BIN)/python -m bench
 
 schema: $(STAMP)  ## Regenerate config/jobs.schema.json from the job models

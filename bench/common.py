@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -113,7 +115,8 @@ def simulator(latency_ms: float, message_log_limit: int = 1000) -> Iterator[Simu
         text=True,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    line = proc.stdout.readline().strip() if ready else ""
     try:
         if not line.startswith("sandbox listening on "):
             raise BenchError("the Verloop simulator did not start")
@@ -238,25 +241,36 @@ def publish_backlog(backlogs: dict[str, list[bytes]], *, reset: bool = True) -> 
 
 
 # --- worker processes ----------------------------------------------------------------------------
-def worker_env(sim: str, system: str, **settings: str) -> dict[str, str]:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def worker_env(sim: str, system: str, *, metrics: bool = True, **settings: str) -> dict[str, str]:
     """The environment of a ``verloop-worker run``: this machine's, minus any worker settings
-    it may carry, plus the simulator, the bench vhost and db, and ``settings``."""
-    own = ("VERLOOP_", "AMQP", "REDIS_URL", "RATE_LIMIT_", "LOG_")
+    it may carry, plus the simulator, the bench vhost and db, and ``settings``.
+
+    Metrics stay on, as they are by default in production (so their cost is measured), but are
+    served on 127.0.0.1 on a free port, with their files under ``bench/results/metrics``.
+    """
+    own = ("VERLOOP_", "AMQP", "REDIS_URL", "RATE_LIMIT_", "LOG_", "METRICS_", "PROMETHEUS_")
     base = {k: v for k, v in os.environ.items() if not k.upper().startswith(own)}
-    return (
-        base
-        | {
-            "AMQP_URL": AMQP_URL,
-            "REDIS_URL": REDIS_URL,
-            "VERLOOP_BASE_URL": sim,
-            "VERLOOP_SYSTEM_TOKEN": system,
-            "LOG_FORMAT": "json",
-            "LOG_LEVEL": "INFO",
-            # Metrics are not served yet, but keep any future listener off shared ports.
-            "METRICS_PORT": "0",
-        }
-        | settings
-    )
+    base = {k: v for k, v in base.items() if not k.lower().startswith("dramatiq_prom")}
+    env = base | {
+        "AMQP_URL": AMQP_URL,
+        "REDIS_URL": REDIS_URL,
+        "VERLOOP_BASE_URL": sim,
+        "VERLOOP_SYSTEM_TOKEN": system,
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "METRICS_BIND": "127.0.0.1",
+        "METRICS_PORT": str(free_port()) if metrics else "0",
+        "METRICS_DIR": str(RESULTS / "metrics"),
+    }
+    return env | settings
 
 
 class WorkerProcess:
@@ -273,11 +287,13 @@ class WorkerProcess:
             raise BenchError(f"worker exited with {self.proc.returncode}; see {self.log}")
 
     def pids(self) -> list[int]:
-        """The main process and its children (dramatiq's worker processes)."""
-        found = [self.proc.pid]
-        for pid in _children(self.proc.pid):
+        """The main process and all its descendants (supervisor, dramatiq's worker processes,
+        the metrics exposition process)."""
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop(0)
             found.append(pid)
-            found.extend(_children(pid))
+            todo.extend(_children(pid))
         return found
 
     def stop(self) -> None:
@@ -344,16 +360,21 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def process_cpu_s(pids: Iterable[int]) -> float | None:
-    """User + system CPU seconds used so far by ``pids``."""
-    total = 0.0
+def process_cpu_s(pids: Iterable[int]) -> dict[int, float]:
+    """User + system CPU seconds used so far by each of ``pids`` still running."""
+    found = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        total += (int(fields[11]) + int(fields[12])) / _TICKS
-    return total
+            found[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two :func:`process_cpu_s` samples by the processes in both."""
+    return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
 
 
 def machine_cpu() -> tuple[float, float] | None:
@@ -367,17 +388,28 @@ def machine_cpu() -> tuple[float, float] | None:
     return sum(values) - idle, sum(values)
 
 
-def pid_by_name(name: str) -> list[int]:
-    """Pids whose command name is ``name`` (for reading the CPU of RabbitMQ and Redis; they
-    are only read, never signalled)."""
+def pids_listening(port: int) -> list[int]:
+    """The processes listening on TCP ``port`` (here RabbitMQ's 5672 and Redis's 6379, to read
+    their CPU; they are only read, never signalled)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == name:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+        except OSError:
+            continue
     return found
 
 

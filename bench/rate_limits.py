@@ -11,29 +11,37 @@ and counts those above the limit as ``rate_limit_violations``.
    violations over the whole run.
 2. high_rate: 1 number at 1,000/s (``RATE_LIMIT_OVERRIDES``), a few processes x threads tried
    in turn, rate from ``/admin/stats`` over a window after warm-up. Target >= 900/s for the best.
-   CPU used by the worker, the simulator, RabbitMQ and Redis is printed, to say what limits it.
+   The CPU used by the worker, the simulator, RabbitMQ and Redis is printed, and the naive
+   actor's rate with the best pool, to say what limits it.
 3. lanes: 1 number at 50/s saturated by 2,000 campaign jobs (``verloop.campaign``), then 200
    transactional sends (``verloop.send``) 50 ms apart, each carrying its enqueue time in its
-   ``idempotency_key`` (``lane-<n>-<unix time>``), which the simulator records. Latency = the
-   simulator's ``received_at`` - enqueue time (so it includes the simulator's 20 ms).
-   Target p99 < 500 ms; the campaign's rate meanwhile is reported.
+   ``idempotency_key`` (``lane-<n>-<unix time>``), which the simulator records (the worker
+   does not forward ``metadata``). Latency = the simulator's ``received_at`` - enqueue time, so
+   it includes the simulator's 20 ms. Target p99 < 500 ms; the campaign's rate meanwhile is
+   reported. The target is for one worker consuming both queues; the same processes and
+   threads split into one worker per queue (``-Q``) are measured too, for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from worker.producer import Producer
 
+from . import send_path
 from .common import (
     AMQP_URL,
+    BIN,
     CLIENT_ID,
     RESULTS,
     BenchError,
@@ -43,10 +51,12 @@ from .common import (
     clear_queues,
     clear_redis,
     configure_simulator,
+    cpu_used,
     machine_cpu,
     messages,
     percentile,
-    pid_by_name,
+    phone_token,
+    pids_listening,
     process_cpu_s,
     publish_backlog,
     send_job,
@@ -71,13 +81,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fidelity-jobs", type=int, default=1500, help="backlog per number")
     group.add_argument(
         "--high-rate-configs",
-        default="2x16,2x32,3x32",
-        help="PROCESSESxTHREADS to try for the 1,000/s number, comma-separated",
+        default="2x8,2x32,4x8,4x16",
+        help="PROCESSESxTHREADS[:LOG_LEVEL] to try for the 1,000/s number, comma-separated",
     )
     group.add_argument("--high-rate-seconds", type=float, default=8.0, help="window per config")
+    group.add_argument(
+        "--no-high-rate-naive",
+        dest="high_rate_naive",
+        action="store_false",
+        help="skip the naive actor's reference run at the best pool",
+    )
     group.add_argument("--lane-campaign-jobs", type=int, default=2000)
     group.add_argument("--lane-sends", type=int, default=200)
     group.add_argument("--lane-spacing-ms", type=float, default=50.0)
+    group.add_argument(
+        "--no-lane-split",
+        dest="lane_split",
+        action="store_false",
+        help="skip the comparison with one worker per queue",
+    )
     group.add_argument(
         "--rl-pool",
         default="2x8",
@@ -90,22 +112,22 @@ def _pool(text: str) -> tuple[int, int]:
     return int(processes), int(threads)
 
 
+def _config(text: str) -> tuple[int, int, str]:
+    """``PxT`` or ``PxT:LEVEL`` (the worker's LOG_LEVEL; INFO by default)."""
+    pool, _, level = text.strip().partition(":")
+    return (*_pool(pool), level.upper() or "INFO")
+
+
 def _sent(http: httpx.Client, phone_id: str) -> int:
     count: int = stats(http)["by_phone"].get(phone_id, 0)
     return count
 
 
-def _simulated(
-    sim: Simulator, per_number_rate: float, overrides: dict[str, float] | None = None
-) -> httpx.Client:
+def _simulated(sim: Simulator, per_number_rate: float) -> httpx.Client:
+    """A client for the simulator's admin API, after telling it the number's limit: it
+    accepts sends over it and counts them as violations."""
     http = httpx.Client(base_url=sim.url, timeout=30)
-    faults: dict[str, Any] = {
-        "latency_ms": LATENCY_MS,
-        "per_number_rate": per_number_rate,
-        "enforce_limits": False,
-    }
-    if overrides:
-        faults["per_number_rate_overrides"] = overrides
+    faults = {"latency_ms": LATENCY_MS, "per_number_rate": per_number_rate, "enforce_limits": False}
     configure_simulator(http, faults)
     return http
 
@@ -128,7 +150,12 @@ def fidelity(args: argparse.Namespace) -> list[Result]:
     with simulator(LATENCY_MS, message_log_limit=total + 1000) as sim:
         http = _simulated(sim, limit)
         publish_backlog({"verloop.send": [send_job(phones[n % 4], n) for n in range(total)]})
-        env = worker_env(sim.url, system_token(sim.url), RATE_LIMIT_PER_NUMBER=f"{limit:g}")
+        env = worker_env(
+            sim.url,
+            system_token(sim.url),
+            metrics=args.metrics,
+            RATE_LIMIT_PER_NUMBER=f"{limit:g}",
+        )
         try:
             with worker(verloop_worker(processes, threads), env, RESULTS / "fidelity.log") as proc:
                 # Warm-up: processes up, tokens fetched, the first burst (the reserve) spent.
@@ -224,21 +251,26 @@ def high_rate(args: argparse.Namespace) -> list[Result]:
     """One number at 1,000/s: the best achieved rate over a few pool sizes, and its CPU."""
     limit, phone, target = 1000.0, "hi-1", 900.0
     window = args.high_rate_seconds
-    configs = [_pool(c) for c in args.high_rate_configs.split(",") if c.strip()]
+    configs = [_config(c) for c in args.high_rate_configs.split(",") if c.strip()]
     jobs = int((window + 6) * limit)  # enough for warm-up and window even at the limit
     print(
         f"high rate: 1 number limited at {limit:g}/s (RATE_LIMIT_OVERRIDES), transactional "
         f"backlog of {jobs} per configuration; simulator {LATENCY_MS:g} ms, per_number_rate "
-        f"{limit:g}, enforce_limits false; {window:g} s window after warm-up",
+        f"{limit:g}, enforce_limits false; {window:g} s window after warm-up; this machine "
+        f"has {os.cpu_count()} cores",
         flush=True,
     )
     runs: list[dict[str, Any]] = []
     with simulator(LATENCY_MS) as sim:
         system = system_token(sim.url)
-        env = worker_env(
-            sim.url, system, RATE_LIMIT_OVERRIDES=json.dumps({phone: limit}), LOG_LEVEL="INFO"
-        )
-        for processes, threads in configs:
+        for processes, threads, level in configs:
+            env = worker_env(
+                sim.url,
+                system,
+                metrics=args.metrics,
+                RATE_LIMIT_OVERRIDES=json.dumps({phone: limit}),
+                LOG_LEVEL=level,
+            )
             clear_redis()
             http = _simulated(sim, limit)
             publish_backlog({"verloop.send": [send_job(phone, n) for n in range(jobs)]})
@@ -246,39 +278,53 @@ def high_rate(args: argparse.Namespace) -> list[Result]:
                 with worker(
                     verloop_worker(processes, threads),
                     env,
-                    RESULTS / f"high_rate_{processes}x{threads}.log",
+                    RESULTS / f"high_rate_{processes}x{threads}_{level.lower()}.log",
                 ) as proc:
                     run = _measure_high_rate(http, sim, proc, phone, window, jobs)
             finally:
                 clear_queues()
-            run |= {"processes": processes, "threads": threads}
+            run |= {"processes": processes, "threads": threads, "log_level": level}
             runs.append(run)
             http.close()
+            cpu = run["cpu"]
             print(
-                f"  {processes} processes x {threads:2d} threads: {run['rate']:7.1f} sends/s "
-                f"({run['rate'] / limit:.2f} of the limit); CPU cores used: worker "
-                f"{run['cpu']['worker']:.2f}, simulator {run['cpu']['simulator']:.2f}, "
-                f"RabbitMQ {run['cpu']['rabbitmq']:.2f}, Redis {run['cpu']['redis']:.2f}, "
-                f"machine {run['cpu']['machine_busy']:.0%} busy; worker CPU per send "
-                f"{run['worker_cpu_ms_per_send']:.2f} ms; violations {run['violations']}",
+                f"  {processes} processes x {threads:2d} threads, LOG_LEVEL {level:7s}: "
+                f"{run['rate']:6.1f} sends/s ({run['rate'] / limit:.2f} of the limit); "
+                f"worker CPU {run['worker_cpu_ms_per_send']:.2f} ms per send; cores used: "
+                f"worker {cpu['worker']:.2f} (busiest processes "
+                f"{', '.join(f'{c:.2f}' for c in cpu['worker_processes'] if c >= 0.05)}), "
+                "simulator "
+                f"{cpu['simulator']:.2f}, RabbitMQ {cpu['rabbitmq']:.2f}, Redis "
+                f"{cpu['redis']:.2f}; machine {cpu['machine_busy']:.0%} busy; "
+                f"violations {run['violations']}",
                 flush=True,
             )
-    best = max(runs, key=lambda r: r["rate"])
+        best = max(runs, key=lambda r: r["rate"])
+        naive = _naive_reference(args, sim, system, phone, limit, window, jobs, best)
     met = best["rate"] >= target
-    limiter = _what_limits(best, limit)
+    limiter = _what_limits(best, limit, naive)
     print(
-        f"  best: {best['processes']} processes x {best['threads']} threads, "
-        f"{best['rate']:.1f} sends/s (target >= {target:g}/s: {'met' if met else 'NOT met'})"
+        f"  best: {best['processes']} processes x {best['threads']} threads "
+        f"(LOG_LEVEL {best['log_level']}), {best['rate']:.1f} sends/s "
+        f"(target >= {target:g}/s: {'met' if met else 'NOT met'})"
     )
     print(f"  what limits it: {limiter}")
     write_json(
         "high_rate",
-        {"limit": limit, "target": target, "runs": runs, "best": best, "limited_by": limiter},
+        {
+            "limit": limit,
+            "target": target,
+            "runs": runs,
+            "best": best,
+            "naive_reference": naive,
+            "limited_by": limiter,
+        },
     )
     return [
         Result(
             "2. one number at 1,000/s",
-            f"{best['rate']:.0f}/s ({best['processes']}x{best['threads']})",
+            f"{best['rate']:.0f}/s ({best['processes']}x{best['threads']}, "
+            f"LOG_LEVEL {best['log_level']})",
             f">= {target:g}/s",
             met,
             {"limited_by": limiter},
@@ -296,8 +342,8 @@ def _measure_high_rate(
 ) -> dict[str, Any]:
     wait_for(lambda: _sent(http, phone) >= 500, 60, "the worker to send 500", proc)
     time.sleep(1.0)
-    broker_pids = pid_by_name("beam.smp")
-    redis_pids = pid_by_name("redis-server")
+    broker_pids = pids_listening(5672)
+    redis_pids = pids_listening(6379)
 
     def sample() -> dict[str, Any]:
         return {
@@ -319,65 +365,174 @@ def _measure_high_rate(
         raise BenchError("the backlog ran out inside the window; raise the backlog")
 
     def cores(key: str) -> float:
-        if first[key] is None or last[key] is None:
-            return float("nan")
-        return float(last[key] - first[key]) / elapsed
+        return cpu_used(first[key], last[key]) / elapsed
 
     busy = float("nan")
     if first["machine"] and last["machine"]:
         busy = (last["machine"][0] - first["machine"][0]) / (
             last["machine"][1] - first["machine"][1]
         )
-    worker_cpu = cores("worker") * elapsed
+    worker_cores = cores("worker")
+    per_process = [
+        cpu_used({pid: cpu}, last["worker"]) / elapsed for pid, cpu in first["worker"].items()
+    ]
     return {
         "rate": sent / elapsed,
         "window_s": elapsed,
         "cpu": {
-            "worker": cores("worker"),
+            "worker": worker_cores,
+            # every process of the worker's tree, busiest first
+            "worker_processes": sorted(per_process, reverse=True),
             "simulator": cores("simulator"),
             "rabbitmq": cores("rabbitmq"),
             "redis": cores("redis"),
             "machine_busy": busy,
         },
-        "worker_cpu_ms_per_send": 1000 * worker_cpu / sent if sent else float("nan"),
+        "worker_cpu_ms_per_send": 1000 * worker_cores * elapsed / sent if sent else float("nan"),
         "violations": stats(http)["rate_limit_violations"],
     }
 
 
-def _what_limits(best: dict[str, Any], limit: float) -> str:
+def _naive_reference(
+    args: argparse.Namespace,
+    sim: Simulator,
+    system: str,
+    phone: str,
+    limit: float,
+    window: float,
+    jobs: int,
+    best: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The naive dramatiq actor (no limiter, validation, logging or metrics) with the best
+    pool, measured the same way: how far this machine goes without the worker's send path."""
+    if not args.high_rate_naive:
+        return None
+    processes, threads = best["processes"], best["threads"]
+    http = _simulated(sim, limit)
+    env = worker_env(sim.url, system, metrics=False) | {
+        "BENCH_AMQP_URL": AMQP_URL,
+        "BENCH_VERLOOP_URL": sim.url,
+        "BENCH_PHONE_TOKEN": phone_token(sim.url, system, phone),
+    }
+    publish_backlog({"bench.naive": send_path.backlog("naive_send", "bench.naive", jobs)})
+    command = [
+        str(BIN / "dramatiq"),
+        "bench.naive",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--skip-logging",
+    ]
+    try:
+        with worker(command, env, RESULTS / "high_rate_naive.log") as proc:
+            run = _measure_high_rate(http, sim, proc, phone, window, jobs)
+    finally:
+        clear_queues()
+        http.close()
+    run |= {"processes": processes, "threads": threads}
+    print(
+        f"  for reference, the naive dramatiq actor (no limiter, validation, logging or "
+        f"metrics), {processes} processes x {threads} threads: {run['rate']:6.1f} sends/s, "
+        f"{run['worker_cpu_ms_per_send']:.2f} ms of CPU per send; machine "
+        f"{run['cpu']['machine_busy']:.0%} busy",
+        flush=True,
+    )
+    return run
+
+
+def _what_limits(best: dict[str, Any], limit: float, naive: dict[str, Any] | None) -> str:
     cpu = best["cpu"]
     if best["rate"] >= 0.9 * limit:
-        return "the limiter (the rate is at the number's limit)"
+        return "the limiter: the rate is at the number's limit"
     per_send = best["worker_cpu_ms_per_send"]
-    if cpu["machine_busy"] >= 0.85:
-        return (
-            f"CPU: the machine's cores were {cpu['machine_busy']:.0%} busy (worker processes "
-            f"{cpu['worker']:.2f} cores, simulator {cpu['simulator']:.2f}, RabbitMQ "
-            f"{cpu['rabbitmq']:.2f}, Redis {cpu['redis']:.2f}); the worker spends "
-            f"{per_send:.2f} ms of CPU per send, so on this machine, sharing it with the "
-            f"simulator and the broker, it cannot reach {limit:g}/s"
+    needed = per_send * limit / 1000
+    cores = os.cpu_count() or 1
+    ours = cpu["worker"] + cpu["simulator"] + cpu["rabbitmq"] + cpu["redis"]
+    others = max(0.0, cpu["machine_busy"] * cores - ours)
+    text = (
+        f"CPU. The worker spends {per_send:.2f} ms of CPU per send, so {limit:g}/s would need "
+        f"{needed:.1f} cores for the worker processes alone; this machine has {cores}, and "
+        f"they were {cpu['machine_busy']:.0%} busy: worker {cpu['worker']:.2f}, simulator "
+        f"{cpu['simulator']:.2f}, RabbitMQ {cpu['rabbitmq']:.2f}, Redis {cpu['redis']:.2f}, "
+        f"other processes (e.g. tests running meanwhile) {others:.2f} cores. "
+    )
+    if any(c >= 0.9 for c in cpu["worker_processes"]):
+        text += "A worker process was at a full core (its GIL). "
+    if naive is not None:
+        text += (
+            f"Even the naive dramatiq actor reaches only {naive['rate']:.0f}/s here "
+            f"({naive['worker_cpu_ms_per_send']:.2f} ms of CPU per send). "
         )
-    return (
-        f"not CPU alone ({cpu['machine_busy']:.0%} busy): concurrency or latency "
-        f"({best['processes']}x{best['threads']} threads, each send >= {LATENCY_MS:g} ms), "
-        "or lock contention in the worker"
+    return text + (
+        "More threads did not help (see the configurations above): they add GIL contention "
+        "and CPU per send rather than throughput."
     )
 
 
 # --- 3. lanes ------------------------------------------------------------------------------------
 def lanes(args: argparse.Namespace) -> list[Result]:
-    """Transactional sends while a campaign saturates the same number: their latency."""
-    limit, phone, target_ms = 50.0, "lane-1", 500.0
-    campaign_jobs, sends = args.lane_campaign_jobs, args.lane_sends
-    spacing = args.lane_spacing_ms / 1000
+    """Transactional sends while a campaign saturates the same number: their latency.
+
+    Run twice: with one worker pool consuming both queues (the configuration the target is
+    for), then, for comparison, with the same processes and threads split into two
+    ``verloop-worker run`` instances, one per queue (``-Q``).
+    """
+    limit, target_ms = 50.0, 500.0
     processes, threads = _pool(args.rl_pool)
     print(
-        f"lanes: 1 number limited at {limit:g}/s, {campaign_jobs} campaign jobs on "
-        f"verloop.campaign, then {sends} transactional sends on verloop.send "
-        f"{args.lane_spacing_ms:g} ms apart; {processes} processes x {threads} threads; "
-        f"simulator {LATENCY_MS:g} ms",
+        f"lanes: 1 number limited at {limit:g}/s, {args.lane_campaign_jobs} campaign jobs on "
+        f"verloop.campaign, then {args.lane_sends} transactional sends on verloop.send "
+        f"{args.lane_spacing_ms:g} ms apart; simulator {LATENCY_MS:g} ms",
         flush=True,
     )
+    results: list[Result] = []
+    summary: dict[str, Any] = {"limit": limit, "target_p99_ms": target_ms, "variants": {}}
+    variants: list[tuple[str, str, list[tuple[list[str], str]]]] = [
+        (
+            "one pool",
+            f"one worker, {processes} processes x {threads} threads, both queues",
+            [(verloop_worker(processes, threads), "lanes.log")],
+        )
+    ]
+    if args.lane_split and processes >= 2:
+        half = processes // 2
+        variants.append(
+            (
+                "split pools",
+                f"two workers, -Q verloop.send ({half}x{threads}) and -Q verloop.campaign "
+                f"({processes - half}x{threads})",
+                [
+                    ([*verloop_worker(half, threads), "-Q", "verloop.send"], "lanes_send.log"),
+                    (
+                        [*verloop_worker(processes - half, threads), "-Q", "verloop.campaign"],
+                        "lanes_campaign.log",
+                    ),
+                ],
+            )
+        )
+    for name, description, workers in variants:
+        print(f"  {name}: {description}", flush=True)
+        data = _lane_run(args, limit, workers)
+        variant_results, details = _lane_results(data, limit, target_ms, name)
+        results.extend(variant_results)
+        summary["variants"][name] = {"description": description, **details}
+        if name != "one pool":
+            # A comparison, not the configuration the target is for.
+            for result in variant_results:
+                if result.met is not None:
+                    verdict = "met" if result.met else "not met"
+                    result.target += f" (comparison only: {verdict})"
+                    result.met = None
+    write_json("lanes", summary | {"results": results})
+    return results
+
+
+def _lane_run(
+    args: argparse.Namespace, limit: float, workers: list[tuple[list[str], str]]
+) -> dict[str, Any]:
+    phone, sends = "lane-1", args.lane_sends
+    campaign_jobs, spacing = args.lane_campaign_jobs, args.lane_spacing_ms / 1000
     clear_redis()
     with simulator(LATENCY_MS, message_log_limit=campaign_jobs + sends + 1000) as sim:
         http = _simulated(sim, limit)
@@ -389,20 +544,40 @@ def lanes(args: argparse.Namespace) -> list[Result]:
                 ]
             }
         )
-        env = worker_env(sim.url, system_token(sim.url), RATE_LIMIT_PER_NUMBER=f"{limit:g}")
+        system = system_token(sim.url)
         enqueued: dict[str, float] = {}
+        records: list[dict[str, Any]] = []
         try:
-            with worker(verloop_worker(processes, threads), env, RESULTS / "lanes.log") as proc:
-                wait_for(
-                    lambda: _sent(http, phone) >= 3 * limit, 60, "the campaign to run 3 s", proc
-                )
+            with contextlib.ExitStack() as stack:
+                procs = [
+                    stack.enter_context(
+                        worker(
+                            command,
+                            worker_env(
+                                sim.url,
+                                system,
+                                metrics=args.metrics,
+                                RATE_LIMIT_PER_NUMBER=f"{limit:g}",
+                            ),
+                            RESULTS / log,
+                        )
+                    )
+                    for command, log in workers
+                ]
+
+                def check() -> None:
+                    for proc in procs:
+                        proc.check()
+
+                wait_for(lambda: _sent(http, phone) >= 3 * limit, 60, "the campaign to run 3 s")
+                check()
                 start = time.monotonic()
                 with Producer(AMQP_URL) as producer:
                     for n in range(sends):
                         pause = start + n * spacing - time.monotonic()
                         if pause > 0:
                             time.sleep(pause)
-                        proc.check()
+                        check()
                         now = time.time()
                         key = f"lane-{n}-{now:.6f}"
                         producer.send_message(
@@ -413,34 +588,48 @@ def lanes(args: argparse.Namespace) -> list[Result]:
                             idempotency_key=key,
                         )
                         enqueued[key] = now
-                records: list[dict[str, Any]] = []
 
                 def all_arrived() -> bool:
+                    check()
                     records[:] = messages(http, phone)
                     got = sum(1 for r in records if (r["idempotency_key"] or "") in enqueued)
                     return got >= sends
 
                 try:
-                    wait_for(all_arrived, 30, "every transactional send", proc, interval_s=0.5)
+                    wait_for(all_arrived, 30, "every transactional send", interval_s=0.5)
                 except BenchError as exc:
                     print(f"  ! {exc}; the missing ones count as infinitely late")
                 final = stats(http)
         finally:
             clear_queues()
-        http.close()
+            http.close()
+    jobs = _job_lines([RESULTS / log for _, log in workers])
+    return {"records": records, "enqueued": enqueued, "final": final, "jobs": jobs}
 
-    return _lane_results(records, enqueued, final, limit, target_ms, processes, threads)
+
+def _job_lines(logs: list[Path]) -> dict[str, dict[str, Any]]:
+    """The worker's one log line per transactional job, by idempotency key (to split the
+    latency into waiting for a worker thread, waiting in the limiter, and the send)."""
+    lines: dict[str, dict[str, Any]] = {}
+    for log in logs:
+        with log.open(encoding="utf-8", errors="replace") as text:
+            for line in text:
+                if '"lane":"transactional"' not in line:
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                key = entry.get("idempotency_key")
+                if entry.get("event") == "job" and isinstance(key, str):
+                    lines[key] = entry
+    return lines
 
 
 def _lane_results(
-    records: list[dict[str, Any]],
-    enqueued: dict[str, float],
-    final: dict[str, Any],
-    limit: float,
-    target_ms: float,
-    processes: int,
-    threads: int,
-) -> list[Result]:
+    data: dict[str, Any], limit: float, target_ms: float, name: str
+) -> tuple[list[Result], dict[str, Any]]:
+    records, enqueued, final = data["records"], data["enqueued"], data["final"]
     received = {r["idempotency_key"]: r["received_at"] for r in records}
     latencies = [
         (received[key] - t) * 1000 if key in received else float("inf")
@@ -449,62 +638,79 @@ def _lane_results(
     missing = sum(1 for v in latencies if v == float("inf"))
     first = min(enqueued.values())
     last = max(received.get(k, 0.0) for k in enqueued) if not missing else max(enqueued.values())
-    is_campaign: Callable[[dict[str, Any]], bool] = lambda r: (  # noqa: E731
-        r["idempotency_key"] or ""
-    ).startswith("camp-")
+
+    def is_campaign(record: dict[str, Any]) -> bool:
+        return (record["idempotency_key"] or "").startswith("camp-")
+
     during = [r for r in records if first <= r["received_at"] <= last]
     campaign = sum(1 for r in during if is_campaign(r)) / (last - first)
     transactional = sum(1 for r in during if not is_campaign(r)) / (last - first)
     p50, p95, p99 = (percentile(latencies, q) for q in (50, 95, 99))
     met = p99 < target_ms
     print(
-        f"  transactional enqueue -> received by the simulator (incl. its {LATENCY_MS:g} ms): "
-        f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms, max {max(latencies):.0f} ms, "
+        f"    transactional enqueue -> received by the simulator (incl. its {LATENCY_MS:g} ms):"
+        f" p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms, max {max(latencies):.0f} ms, "
         f"missing {missing} (target p99 < {target_ms:g} ms: {'met' if met else 'NOT met'})"
     )
+    # Where the time went, from the worker's own log line of each job.
+    in_limiter = [float(j.get("limit_wait_ms", 0.0)) for j in data["jobs"].values()]
+    in_job = [float(j.get("duration_ms", 0.0)) for j in data["jobs"].values()]
+    before = [
+        (received[key] - t) * 1000 - float(data["jobs"][key].get("duration_ms", 0.0))
+        for key, t in enqueued.items()
+        if key in received and key in data["jobs"]
+    ]
+    breakdown: dict[str, Any] = {}
+    if in_job and before:
+        breakdown = {
+            "waiting_for_a_thread_p99_ms": percentile(before, 99),
+            "limiter_wait_p99_ms": percentile(in_limiter, 99),
+            "job_duration_p99_ms": percentile(in_job, 99),
+        }
+        print(
+            f"    of which (worker log, p99): before a worker thread started the job ~"
+            f"{breakdown['waiting_for_a_thread_p99_ms']:.0f} ms; waiting in the limiter "
+            f"{breakdown['limiter_wait_p99_ms']:.0f} ms; the job itself "
+            f"{breakdown['job_duration_p99_ms']:.0f} ms"
+        )
     print(
-        f"  meanwhile ({last - first:.1f} s): campaign {campaign:.1f}/s + transactional "
+        f"    meanwhile ({last - first:.1f} s): campaign {campaign:.1f}/s + transactional "
         f"{transactional:.1f}/s = {campaign + transactional:.1f}/s of the {limit:g}/s limit; "
-        f"simulator violations {final['rate_limit_violations']}"
+        f"simulator violations {final['rate_limit_violations']}",
+        flush=True,
     )
     results = [
         Result(
-            "3. lanes: transactional p99",
+            f"3. lanes ({name}): transactional p99",
             f"{p99:.0f} ms (p50 {p50:.0f} ms)",
             f"< {target_ms:g} ms",
             met,
         ),
         Result(
-            "3. lanes: campaign rate meanwhile",
+            f"3. lanes ({name}): campaign rate",
             f"{campaign:.1f}/s (+ {transactional:.1f}/s transactional)",
-            f"(no target; limit {limit:g}/s)",
+            f"(none; limit {limit:g}/s)",
             None,
         ),
     ]
-    write_json(
-        "lanes",
-        {
-            "limit": limit,
-            "pool": {"processes": processes, "threads": threads},
-            "latency_ms": {
-                "p50": _finite(p50),
-                "p95": _finite(p95),
-                "p99": _finite(p99),
-                "max": _finite(max(latencies)),
-                "mean": statistics.fmean(v for v in latencies if v != float("inf"))
-                if missing < len(latencies)
-                else None,
-                "all": [_finite(v) for v in latencies],
-            },
-            "missing": missing,
-            "window_s": last - first,
-            "campaign_rate": campaign,
-            "transactional_rate": transactional,
-            "simulator_stats": final,
-            "results": results,
+    finite = [v for v in latencies if v != float("inf")]
+    details = {
+        "latency_ms": {
+            "p50": _finite(p50),
+            "p95": _finite(p95),
+            "p99": _finite(p99),
+            "max": _finite(max(latencies)),
+            "mean": statistics.fmean(finite) if finite else None,
+            "all": [_finite(v) for v in latencies],
         },
-    )
-    return results
+        "breakdown": breakdown,
+        "missing": missing,
+        "window_s": last - first,
+        "campaign_rate": campaign,
+        "transactional_rate": transactional,
+        "simulator_stats": final,
+    }
+    return results, details
 
 
 def _finite(value: float) -> float | None:

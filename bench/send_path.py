@@ -110,14 +110,14 @@ def run(args: argparse.Namespace) -> list[Result]:
     rates: dict[str, list[float]] = {"naive": [], "ours": []}
     with simulator(args.latency_ms) as sim:
         system = system_token(sim.url)
-        naive_env = worker_env(sim.url, system) | {
+        naive_env = worker_env(sim.url, system, metrics=False) | {
             "BENCH_AMQP_URL": AMQP_URL,
             "BENCH_VERLOOP_URL": sim.url,
             "BENCH_PHONE_TOKEN": phone_token(sim.url, system, PHONE),
         }
         # The limiter is on (every send takes a slot in Redis) but set above what the
         # machine can send, so it does not bind: this measures its cost, not its pacing.
-        ours_env = worker_env(sim.url, system, RATE_LIMIT_PER_NUMBER="10000")
+        ours_env = worker_env(sim.url, system, metrics=args.metrics, RATE_LIMIT_PER_NUMBER="10000")
         try:
             for round_no in range(1, args.rounds + 1):
                 publish_backlog({"bench.naive": backlog("naive_send", "bench.naive", args.jobs)})

@@ -14,12 +14,13 @@ writes the job's one log line, to which each step adds its fields.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 
-from .errors import JobFailure, PermanentFailure, TokenInvalid
+from .errors import Deferred, JobFailure, PermanentFailure, RedisUnavailable, TokenInvalid
 from .jobs import (
     ACTOR_QUEUES,
     Job,
@@ -29,6 +30,7 @@ from .jobs import (
     parse_job,
 )
 from .limits import Lane
+from .limits.gate import REDIS_DOWN_RETRY_S
 from .outcomes import JobRecord, current_job
 from .phones import mask_phone
 from .services import Lifecycle, Services
@@ -40,9 +42,17 @@ __all__ = ["list_clients", "refresh_phone_token", "register_actors", "send_messa
 def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> None:
     """Send one WhatsApp message (see the module docstring for the steps)."""
     tokens = services.phone_tokens
-    token, source = tokens.get(job.client_id, job.phone_id)
-    record.bind(token_source=source)
     lane: Lane = "campaign" if record.fields.get("lane") == "campaign" else "transactional"
+    try:
+        token, source = tokens.get(job.client_id, job.phone_id)
+    except RedisUnavailable as exc:
+        # Held like a send the limiter cannot clear: it waits, without using a retry.
+        raise Deferred(
+            REDIS_DOWN_RETRY_S * random.uniform(1.0, 1.25),
+            f"{exc}; held, not sent",
+            kind="redis_unavailable",
+        ) from None
+    record.bind(token_source=source)
     try:
         result = _paced_send(services, token, job, lane, record)
     except TokenInvalid:

@@ -6,6 +6,8 @@ above the boundary catches only these::
     VerloopWorkerError
     ├── ConfigurationError      settings or files are wrong; the process cannot start
     ├── EnqueueError            a producer could not get RabbitMQ to confirm a job
+    ├── RedisUnavailable        shared state (limiter, token cache) cannot be reached: sends
+    │                           are held, never made without it
     ├── Deferred                not an error: the job must wait (rate limit, pause); it is
     │                           re-delayed without using up a retry
     └── JobFailure              one job could not be completed; carries a FailureDetails
@@ -30,6 +32,7 @@ __all__ = [
     "InvalidJob",
     "JobFailure",
     "PermanentFailure",
+    "RedisUnavailable",
     "TokenInvalid",
     "TransientFailure",
     "VerloopWorkerError",
@@ -46,6 +49,10 @@ class ConfigurationError(VerloopWorkerError):
 
 class EnqueueError(VerloopWorkerError):
     """A job was not confirmed by RabbitMQ; the caller must treat it as not enqueued."""
+
+
+class RedisUnavailable(VerloopWorkerError):
+    """Redis, which holds the rate limiter and the token cache, did not answer."""
 
 
 class Deferred(VerloopWorkerError):

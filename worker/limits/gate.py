@@ -24,8 +24,8 @@ __all__ = ["GateSettings", "SendGate"]
 
 _log = structlog.get_logger()
 
-#: While Redis is down, a send checks again this often (and is never sent without a slot).
-LIMITER_DOWN_RETRY_S = 5.0
+#: While Redis is down, a held send checks again about this often (never sent without a slot).
+REDIS_DOWN_RETRY_S = 5.0
 #: 131056 without Retry-After: how long that recipient waits.
 PAIR_COOLDOWN_S = 10.0
 #: 131057: the number is being upgraded "for about a minute".
@@ -79,8 +79,11 @@ class SendGate:
                 decision = self.limiter.acquire(phone_id, recipient, lane)
             except LimiterUnavailable as exc:
                 _log.warning("sends held: rate limiter unreachable", reason=str(exc))
+                # Spread, so a fleet's held sends do not all come back in the same instant.
                 raise Deferred(
-                    LIMITER_DOWN_RETRY_S, f"{exc}; held, not sent", kind="limiter_unavailable"
+                    REDIS_DOWN_RETRY_S * random.uniform(1.0, 1.25),
+                    f"{exc}; held, not sent",
+                    kind="limiter_unavailable",
                 ) from None
             if decision.verdict is Verdict.GO:
                 if decision.wait_s > 0:

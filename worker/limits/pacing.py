@@ -146,9 +146,11 @@ class MemoryLimiter:
                 wait = max(wait, account_tat - now)  # the account bucket has no burst
             if wait > 0 and (lane == "campaign" or wait > self.policy.max_wait_s):
                 return Decision(Verdict.WAIT, wait)
-            self._tat[phone_id] = tat + interval
+            # The send happens at now + wait: each bucket advances from then (see the Lua script).
+            sent_at = now + wait
+            self._tat[phone_id] = max(tat, sent_at) + interval
             if account_interval:
-                self._tat["\0account"] = account_tat + account_interval
+                self._tat["\0account"] = max(account_tat, sent_at) + account_interval
             return Decision(Verdict.GO, wait)
 
     def penalize(self, phone_id: str, factor: float, seconds: float) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from ..errors import VerloopWorkerError
+from ..errors import RedisUnavailable
 from .pacing import MIN_PENALTY_FACTOR, Decision, Lane, LimitPolicy, Verdict
 
 __all__ = ["LimiterUnavailable", "RedisLimiter"]
@@ -47,9 +47,13 @@ end
 if wait > 0 and (ARGV[3] == '1' or wait > tonumber(ARGV[4])) then
   return {1, string.format('%.0f', wait)}
 end
-redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX', ARGV[6])
+-- The send happens at now + wait: each bucket advances from then, not from now, so a send
+-- held back by one bucket does not leave the other's slots bunched up.
+local sent_at = now + wait
+redis.call('SET', KEYS[1], string.format('%.0f', math.max(tat, sent_at) + interval), 'PX', ARGV[6])
 if account_interval > 0 then
-  redis.call('SET', KEYS[2], string.format('%.0f', account_tat + account_interval), 'PX', ARGV[6])
+  local next_account = math.max(account_tat, sent_at) + account_interval
+  redis.call('SET', KEYS[2], string.format('%.0f', next_account), 'PX', ARGV[6])
 end
 return {0, string.format('%.0f', wait)}
 """
@@ -75,8 +79,8 @@ return tostring(factor)
 """
 
 
-class LimiterUnavailable(VerloopWorkerError):
-    """Redis did not answer: no send may go out until it does."""
+class LimiterUnavailable(RedisUnavailable):
+    """Redis did not answer the limiter: no send may go out until it does."""
 
 
 class RedisLimiter:

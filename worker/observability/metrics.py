@@ -20,7 +20,7 @@ verloop_dead_letters_total                 queue, outcome (invalid, failed, gave
 verloop_retries_total                      actor, lane
 verloop_deferrals_total                    lane, kind (rate_limit, recipient_cooling,
                                            number_paused, campaign_paused,
-                                           limiter_unavailable)
+                                           limiter_unavailable, redis_unavailable)
 verloop_rate_limit_wait_seconds            lane
 verloop_number_rate_limit                  phone_id (configured messages/s)
 verloop_quality_pauses_total               phone_id (131048)

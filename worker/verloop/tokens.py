@@ -24,7 +24,7 @@ from typing import Any, Literal
 import redis
 from pydantic import SecretStr
 
-from ..errors import PermanentFailure, TokenInvalid, TransientFailure
+from ..errors import PermanentFailure, RedisUnavailable, TokenInvalid
 from ..observability.logging import register_secret
 from .client import VerloopClient
 
@@ -227,8 +227,8 @@ class PhoneTokens:
         try:
             return op()
         except redis.RedisError as exc:
-            raise TransientFailure(
-                f"token cache (Redis) unavailable: {type(exc).__name__}"
+            raise RedisUnavailable(
+                f"token cache unavailable (Redis: {type(exc).__name__})"
             ) from None
 
 

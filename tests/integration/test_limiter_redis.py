@@ -1,0 +1,213 @@
+"""The Redis limiter (one Lua script) against a real Redis: the same decisions as the memory one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from worker.limits import Decision, LimitPolicy, MemoryLimiter, RedisLimiter, Verdict
+from worker.services import open_redis
+from worker.settings import Settings
+
+from .conftest import REDIS_URL
+
+PHONE = "phone-1"
+ALICE = "+919876543210"
+BOB = "+919876543211"
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    """The worker's kind of Redis client on the test database, emptied first."""
+    cache = open_redis(Settings(redis_url=REDIS_URL))
+    cache.flushdb()
+    yield cache
+    cache.close()
+
+
+def policy(rate: float = 10.0, account_rate: float | None = None) -> LimitPolicy:
+    return LimitPolicy(
+        default_rate=rate,
+        overrides={"fast": 50.0},
+        reserve=0.1,
+        max_wait_s=0.45,
+        account_rate=account_rate,
+    )
+
+
+#: One call on a limiter; a bare number in a sequence is a pause of that many seconds.
+Step = Callable[[MemoryLimiter | RedisLimiter], Decision | None]
+
+
+def acquire(phone: str, recipient: str, lane: str) -> Step:
+    return lambda limiter: limiter.acquire(phone, recipient, lane)  # type: ignore[arg-type]
+
+
+def cool(phone: str, recipient: str, seconds: float) -> Step:
+    return lambda limiter: limiter.cool_recipient(phone, recipient, seconds)
+
+
+def pause(phone: str, seconds: float, *, campaign_only: bool) -> Step:
+    return lambda limiter: limiter.pause(phone, seconds, campaign_only=campaign_only)
+
+
+def penalize(phone: str, factor: float, seconds: float) -> Step:
+    return lambda limiter: limiter.penalize(phone, factor, seconds)
+
+
+def run_side_by_side(
+    rules: LimitPolicy, client: redis.Redis, steps: list[Step | float]
+) -> list[tuple[Decision, Decision]]:
+    """Each step on the memory limiter, then at once on the Redis one; the decisions paired."""
+    memory, shared = MemoryLimiter(rules), RedisLimiter(client, rules)
+    pairs = []
+    for step in steps:
+        if isinstance(step, float):
+            time.sleep(step)
+            continue
+        ours, theirs = step(memory), step(shared)
+        if ours is not None and theirs is not None:
+            pairs.append((ours, theirs))
+    return pairs
+
+
+def assert_same(pairs: list[tuple[Decision, Decision]]) -> None:
+    for n, (ours, theirs) in enumerate(pairs):
+        assert theirs.verdict is ours.verdict, f"decision {n}: {theirs} != {ours}"
+        assert theirs.wait_s == pytest.approx(ours.wait_s, abs=0.02), f"decision {n}"
+
+
+def test_the_redis_limiter_paces_like_the_memory_limiter(client: redis.Redis) -> None:
+    """Bursts, reserved slots, max wait, campaign asks and other numbers: the same decisions."""
+    steps: list[Step | float] = [
+        *(acquire(PHONE, ALICE, "transactional") for _ in range(7)),
+        acquire(PHONE, BOB, "campaign"),
+        acquire("phone-2", ALICE, "campaign"),
+        acquire("phone-2", ALICE, "campaign"),
+        acquire("fast", ALICE, "campaign"),
+        acquire("fast", ALICE, "campaign"),
+        0.25,
+        acquire("phone-2", ALICE, "campaign"),
+        acquire(PHONE, ALICE, "transactional"),
+        acquire(PHONE, ALICE, "campaign"),
+    ]
+    pairs = run_side_by_side(policy(10), client, steps)
+    assert_same(pairs)
+    verdicts = [ours.verdict for ours, _ in pairs]
+    assert verdicts == [
+        *[Verdict.GO] * 6,
+        Verdict.WAIT,  # the 7th transactional send: 0.5 s > max wait
+        Verdict.WAIT,  # a campaign send on a busy number
+        Verdict.GO,
+        Verdict.WAIT,
+        Verdict.GO,
+        Verdict.WAIT,
+        Verdict.GO,  # phone-2 free again after 0.25 s
+        Verdict.GO,  # its slot is now within max wait
+        Verdict.WAIT,
+    ]
+
+
+def test_the_redis_limiter_holds_and_penalizes_like_the_memory_limiter(
+    client: redis.Redis,
+) -> None:
+    """Cooling recipients, paused numbers, quality pauses and penalties: the same decisions."""
+    steps: list[Step | float] = [
+        cool(PHONE, ALICE, 2.0),
+        cool(PHONE, ALICE, 0.5),  # holds only lengthen
+        acquire(PHONE, ALICE, "transactional"),
+        acquire(PHONE, BOB, "transactional"),
+        pause("phone-2", 3.0, campaign_only=True),
+        acquire("phone-2", ALICE, "campaign"),
+        acquire("phone-2", ALICE, "transactional"),
+        pause("phone-3", 4.0, campaign_only=False),
+        acquire("phone-3", ALICE, "transactional"),
+        acquire("phone-3", ALICE, "campaign"),
+        penalize("phone-4", 0.5, 10.0),
+        penalize("phone-4", 0.5, 10.0),
+        acquire("phone-4", ALICE, "transactional"),
+        acquire("phone-4", ALICE, "transactional"),
+        acquire("phone-4", ALICE, "campaign"),
+        cool("phone-5", ALICE, 0.2),
+        0.25,
+        acquire("phone-5", ALICE, "campaign"),
+    ]
+    pairs = run_side_by_side(policy(10), client, steps)
+    assert_same(pairs)
+    assert [(ours.verdict, round(ours.wait_s, 1)) for ours, _ in pairs] == [
+        (Verdict.RECIPIENT_COOLING, 2.0),
+        (Verdict.GO, 0.0),
+        (Verdict.CAMPAIGN_PAUSED, 3.0),
+        (Verdict.GO, 0.0),
+        (Verdict.NUMBER_PAUSED, 4.0),
+        (Verdict.NUMBER_PAUSED, 4.0),
+        (Verdict.GO, 0.0),  # penalized to 2.5/s: one interval is 0.4 s
+        (Verdict.GO, 0.0),
+        (Verdict.WAIT, 0.8),
+        (Verdict.GO, 0.0),  # the cooldown is over
+    ]
+
+
+def test_the_redis_limiter_applies_the_account_limit_like_the_memory_limiter(
+    client: redis.Redis,
+) -> None:
+    """With RATE_LIMIT_ACCOUNT_PER_S, sends from different numbers share one spacing."""
+    steps: list[Step | float] = [acquire(f"phone-{n}", ALICE, "transactional") for n in range(4)]
+    steps.append(acquire("phone-9", ALICE, "campaign"))
+    pairs = run_side_by_side(policy(100, account_rate=5.0), client, steps)
+    assert_same(pairs)
+    assert [(ours.verdict, round(ours.wait_s, 1)) for ours, _ in pairs] == [
+        (Verdict.GO, 0.0),
+        (Verdict.GO, 0.2),
+        (Verdict.GO, 0.4),
+        (Verdict.WAIT, 0.6),
+        (Verdict.WAIT, 0.6),
+    ]
+
+
+def test_limiter_keys_expire_so_idle_numbers_leave_nothing_behind(client: redis.Redis) -> None:
+    """Every key the limiter writes has a time to live."""
+    limiter = RedisLimiter(client, policy(10))
+    limiter.acquire(PHONE, ALICE, "transactional")
+    limiter.cool_recipient(PHONE, ALICE, 5.0)
+    limiter.pause(PHONE, 5.0, campaign_only=True)
+    limiter.pause(PHONE, 5.0, campaign_only=False)
+    limiter.penalize(PHONE, 0.5, 5.0)
+    keys = client.keys("verloop:rl:*")
+    assert len(keys) == 5
+    for key in keys:
+        assert client.pttl(key) > 0, key
+
+
+def test_two_limiters_on_one_redis_never_hand_out_more_than_the_rate_together(
+    client: redis.Redis,
+) -> None:
+    """Two limiters with four threads each get at most 20 + 1 campaign slots in 1 s at 20/s."""
+    rules = policy(20)
+    others = [open_redis(Settings(redis_url=REDIS_URL)) for _ in range(2)]
+    limiters = [RedisLimiter(cache, rules) for cache in others]
+    granted: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 1.0
+
+    def ask(limiter: RedisLimiter) -> None:
+        while time.monotonic() < deadline:
+            decision = limiter.acquire(PHONE, ALICE, "campaign")
+            if decision.verdict is Verdict.GO:
+                with lock:
+                    granted.append(time.monotonic())
+            else:
+                time.sleep(min(decision.wait_s, 0.01))
+
+    threads = [threading.Thread(target=ask, args=(lim,)) for lim in limiters for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for cache in others:
+        cache.close()
+    assert 15 <= len(granted) <= 21
