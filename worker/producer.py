@@ -118,6 +118,8 @@ class Producer:
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type="application/json",
             message_id=message_id,
+            # Lets RabbitMQ report the age of the oldest waiting job (head message timestamp).
+            timestamp=int(time.time()),
         )
         last_error: Exception | None = None
         for _ in range(_PUBLISH_ATTEMPTS):
