@@ -11,6 +11,7 @@ Everything uses RabbitMQ vhost ``verloop-bench`` and Redis db 14 on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -57,6 +58,11 @@ def main() -> None:
     results: list[Result] = []
     failed: list[str] = []
     started = time.monotonic()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"{os.cpu_count()} cores, load average {load} before starting: anything else running "
+        "shares the cores with the worker, and the figures move with it"
+    )
     for name in selected:
         print(f"\n=== {name} ===", flush=True)
         began = time.monotonic()

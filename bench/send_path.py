@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     print()
     print(
         f"send path, limiter on, not binding (RATE_LIMIT_PER_NUMBER=10000), "
+        f"metrics {'on' if args.metrics else 'off'}, "
         f"{args.processes} processes x {args.threads} threads, "
         f"simulator latency {args.latency_ms:g} ms, backlog {args.jobs}, median of "
         f"{args.rounds} rounds"
@@ -169,6 +170,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         {
             "args": args_used,
             "limiter": "on, not binding (RATE_LIMIT_PER_NUMBER=10000)",
+            "metrics": args.metrics,
             "rates": rates,
             "naive": naive,
             "ours": ours,
