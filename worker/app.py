@@ -59,6 +59,7 @@ def create_app(settings: Settings) -> WorkerApp:
         settings.amqp_url.get_secret_value(),
         max_job_bytes=settings.max_job_bytes,
         known_actors=frozenset(JOB_MODELS),
+        low_priority_queues=frozenset({CAMPAIGN_QUEUE}),
         middleware=[*middleware, lifecycle, outcomes],
     )
     actors = register_actors(broker, lifecycle)

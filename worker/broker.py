@@ -25,6 +25,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.common import q_name
 from dramatiq.encoder import JSONEncoder
 from dramatiq.middleware import Middleware, TimeLimit
 
@@ -158,12 +159,44 @@ class _RejectingActor:
         raise InvalidJob(f"unknown actor {self.actor_name!r}")
 
 
+class _Deprioritized:
+    """An actor as seen from a low-priority queue's consumer thread: the same actor, with a
+    priority that puts its jobs behind every other queue's in the worker's work queue."""
+
+    def __init__(self, actor: Any, priority: int) -> None:
+        self._actor = actor
+        self.priority = priority
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._actor, name)
+
+
 class VerloopBroker(RabbitmqBroker):
-    """A RabbitMQ broker whose unknown actors fail as invalid jobs instead of vanishing."""
+    """A RabbitMQ broker whose unknown actors fail as invalid jobs instead of vanishing, and
+    whose low-priority queues' jobs wait behind the others inside each worker process.
+
+    Dramatiq orders a process's fetched jobs by their actor's priority only, and campaign sends
+    use the same ``send_message`` actor as transactional ones. A consumer thread looks the actor
+    up to learn that priority (it is the only thing it reads), and it knows which queue it
+    consumes, so for a low-priority queue it gets the actor with a lower priority: a one-time
+    password fetched after a hundred campaign jobs is still the next job a thread takes.
+    """
+
+    #: Added to the priority of jobs from low-priority queues (dramatiq: higher runs later).
+    LOW_PRIORITY_OFFSET = 1000
+
+    def __init__(self, *, low_priority_queues: frozenset[str] = frozenset(), **kwargs: Any):
+        super().__init__(**kwargs)
+        self.low_priority_queues = low_priority_queues
 
     def get_actor(self, actor_name: str) -> Any:
         actor = self.actors.get(actor_name)
-        return actor if actor is not None else _RejectingActor(actor_name)
+        if actor is None:
+            return _RejectingActor(actor_name)
+        queue = _consuming.name
+        if queue is not None and q_name(queue) in self.low_priority_queues:
+            return _Deprioritized(actor, actor.priority + self.LOW_PRIORITY_OFFSET)
+        return actor
 
 
 class _TrackConsumingQueue(Middleware):
@@ -179,6 +212,7 @@ def build_broker(
     max_job_bytes: int,
     known_actors: frozenset[str],
     middleware: list[Middleware],
+    low_priority_queues: frozenset[str] = frozenset(),
     time_limit_ms: int = 5 * 60 * 1000,
 ) -> VerloopBroker:
     """Build the broker, set it as dramatiq's global one, and return it.
@@ -189,6 +223,7 @@ def build_broker(
     """
     dramatiq.set_encoder(WireEncoder(max_job_bytes, known_actors))
     broker = VerloopBroker(
+        low_priority_queues=low_priority_queues,
         url=amqp_url,
         confirm_delivery=True,
         middleware=[_TrackConsumingQueue(), TimeLimit(time_limit=time_limit_ms), *middleware],
