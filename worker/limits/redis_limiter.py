@@ -10,6 +10,9 @@ never sends without the limiter (fail closed).
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from typing import Any
 
 import redis
@@ -23,7 +26,8 @@ _PREFIX = "verloop:rl"
 
 # KEYS: 1 number tat, 2 account tat, 3 pair hold, 4 number pause, 5 quality pause, 6 penalty
 # ARGV: 1 interval µs, 2 tolerance µs, 3 campaign (1/0), 4 max wait µs, 5 account interval µs
-#       (0 = none), 6 key ttl ms
+#       (0 = none), 6 key ttl ms, 7 slots wanted (a lease; 1 = just this send)
+# Returns {verdict, wait µs, slots granted, interval µs}.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -31,7 +35,7 @@ local holds = {{KEYS[3], 2}, {KEYS[4], 3}}
 if ARGV[3] == '1' then holds[3] = {KEYS[5], 4} end
 for _, hold in ipairs(holds) do
   local untl = tonumber(redis.call('GET', hold[1]) or '0')
-  if untl > now then return {hold[2], string.format('%.0f', untl - now)} end
+  if untl > now then return {hold[2], string.format('%.0f', untl - now), 0, 0} end
 end
 local factor = tonumber(redis.call('GET', KEYS[6]) or '1')
 local interval = tonumber(ARGV[1]) / factor
@@ -45,17 +49,21 @@ if account_interval > 0 then
   wait = math.max(wait, account_tat - now)
 end
 if wait > 0 and (ARGV[3] == '1' or wait > tonumber(ARGV[4])) then
-  return {1, string.format('%.0f', wait)}
+  return {1, string.format('%.0f', wait), 0, 0}
 end
+-- A lease: further consecutive slots, each still within the maximum wait.
+local slots = math.min(tonumber(ARGV[7]), math.floor((tonumber(ARGV[4]) - wait) / interval) + 1)
+if slots < 1 then slots = 1 end
 -- The send happens at now + wait: each bucket advances from then, not from now, so a send
 -- held back by one bucket does not leave the other's slots bunched up.
 local sent_at = now + wait
-redis.call('SET', KEYS[1], string.format('%.0f', math.max(tat, sent_at) + interval), 'PX', ARGV[6])
+local next_tat = math.max(tat, sent_at) + slots * interval
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', ARGV[6])
 if account_interval > 0 then
   local next_account = math.max(account_tat, sent_at) + account_interval
   redis.call('SET', KEYS[2], string.format('%.0f', next_account), 'PX', ARGV[6])
 end
-return {0, string.format('%.0f', wait)}
+return {0, string.format('%.0f', wait), slots, string.format('%.0f', interval)}
 """
 
 # KEYS: 1 hold key. ARGV: 1 seconds. Holds only ever lengthen.
@@ -83,17 +91,40 @@ class LimiterUnavailable(RedisUnavailable):
     """Redis did not answer the limiter: no send may go out until it does."""
 
 
+#: A lease covers at most this long of a number's sends, and this many slots.
+LEASE_WINDOW_S = 0.02
+LEASE_MAX_SLOTS = 16
+
+
 class RedisLimiter:
-    """Implements :class:`worker.limits.pacing.RateLimiter` on Redis."""
+    """Implements :class:`worker.limits.pacing.RateLimiter` on Redis.
+
+    **Leases.** At high rates one Redis round trip per send would cost more CPU than the send
+    itself, so a transactional send on a fast number takes a short *lease*: the next few
+    consecutive slots (those within ``LEASE_WINDOW_S``, at most ``LEASE_MAX_SLOTS``), reserved
+    in one call; this process's next sends to that number use them in order, each at its own
+    slot time. A slot not used within ``LEASE_WINDOW_S`` of its time is dropped, not used late,
+    so a number's sends stay on its schedule, late by at most the lease window. A number at 80/s or
+    below leases one slot, as before; campaign sends and an account-wide limit never lease.
+    The price: a hold set by another process (131056, a pause) reaches a lease's sends at most
+    ``LEASE_WINDOW_S`` late.
+    """
 
     def __init__(self, client: redis.Redis, policy: LimitPolicy) -> None:
         self.policy = policy
         self._client = client
+        self._leases: dict[str, deque[float]] = {}
+        self._leases_lock = threading.Lock()
         self._acquire = client.register_script(_ACQUIRE)
         self._hold = client.register_script(_HOLD)
         self._penalize = client.register_script(_PENALIZE)
 
     def acquire(self, phone_id: str, recipient: str, lane: Lane) -> Decision:
+        lease = lane == "transactional" and not self.policy.account_rate
+        if lease:
+            slot = self._leased_slot(phone_id)
+            if slot is not None:
+                return Decision(Verdict.GO, max(0.0, slot - time.monotonic()))
         rate = self.policy.rate_for(phone_id)
         interval_us = 1_000_000 / rate
         account_us = 1_000_000 / self.policy.account_rate if self.policy.account_rate else 0
@@ -114,9 +145,30 @@ class RedisLimiter:
             account_us,
             # Long enough to outlive any reservation, short enough to clean up idle numbers.
             int(max(60_000, 2_000 * self.policy.max_wait_s + 10 * interval_us / 1000)),
+            max(1, min(LEASE_MAX_SLOTS, int(rate * LEASE_WINDOW_S))) if lease else 1,
         ]
-        code, wait_us = self._run(self._acquire, keys, args)
-        return Decision(Verdict(int(code)), int(wait_us) / 1_000_000)
+        asked_at = time.monotonic()
+        code, wait_us, slots, granted_interval_us = self._run(self._acquire, keys, args)
+        wait_s = int(wait_us) / 1_000_000
+        if int(slots) > 1:
+            first = asked_at + wait_s
+            step = int(granted_interval_us) / 1_000_000
+            with self._leases_lock:
+                self._leases[phone_id] = deque(first + i * step for i in range(1, int(slots)))
+        return Decision(Verdict(int(code)), wait_s)
+
+    def _leased_slot(self, phone_id: str) -> float | None:
+        """This process's next leased slot for the number, if it has one still usable."""
+        with self._leases_lock:
+            slots = self._leases.get(phone_id)
+            if not slots:
+                return None
+            # A slot not used within the lease window is dropped rather than used late (a late
+            # send would crowd the slots after it).
+            stale = time.monotonic() - LEASE_WINDOW_S
+            while slots and slots[0] < stale:
+                slots.popleft()
+            return slots.popleft() if slots else None
 
     def penalize(self, phone_id: str, factor: float, seconds: float) -> None:
         self._run(

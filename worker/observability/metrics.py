@@ -54,6 +54,8 @@ class Metrics:
         rate_for: Callable[[str], float] | None = None,
     ) -> None:
         self.rate_for = rate_for
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._limits_set: set[str] = set()
         # A registry of its own: in multiprocess mode values go to files whatever the registry,
         # and a private one lets tests create several instances in one process.
         registry = registry or CollectorRegistry(auto_describe=True)
@@ -139,10 +141,19 @@ class Metrics:
             registry=registry,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # prometheus-client's labels() validates and locks on every call; a job touches several
+        # metrics, so the labelled children are kept here (their label sets are bounded).
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_api_call(self, endpoint: str, status: str, code: str, seconds: float) -> None:
         """One call to Verloop (the client calls this)."""
-        self.api_requests.labels(endpoint, status, code).inc()
-        self.api_latency.labels(endpoint).observe(seconds)
+        self._child(self.api_requests, endpoint, status, code).inc()
+        self._child(self.api_latency, endpoint).observe(seconds)
 
     def observe_job(self, fields: Mapping[str, Any], seconds: float) -> None:
         """One finished job, from the fields of its log line (the outcome middleware calls
@@ -150,28 +161,33 @@ class Metrics:
         actor = str(fields.get("actor", ""))
         lane = str(fields.get("lane", ""))
         outcome = str(fields.get("outcome", ""))
-        self.jobs.labels(actor, lane, outcome).inc()
-        self.job_duration.labels(actor, lane).observe(seconds)
+        child = self._child
+        child(self.jobs, actor, lane, outcome).inc()
+        child(self.job_duration, actor, lane).observe(seconds)
         # message_type is bound only once a send_message job has been validated.
         if actor == "send_message" and "message_type" in fields:
             phone_id = fields["phone_id"]
-            self.sends.labels(lane, outcome, fields["client_id"], phone_id).inc()
-            if self.rate_for is not None:
+            child(self.sends, lane, outcome, fields["client_id"], phone_id).inc()
+            if self.rate_for is not None and phone_id not in self._limits_set:
                 self.number_limit.labels(phone_id).set(self.rate_for(phone_id))
+                self._limits_set.add(phone_id)
             if fields.get("code") == "131048":
-                self.quality_pauses.labels(phone_id).inc()
+                child(self.quality_pauses, phone_id).inc()
         if outcome == "dead_lettered":
-            self.dead_letters.labels(
-                fields.get("queue", ""), fields.get("dead_letter", ""), fields.get("error", "")
+            child(
+                self.dead_letters,
+                fields.get("queue", ""),
+                fields.get("dead_letter", ""),
+                fields.get("error", ""),
             ).inc()
         elif outcome == "retrying":
-            self.retries.labels(actor, lane).inc()
+            child(self.retries, actor, lane).inc()
         elif outcome == "deferred":
-            self.deferrals.labels(lane, fields.get("deferral", "")).inc()
+            child(self.deferrals, lane, fields.get("deferral", "")).inc()
         if "limit_wait_ms" in fields:
-            self.limit_wait.labels(lane).observe(fields["limit_wait_ms"] / 1000)
+            child(self.limit_wait, lane).observe(fields["limit_wait_ms"] / 1000)
         source = fields.get("token_source")
         if source:
-            self.token_lookups.labels(source).inc()
+            child(self.token_lookups, source).inc()
         if fields.get("token_refreshed"):
             self.token_refreshes.inc()
