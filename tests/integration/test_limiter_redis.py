@@ -211,3 +211,43 @@ def test_two_limiters_on_one_redis_never_hand_out_more_than_the_rate_together(
     for cache in others:
         cache.close()
     assert 15 <= len(granted) <= 21
+
+
+def evalsha_calls(cache: redis.Redis) -> int:
+    return int(cache.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_two_processes_leasing_slots_on_a_fast_number_keep_its_pace(
+    client: redis.Redis,
+) -> None:
+    """At 1,000/s two limiters (two processes) lease slots in batches: far fewer Redis calls
+    than sends, and the sends' slot times still keep to the number's rate."""
+    fast = LimitPolicy(
+        default_rate=1000.0, overrides={}, reserve=0.1, max_wait_s=2.0, account_rate=None
+    )
+    limiters = [RedisLimiter(client, fast), RedisLimiter(client, fast)]
+    times: list[float] = []
+    lock = threading.Lock()
+    calls_before = evalsha_calls(client)
+
+    def sender(limiter: RedisLimiter) -> None:
+        for _ in range(200):
+            decision = limiter.acquire(PHONE, ALICE, "transactional")
+            assert decision.verdict is Verdict.GO
+            slot = time.monotonic() + decision.wait_s
+            with lock:
+                times.append(slot)
+            time.sleep(max(0.0, slot - time.monotonic()))
+
+    threads = [threading.Thread(target=sender, args=(lim,)) for lim in limiters for _ in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(times) == 800
+    assert evalsha_calls(client) - calls_before < 800 / 4
+    ordered = sorted(times)
+    # Any 100 ms holds at most rate*W + reserve + 1, plus the lease window's worth of lateness.
+    busiest = max(sum(1 for t in ordered[i:] if t - start < 0.1) for i, start in enumerate(ordered))
+    assert busiest <= 1000 * 0.1 + 100 + 1 + 1000 * 0.02
+    assert ordered[-1] - ordered[0] >= 800 / 1000 * 0.8  # paced, not all at once
