@@ -196,6 +196,10 @@ class PhoneTokens:
             if time.monotonic() > deadline:
                 break  # its lock expired without a result; fetch ourselves
         try:
+            # Another process may have stored the token between our first look and our lock.
+            cached = self._redis(lambda: self._cache.get(_key(key)))
+            if cached is not None:
+                return cached, "redis"
             token = self._fetch_from_verloop(key)
             self._redis(lambda: self._cache.set(_key(key), token, ex=self._cache_ttl_s))
             return token, "verloop"
