@@ -14,13 +14,12 @@ writes the job's one log line, to which each step adds its fields.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 
-from .errors import Deferred, JobFailure, PermanentFailure, RedisUnavailable, TokenInvalid
+from .errors import JobFailure, PermanentFailure, RedisUnavailable, TokenInvalid
 from .jobs import (
     ACTOR_QUEUES,
     Job,
@@ -30,7 +29,7 @@ from .jobs import (
     parse_job,
 )
 from .limits import Lane
-from .limits.gate import REDIS_DOWN_RETRY_S
+from .limits.gate import held_while_redis_is_down
 from .outcomes import JobRecord, current_job
 from .phones import mask_phone
 from .services import Lifecycle, Services
@@ -46,17 +45,15 @@ def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> 
     try:
         token, source = tokens.get(job.client_id, job.phone_id)
     except RedisUnavailable as exc:
-        # Held like a send the limiter cannot clear: it waits, without using a retry.
-        raise Deferred(
-            REDIS_DOWN_RETRY_S * random.uniform(1.0, 1.25),
-            f"{exc}; held, not sent",
-            kind="redis_unavailable",
-        ) from None
+        raise held_while_redis_is_down(exc, "redis_unavailable") from None
     record.bind(token_source=source)
     try:
         result = _paced_send(services, token, job, lane, record)
     except TokenInvalid:
-        token, source = tokens.refresh(job.client_id, job.phone_id, rejected=token)
+        try:
+            token, source = tokens.refresh(job.client_id, job.phone_id, rejected=token)
+        except RedisUnavailable as exc:
+            raise held_while_redis_is_down(exc, "redis_unavailable") from None
         record.bind(token_source=source, token_refreshed=True)
         try:
             result = _paced_send(services, token, job, lane, record)

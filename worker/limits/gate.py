@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..errors import Deferred, JobFailure
+from ..errors import Deferred, JobFailure, RedisUnavailable
 from ..settings import MAX_SINGLE_DELAY_S
 from .pacing import Lane, RateLimiter, Verdict
 from .redis_limiter import LimiterUnavailable
 
-__all__ = ["GateSettings", "SendGate"]
+__all__ = ["GateSettings", "SendGate", "held_while_redis_is_down"]
 
 _log = structlog.get_logger()
 
@@ -46,6 +46,15 @@ _KINDS = {
     Verdict.NUMBER_PAUSED: "number_paused",
     Verdict.CAMPAIGN_PAUSED: "campaign_paused",
 }
+
+
+def held_while_redis_is_down(exc: RedisUnavailable, kind: str) -> Deferred:
+    """The deferral for a send that cannot reach Redis: it waits, never sent without it."""
+    _log.warning("sends held: Redis unreachable", reason=str(exc))
+    # Spread, so a fleet's held sends do not all come back in the same instant.
+    return Deferred(
+        REDIS_DOWN_RETRY_S * random.uniform(1.0, 1.25), f"{exc}; held, not sent", kind=kind
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +87,7 @@ class SendGate:
             try:
                 decision = self.limiter.acquire(phone_id, recipient, lane)
             except LimiterUnavailable as exc:
-                _log.warning("sends held: rate limiter unreachable", reason=str(exc))
-                # Spread, so a fleet's held sends do not all come back in the same instant.
-                raise Deferred(
-                    REDIS_DOWN_RETRY_S * random.uniform(1.0, 1.25),
-                    f"{exc}; held, not sent",
-                    kind="limiter_unavailable",
-                ) from None
+                raise held_while_redis_is_down(exc, "limiter_unavailable") from None
             if decision.verdict is Verdict.GO:
                 if decision.wait_s > 0:
                     time.sleep(decision.wait_s)
