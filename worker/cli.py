@@ -75,9 +75,21 @@ def cli(ctx: click.Context, env_file: Path | None) -> None:
 # --- run ------------------------------------------------------------------------------------------
 @cli.command(short_help="Run the worker daemon.")
 @click.option(
-    "-p", "--processes", type=click.IntRange(1), default=os.cpu_count() or 1, show_default=True
+    "-p",
+    "--processes",
+    type=click.IntRange(1),
+    default=os.cpu_count() or 1,
+    show_default=True,
+    help="Worker processes (one per core is a good start).",
 )
-@click.option("-t", "--threads", type=click.IntRange(1), default=8, show_default=True)
+@click.option(
+    "-t",
+    "--threads",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Threads per process: sends in flight at once (each mostly waits on Verloop).",
+)
 @click.option("-Q", "--queues", multiple=True, help="Consume only these queues (repeatable).")
 @click.option(
     "--sandbox",
