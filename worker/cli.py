@@ -143,10 +143,10 @@ def run(
         if url is not None:
             settings = obj.settings()  # the sandbox overrides are in the environment now
             _banner(url)
-        problems = _service_problems(settings)
+        problems = [(name, p) for name, _, p in _check_services(settings) if p is not None]
         if problems:
-            for line in problems:
-                click.secho(f"✗ {line}", fg="red", err=True)
+            for name, problem in problems:
+                click.secho(f"✗ {name}: {problem}", fg="red", err=True)
             sys.exit(1)
         if demo:
             _enqueue_demo(settings, demo)
@@ -392,9 +392,13 @@ def sandbox(simulator_args: tuple[str, ...]) -> None:
 def check(obj: _Context, services_only: bool) -> None:
     """Check that RabbitMQ, Redis and Verloop authentication work; exit 0 if all do, else 1."""
     settings = obj.settings()
-    problems = _service_problems(settings)
-    for line in _service_lines(settings, problems):
-        click.echo(line)
+    problems = False
+    for name, url, problem in _check_services(settings):
+        if problem is None:
+            click.secho(f"✓ {name}: connected to {url}", fg="green")
+        else:
+            click.secho(f"✗ {name}: {problem}", fg="red")
+            problems = True
     if services_only:
         sys.exit(1 if problems else 0)
     verloop_problem = _verloop_problem(settings)
@@ -405,42 +409,34 @@ def check(obj: _Context, services_only: bool) -> None:
     sys.exit(1 if problems or verloop_problem else 0)
 
 
-def _service_lines(settings: Settings, problems: list[str]) -> Iterator[str]:
-    failed = {p.split(":", 1)[0] for p in problems}
-    amqp = mask_url(settings.amqp_url.get_secret_value())
-    rds = mask_url(settings.redis_url.get_secret_value())
-    yield from (click.style(f"✗ {p}", fg="red") for p in problems)
-    if "RabbitMQ" not in failed:
-        yield click.style(f"✓ RabbitMQ: connected to {amqp}", fg="green")
-    if "Redis" not in failed:
-        yield click.style(f"✓ Redis: connected to {rds}", fg="green")
-
-
-def _service_problems(settings: Settings) -> list[str]:
-    """One plain sentence per service that does not answer, with how to start it."""
-    problems = []
+def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
+    """(service, masked URL, problem or None) for RabbitMQ and Redis; a problem is one plain
+    sentence saying how to start the service."""
     amqp = settings.amqp_url.get_secret_value()
+    amqp_problem = None
     try:
         params = pika.URLParameters(amqp)
         params.connection_attempts = 1
         params.socket_timeout = 3
         pika.BlockingConnection(params).close()
     except (pika.exceptions.AMQPError, OSError) as exc:
-        problems.append(
-            f"RabbitMQ: cannot connect to {mask_url(amqp)} ({type(exc).__name__}). "
+        amqp_problem = (
+            f"cannot connect to {mask_url(amqp)} ({type(exc).__name__}). "
             "Is it running? Start it with: rabbitmq-server -detached"
         )
+    redis_url = mask_url(settings.redis_url.get_secret_value())
+    redis_problem = None
     client = open_redis(settings)
     try:
         client.ping()
     except redis.RedisError as exc:
-        problems.append(
-            f"Redis: cannot connect to {mask_url(settings.redis_url.get_secret_value())} "
-            f"({type(exc).__name__}). Start it with: redis-server --daemonize yes"
+        redis_problem = (
+            f"cannot connect to {redis_url} ({type(exc).__name__}). "
+            "Start it with: redis-server --daemonize yes"
         )
     finally:
         client.close()
-    return problems
+    return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, redis_problem)]
 
 
 def _verloop_problem(settings: Settings) -> str | None:

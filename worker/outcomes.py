@@ -20,7 +20,7 @@ import math
 import random
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import structlog
@@ -170,12 +170,7 @@ class JobOutcomes(Middleware):
             # Not foreseen (a bug, a time limit): retry it, and keep its class in the reason.
             details = FailureDetails(reason=f"unexpected {type(exception).__name__}: {exception}")
             retryable = True
-        details = FailureDetails(
-            reason=scrub_text(details.reason),
-            http_status=details.http_status,
-            code=details.code,
-            retry_after=details.retry_after,
-        )
+        details = replace(details, reason=scrub_text(details.reason))
         record.bind(
             error=type(exception).__name__,
             reason=details.reason,
@@ -197,10 +192,10 @@ class JobOutcomes(Middleware):
             outcome = "invalid"
         elif retryable:
             outcome = "gave_up"
-            details = FailureDetails(
+            details = replace(
+                details,
                 reason=f"gave up after {retries + 1} attempts: {details.reason}",
-                http_status=details.http_status,
-                code=details.code,
+                retry_after=None,
             )
         else:
             outcome = "failed"
