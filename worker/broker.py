@@ -24,6 +24,8 @@ import uuid
 from typing import Any
 
 import dramatiq
+import dramatiq.errors
+import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import q_name
 from dramatiq.encoder import JSONEncoder
@@ -198,9 +200,32 @@ class VerloopBroker(RabbitmqBroker):
             return _Deprioritized(actor, actor.priority + self.LOW_PRIORITY_OFFSET)
         return actor
 
+    def declare_queues_now(self) -> None:
+        """Create every queue (with its delay and dead-letter queues) on RabbitMQ now.
+
+        Dramatiq declares a queue when a consumer thread first connects, some time after the
+        worker started; a producer that publishes with ``mandatory`` in between gets its job
+        back as unroutable. Called at worker boot. Should RabbitMQ not answer, the consumer
+        threads declare the queues when they connect, as dramatiq does: a worker started
+        before its broker still comes up.
+        """
+        try:
+            for queue in sorted(self.queues):
+                self.declare_queue(queue, ensure=True)
+        except (dramatiq.errors.ConnectionError, pika.exceptions.AMQPError) as exc:
+            self.logger.warning("could not declare queues at boot (%s); consumers will", exc)
+        finally:
+            # The booting thread publishes nothing: do not keep its connection open unused.
+            del self.connection
+
 
 class _TrackConsumingQueue(Middleware):
-    """Tells :class:`WireEncoder` which queue each consumer thread reads."""
+    """Tells :class:`WireEncoder` which queue each consumer thread reads, and declares the
+    queues before the consumers start."""
+
+    def before_worker_boot(self, broker: Any, worker: Any) -> None:
+        if isinstance(broker, VerloopBroker):
+            broker.declare_queues_now()
 
     def after_consumer_thread_boot(self, broker: Any, thread: Any) -> None:
         _consuming.name = thread.queue_name

@@ -7,6 +7,7 @@ with a message saying how to start it; nothing is skipped.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -36,7 +37,11 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SANDBOX_USER = "sandbox"
 SANDBOX_PASSWORD = "sandbox-password-for-tests"
 #: Every queue the worker declares; deleted before each test so each starts empty.
-QUEUES = [q + suffix for q in ("verloop.send", "verloop.manage") for suffix in ("", ".DQ", ".XQ")]
+QUEUES = [
+    q + suffix
+    for q in ("verloop.send", "verloop.campaign", "verloop.manage")
+    for suffix in ("", ".DQ", ".XQ")
+]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -88,6 +93,9 @@ def clean_state() -> Iterator[None]:
     redis.Redis.from_url(REDIS_URL).flushdb()
     yield
     forget_secrets()
+    # Collect now, so a socket or connection a test leaks is reported by that test's teardown
+    # rather than by whichever later test the garbage collector happens to run in.
+    gc.collect()
 
 
 # --- the simulator -------------------------------------------------------------------------------

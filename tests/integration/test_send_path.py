@@ -8,14 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pika
+import pika.exceptions
 import pytest
 
-from worker.app import WorkerApp
+from worker.app import WorkerApp, create_app
 from worker.deadletters import DEAD_LETTER_HEADER
 from worker.errors import InvalidJob
 from worker.producer import Producer
+from worker.settings import Settings
 
-from .conftest import AMQP_URL, Simulator, dead_letters, queue_depth, wait_until
+from .conftest import AMQP_URL, QUEUES, Simulator, dead_letters, queue_depth, wait_until
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 TEMPLATE = {
@@ -117,6 +119,40 @@ def test_a_job_published_with_plain_pika_and_no_dramatiq_is_sent(
     [record] = wait_until(simulator.messages)
     assert record["to"] == "+919876543210"
     assert dead_letters() == []
+
+
+def _missing_queues() -> list[str]:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    missing = []
+    try:
+        for queue in QUEUES:
+            channel = connection.channel()
+            try:
+                channel.queue_declare(queue, passive=True)  # 404 closes the channel
+                channel.close()
+            except pika.exceptions.ChannelClosedByBroker:
+                missing.append(queue)
+    finally:
+        connection.close()
+    return missing
+
+
+def test_the_broker_declares_every_queue_before_consumers_start(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Queues exist before any consumer connects: ``mandatory`` publishes are never refused."""
+    app = create_app(make_settings())
+    assert _missing_queues() == QUEUES
+    app.broker.declare_queues_now()
+    assert _missing_queues() == []
+    app.broker.close()
+
+
+def test_every_queue_exists_as_soon_as_the_worker_has_started(
+    start_worker: Callable[..., WorkerApp],
+) -> None:
+    start_worker()
+    assert _missing_queues() == []
 
 
 def test_a_producer_that_declares_the_queue_first_is_compatible_with_the_worker(
