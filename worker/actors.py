@@ -2,24 +2,33 @@
 
 ``send_message``:
   1. validate the job (:func:`worker.jobs.parse_job`)  → invalid: dead letter, no retry
-  2. find the phone token (file → memory → Redis → Verloop)
-  3. wait for the number's slot (:mod:`worker.limits`)  → too far: re-delayed, no retry used
-  4. call Verloop's send endpoint                       → classified failure: retry or dead letter;
+  2. a campaign job: its campaign's state and window   → cancelled: acknowledged, not sent;
+                                                          paused / outside window: re-delayed
+  3. find the phone token (file → memory → Redis → Verloop)
+  4. claim the job's ledger entry (:mod:`worker.ledger`) → already sent: acknowledged as
+                                                          ``suppressed``, not sent again
+  5. wait for the number's slot (:mod:`worker.limits`)  → too far: re-delayed, no retry used
+  6. call Verloop's send endpoint                       → classified failure: retry or dead letter;
                                                           rate-limit answers teach the limiter
-  5. on a rejected token: refresh it once and send again; rejected again: dead letter
+  7. record the send in the ledger
+  8. on a rejected token: refresh it once and send again; rejected again: dead letter
 
-Failures are raised, not handled here: :mod:`worker.outcomes` retries or dead-letters them and
-writes the job's one log line, to which each step adds its fields.
+Failures are raised, not handled here: :mod:`worker.outcomes` retries or dead-letters them, and
+writes the job's one log line and outcome event, to which each step adds its fields.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import dramatiq
+import structlog
 
-from .errors import JobFailure, PermanentFailure, RedisUnavailable, TokenInvalid
+from .campaigns.window import seconds_until_open
+from .errors import Deferred, JobFailure, PermanentFailure, RedisUnavailable, TokenInvalid
 from .jobs import (
     ACTOR_QUEUES,
     Job,
@@ -28,63 +37,142 @@ from .jobs import (
     SendMessageJob,
     parse_job,
 )
+from .ledger import Ledger
 from .limits import Lane
 from .limits.gate import held_while_redis_is_down
 from .outcomes import JobRecord, current_job
 from .phones import mask_phone
 from .services import Lifecycle, Services
+from .settings import Settings
 from .verloop.client import SendResult
+
+_log = structlog.get_logger()
 
 __all__ = ["list_clients", "refresh_phone_token", "register_actors", "send_message"]
 
 
 def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> None:
     """Send one WhatsApp message (see the module docstring for the steps)."""
-    tokens = services.phone_tokens
     lane: Lane = "campaign" if record.fields.get("lane") == "campaign" else "transactional"
     try:
+        if job.campaign_id is not None and not _campaign_allows(services, job.campaign_id, record):
+            return
+        tokens = services.phone_tokens
         token, source = tokens.get(job.client_id, job.phone_id)
-    except RedisUnavailable as exc:
-        raise held_while_redis_is_down(exc, "redis_unavailable") from None
-    record.bind(token_source=source)
-    try:
-        result = _paced_send(services, token, job, lane, record)
-    except TokenInvalid:
-        try:
-            token, source = tokens.refresh(job.client_id, job.phone_id, rejected=token)
-        except RedisUnavailable as exc:
-            raise held_while_redis_is_down(exc, "redis_unavailable") from None
-        record.bind(token_source=source, token_refreshed=True)
+        record.bind(token_source=source)
         try:
             result = _paced_send(services, token, job, lane, record)
-        except TokenInvalid as exc:
-            raise PermanentFailure(
-                "Verloop rejected the phone token again after refreshing it; check the number's "
-                "token in Verloop (Client Details → Generate Token)",
-                http_status=exc.details.http_status,
-                code=exc.details.code,
-            ) from None
+        except TokenInvalid:
+            token, source = tokens.refresh(job.client_id, job.phone_id, rejected=token)
+            record.bind(token_source=source, token_refreshed=True)
+            try:
+                result = _paced_send(services, token, job, lane, record)
+            except TokenInvalid as exc:
+                raise PermanentFailure(
+                    "Verloop rejected the phone token again after refreshing it; check the "
+                    "number's token in Verloop (Client Details → Generate Token)",
+                    http_status=exc.details.http_status,
+                    code=exc.details.code,
+                ) from None
+    except RedisUnavailable as exc:
+        raise held_while_redis_is_down(exc, "redis_unavailable") from None
+    if result is None:
+        return  # suppressed: the ledger says it was sent before
     record.bind(
         outcome="sent", verloop_message_id=result.message_id, http_status=result.http_status
     )
 
 
+def _campaign_allows(services: Services, campaign_id: str, record: JobRecord) -> bool:
+    """Whether a campaign job may be sent now; False if its campaign was cancelled.
+
+    Raises:
+        Deferred: the campaign is paused, has not started, or is outside its send window.
+    """
+    state, window, start_at = services.campaigns.gate(campaign_id)
+    if state == "cancelled":
+        record.bind(outcome="cancelled")
+        return False
+    settings = services.settings
+    if state == "paused":
+        raise Deferred(settings.campaign_pause_recheck_s, "campaign paused", kind="campaign_paused")
+    now = time.time()
+    if start_at is not None and now < start_at:
+        raise Deferred(start_at - now, "campaign has not started yet", kind="campaign_scheduled")
+    if window is not None:
+        wait = seconds_until_open(window, now)
+        if wait > 0:
+            raise Deferred(
+                wait,
+                f"outside the send window {window[0]}-{window[1]} {window[2]}",
+                kind="send_window",
+            )
+    return True
+
+
+def _takes_over_uncertain(settings: Settings, lane: Lane) -> bool:
+    policy = settings.uncertain_send_policy
+    return policy == "resend" or (policy == "by_lane" and lane == "transactional")
+
+
 def _paced_send(
     services: Services, token: str, job: SendMessageJob, lane: Lane, record: JobRecord
-) -> SendResult:
-    """One call to Verloop in the number's next slot."""
+) -> SendResult | None:
+    """One call to Verloop in the number's next slot, unless the ledger says it was sent
+    (then None). The ledger claim is released if the call fails, kept as ``sent`` if not."""
+    # The slot first: a job re-delayed for its slot, or held while Redis is down, has not
+    # claimed anything, so no claim of a call that never started can look uncertain later.
     waited = services.gate.admit(job.phone_id, job.to, lane)
     if waited > 0.0005:
         record.bind(limit_wait_ms=round(waited * 1000, 1))
+    key = job.ledger_key(record.fields["message_id"])
+    owner = f"{threading.get_ident()}:{record.fields['message_id']}"
+    ledger = services.ledger
+    claim = ledger.claim(
+        key, owner, take_over_uncertain=_takes_over_uncertain(services.settings, lane)
+    )
+    if claim.state == "sent":
+        record.bind(outcome="suppressed", verloop_message_id=claim.detail or None)
+        return None
+    if claim.state == "busy":
+        raise Deferred(
+            claim.retry_in_s + 0.25,
+            "another delivery of this job is being sent right now",
+            kind="in_flight",
+        )
+    if claim.state == "uncertain":
+        raise PermanentFailure(
+            "outcome unknown: a worker stopped while this job was being sent to Verloop, so it "
+            "may have been delivered; if it was not, replay it with "
+            "`verloop-worker dlq replay --resend-uncertain`"
+        )
+    if claim.after_uncertain:
+        record.bind(resent_after_uncertain=True)
     try:
-        return services.verloop.send_message(
+        result = services.verloop.send_message(
             token, job.request_body(), idempotency_key=job.idempotency_key
         )
-    except TokenInvalid:
+    except BaseException as exc:
+        _release(ledger, key, owner)
+        if isinstance(exc, JobFailure) and not isinstance(exc, TokenInvalid):
+            services.gate.react(job.phone_id, job.to, lane, exc)
         raise
-    except JobFailure as exc:
-        services.gate.react(job.phone_id, job.to, lane, exc)
-        raise
+    try:
+        ledger.mark_sent(key, result.message_id)
+    except RedisUnavailable:
+        # Sent, but not written down: acknowledging is right (sending again is not). A later
+        # redelivery of this job would find the claim and treat it as an uncertain outcome.
+        record.bind(ledger="not_recorded")
+        _log.error("a sent message could not be recorded in the ledger: Redis did not answer")
+    return result
+
+
+def _release(ledger: Ledger, key: str, owner: str) -> None:
+    try:
+        ledger.release(key, owner)
+    except RedisUnavailable:
+        # The claim's lease runs out by itself; until then another delivery waits for it.
+        _log.warning("could not release a ledger claim: Redis did not answer")
 
 
 def list_clients(services: Services, job: ListClientsJob, record: JobRecord) -> None:
@@ -129,11 +217,14 @@ def _describe(record: JobRecord, job: Job) -> None:
             to=mask_phone(job.to),
             message_type=job.message.type,
             idempotency_key=job.idempotency_key,
+            campaign_id=job.campaign_id,
         )
+        record.extra["to"] = job.to
     elif isinstance(job, RefreshPhoneTokenJob):
         record.bind(client_id=job.client_id, phone_id=job.phone_id)
     if job.metadata is not None:
         record.bind(metadata=job.metadata)
+        record.extra["metadata"] = job.metadata
 
 
 def _describe_unvalidated(record: JobRecord, kwargs: dict[str, Any]) -> None:

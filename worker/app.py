@@ -18,6 +18,7 @@ from .jobs import CAMPAIGN_QUEUE, JOB_MODELS
 from .observability.logging import configure_logging
 from .observability.metrics import Metrics
 from .outcomes import JobOutcomes, RetryPolicy
+from .reporting import OutcomeReporter
 from .services import Lifecycle
 from .settings import Settings
 
@@ -57,12 +58,14 @@ def create_app(settings: Settings) -> WorkerApp:
             max_backoff_s=settings.retry_max_backoff_s,
         ),
         metrics,
+        on_final=OutcomeReporter(lifecycle, settings.events_exchange),
     )
     broker = build_broker(
         settings.amqp_url.get_secret_value(),
         max_job_bytes=settings.max_job_bytes,
         known_actors=frozenset(JOB_MODELS),
         low_priority_queues=frozenset({CAMPAIGN_QUEUE}),
+        events_exchange=settings.events_exchange,
         middleware=[*middleware, lifecycle, outcomes],
     )
     actors = register_actors(broker, lifecycle)

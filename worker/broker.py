@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from dramatiq.encoder import JSONEncoder
 from dramatiq.middleware import Middleware, TimeLimit
 
 from .errors import InvalidJob
+from .events import declare_exchange
 
 __all__ = ["UNDECODABLE_ACTOR", "VerloopBroker", "WireEncoder", "build_broker", "raw_body_of"]
 
@@ -90,13 +92,17 @@ class WireEncoder(JSONEncoder):
         if len(data) > self.max_bytes:
             raise ValueError(f"body is {len(data)} bytes; the limit is {self.max_bytes}")
         try:
-            envelope = json.loads(data.decode("utf-8"))
+            text = data.decode("utf-8")
+            envelope = json.loads(text, parse_constant=_not_a_json_number)
         except UnicodeDecodeError:
             raise ValueError("body is not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"body is not JSON ({exc.msg} at position {exc.pos})") from None
         except RecursionError:
             raise ValueError("body is JSON nested too deeply") from None
+        if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(envelope):
+            # A lone surrogate is not text: it cannot be logged, published or sent as UTF-8.
+            raise ValueError("body has a \\u escape of a lone UTF-16 surrogate, which is not text")
         if not isinstance(envelope, dict):
             raise ValueError(f"body is a JSON {type(envelope).__name__}, not an object")
         unknown = sorted(set(envelope) - _ENVELOPE_FIELDS)
@@ -123,6 +129,23 @@ class WireEncoder(JSONEncoder):
         if self.known_actors is not None and envelope["actor_name"] not in self.known_actors:
             raise ValueError(f"unknown actor {envelope['actor_name'][:100]!r}")
         return envelope
+
+
+#: A ``\\uD800``-``\\uDFFF`` escape: only bodies that have one need the lone-surrogate check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _not_a_json_number(name: str) -> Any:
+    # Python's json module reads NaN and Infinity; JSON has no such numbers.
+    raise ValueError(f"body is not JSON ({name} is not a JSON number)")
+
+
+def _has_lone_surrogate(envelope: Any) -> bool:
+    try:
+        json.dumps(envelope, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _JSON_TYPE_NAMES = {str: "string", list: "array", dict: "object", int: "integer"}
@@ -187,9 +210,16 @@ class VerloopBroker(RabbitmqBroker):
     #: Added to the priority of jobs from low-priority queues (dramatiq: higher runs later).
     LOW_PRIORITY_OFFSET = 1000
 
-    def __init__(self, *, low_priority_queues: frozenset[str] = frozenset(), **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        low_priority_queues: frozenset[str] = frozenset(),
+        events_exchange: str = "",
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.low_priority_queues = low_priority_queues
+        self.events_exchange = events_exchange
 
     def get_actor(self, actor_name: str) -> Any:
         actor = self.actors.get(actor_name)
@@ -201,7 +231,8 @@ class VerloopBroker(RabbitmqBroker):
         return actor
 
     def declare_queues_now(self) -> None:
-        """Create every queue (with its delay and dead-letter queues) on RabbitMQ now.
+        """Create every queue (with its delay and dead-letter queues) and the events exchange
+        on RabbitMQ now.
 
         Dramatiq declares a queue when a consumer thread first connects, some time after the
         worker started; a producer that publishes with ``mandatory`` in between gets its job
@@ -212,7 +243,9 @@ class VerloopBroker(RabbitmqBroker):
         try:
             for queue in sorted(self.queues):
                 self.declare_queue(queue, ensure=True)
-        except (dramatiq.errors.ConnectionError, pika.exceptions.AMQPError) as exc:
+            if self.events_exchange:
+                declare_exchange(self.channel, self.events_exchange)
+        except (dramatiq.errors.BrokerConnectionError, pika.exceptions.AMQPError) as exc:
             self.logger.warning("could not declare queues at boot (%s); consumers will", exc)
         finally:
             # The booting thread publishes nothing: do not keep its connection open unused.
@@ -238,6 +271,7 @@ def build_broker(
     known_actors: frozenset[str],
     middleware: list[Middleware],
     low_priority_queues: frozenset[str] = frozenset(),
+    events_exchange: str = "",
     time_limit_ms: int = 5 * 60 * 1000,
 ) -> VerloopBroker:
     """Build the broker, set it as dramatiq's global one, and return it.
@@ -249,6 +283,7 @@ def build_broker(
     dramatiq.set_encoder(WireEncoder(max_job_bytes, known_actors))
     broker = VerloopBroker(
         low_priority_queues=low_priority_queues,
+        events_exchange=events_exchange,
         url=amqp_url,
         confirm_delivery=True,
         middleware=[_TrackConsumingQueue(), TimeLimit(time_limit=time_limit_ms), *middleware],

@@ -23,6 +23,7 @@ import pika
 import pika.exceptions
 import redis
 
+from .campaigns.cli import campaign
 from .errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
 from .jobs import SEND_QUEUE, jobs_json_schema
 from .observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text
@@ -475,6 +476,9 @@ def schema(output: Path | None) -> None:
         click.echo(text, nl=False)
     else:
         output.write_text(text, encoding="utf-8")
+
+
+cli.add_command(campaign)
 
 
 def main() -> None:

@@ -217,7 +217,19 @@ class SendMessageJob(_Strict):
     to: E164
     message: Message
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    #: Set on campaign sends: the campaign's pause/cancel/window apply, its progress counts the
+    #: job, and (without an idempotency_key) each recipient is messaged once per campaign.
+    campaign_id: Identifier | None = None
     metadata: Metadata = None
+
+    def ledger_key(self, message_id: str) -> str:
+        """The idempotency ledger entry of this job: the producer's key, else one derived from
+        the campaign and recipient, else the dramatiq message id (a redelivery keeps it)."""
+        if self.idempotency_key is not None:
+            return f"key:{self.client_id}:{self.idempotency_key}"
+        if self.campaign_id is not None:
+            return f"campaign:{self.campaign_id}:{self.to}"
+        return f"message:{message_id}"
 
     def request_body(self) -> dict[str, Any]:
         """The body of the (modeled) send call: the Cloud API message object."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -36,7 +37,12 @@ from .observability.logging import scrub_text
 from .observability.metrics import Metrics
 from .settings import MAX_SINGLE_DELAY_S
 
-__all__ = ["JobOutcomes", "JobRecord", "RetryPolicy", "current_job"]
+__all__ = ["FINAL_OUTCOMES", "JobOutcomes", "JobRecord", "OnFinal", "RetryPolicy", "current_job"]
+
+#: Outcomes after which a job is gone from the queues for good (each gets an outcome event).
+FINAL_OUTCOMES = frozenset({"sent", "suppressed", "cancelled", "done", "dead_lettered"})
+#: Called with (broker, message, record) once a job's outcome is final.
+OnFinal = Callable[[Any, Any, "JobRecord"], None]
 
 _log = structlog.get_logger()
 _LOGGER_NAME = "verloop_worker.job"  # the same "logger" field the library lines carry
@@ -48,6 +54,9 @@ class JobRecord:
 
     fields: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
+    #: What the outcome event carries besides the log fields (the unmasked recipient, the
+    #: producer's metadata, management results); never logged.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def bind(self, **values: Any) -> None:
         """Add fields to the job's log line."""
@@ -91,9 +100,12 @@ def _retries_so_far(options: dict[str, Any]) -> int:
 class JobOutcomes(Middleware):
     """Logs each job once, and retries or dead-letters failed ones (see the module docstring)."""
 
-    def __init__(self, policy: RetryPolicy, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, policy: RetryPolicy, metrics: Metrics | None = None, on_final: OnFinal | None = None
+    ) -> None:
         self.policy = policy
         self.metrics = metrics
+        self.on_final = on_final
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         attempt = _retries_so_far(message.options) + 1
@@ -122,6 +134,7 @@ class JobOutcomes(Middleware):
         _current.set(None)
         if exception is None:
             record.fields.setdefault("outcome", "done")
+            self._finish(broker, message, record)
             self._log(record, "info")
             return
         try:
@@ -130,6 +143,8 @@ class JobOutcomes(Middleware):
                 self._log(record, "info")
                 return
             level = self._settle_failure(broker, message, exception, record)
+            if record.fields.get("outcome") == "dead_lettered":
+                self._finish(broker, message, record)
         except (VerloopWorkerError, BrokerConnectionError) as exc:
             # The retry or dead letter was not confirmed: reject the delivery so RabbitMQ
             # dead-letters it itself, rather than acknowledging a job we did not keep.
@@ -219,6 +234,16 @@ class JobOutcomes(Middleware):
         )
         record.bind(outcome="dead_lettered", dead_letter=outcome, reason=details.reason)
         return "error" if outcome != "invalid" else "warning"
+
+    def _finish(self, broker: Any, message: Any, record: JobRecord) -> None:
+        """Report a final outcome (event, campaign progress); never fails the job."""
+        if self.on_final is None:
+            return
+        try:
+            self.on_final(broker, message, record)
+        except Exception:  # noqa: BLE001 - the job's outcome stands whatever reporting does
+            record.bind(event_published=False)
+            _log.exception("reporting a job's outcome failed")
 
     def _log(self, record: JobRecord, level: str, exc_info: BaseException | None = None) -> None:
         fields = {k: v for k, v in record.fields.items() if v is not None}

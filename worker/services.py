@@ -9,7 +9,9 @@ import httpx
 import redis
 from dramatiq.middleware import Middleware
 
+from .campaigns.store import CampaignStore
 from .errors import ConfigurationError
+from .ledger import Ledger
 from .limits import (
     GateSettings,
     LimitPolicy,
@@ -80,6 +82,8 @@ class Services:
     system_token: SystemToken
     phone_tokens: PhoneTokens
     gate: SendGate
+    ledger: Ledger
+    campaigns: CampaignStore
 
     @classmethod
     def open(
@@ -113,7 +117,9 @@ class Services:
                 quality_pause_s=settings.quality_pause_s,
             ),
         )
-        return cls(settings, verloop, cache, system, phone_tokens, gate)
+        ledger = Ledger(cache, ttl_s=settings.ledger_ttl_s, lease_s=settings.ledger_lease)
+        campaigns = CampaignStore(cache, state_cache_s=settings.campaign_state_cache_s)
+        return cls(settings, verloop, cache, system, phone_tokens, gate, ledger, campaigns)
 
     def close(self) -> None:
         """Close the HTTP pool and the Redis connections."""

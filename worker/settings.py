@@ -125,6 +125,24 @@ class Settings(BaseSettings):
     #: Bodies larger than this are dead-lettered unread.
     max_job_bytes: int = Field(default=256 * 1024, ge=1024)
 
+    # --- idempotency, campaigns, events -------------------------------------------------------
+    #: How long the ledger remembers a send (longer than dead letters live: 7 days).
+    ledger_ttl_s: int = Field(default=30 * 86_400, ge=3600)
+    #: What a redelivered job does when an earlier delivery was mid-call to Verloop when its
+    #: worker died (it may or may not have been delivered): ``by_lane`` resends transactional
+    #: jobs (a missing one-time password is worse than two) and dead-letters campaign jobs for
+    #: an operator to decide (a customer must not get a marketing message twice).
+    uncertain_send_policy: Literal["by_lane", "resend", "dead_letter"] = "by_lane"
+    #: How long a claim on a job's ledger entry lasts while it is being sent; by default long
+    #: enough for the slot wait and the call (VERLOOP_CONNECT_TIMEOUT_S + VERLOOP_TIMEOUT_S).
+    ledger_lease_s: float | None = Field(default=None, gt=0)
+    #: How long a process trusts a campaign's state (running/paused/cancelled) it read.
+    campaign_state_cache_s: float = Field(default=1.0, ge=0, le=30)
+    #: A paused campaign's job looks again after this long (it is re-delayed, no retry used).
+    campaign_pause_recheck_s: float = Field(default=15.0, gt=0, le=600)
+    #: Topic exchange every job's final outcome is published to ("" turns events off).
+    events_exchange: str = "verloop.events"
+
     # --- process -----------------------------------------------------------------------------
     metrics_port: int = Field(default=9191, ge=0, le=65535)
     metrics_bind: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod/host address
@@ -154,6 +172,14 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @property
+    def ledger_lease(self) -> float:
+        """Seconds a send's ledger claim lasts (see ``LEDGER_LEASE_S``)."""
+        if self.ledger_lease_s is not None:
+            return self.ledger_lease_s
+        call = self.verloop_connect_timeout_s + self.verloop_timeout_s
+        return self.rate_limit_max_wait_s + call + 5.0
 
     # ------------------------------------------------------------------------------------------
     @classmethod

@@ -177,11 +177,14 @@ class _Api:
             self._counters.send_finished()
 
     async def _send(self, request: web.Request) -> web.Response:
+        # The body is read before the latency: a request that reached the server is handled
+        # even if its client goes away while it waits (a worker killed mid-call), as a real
+        # server would; the message may be delivered although nobody reads the answer.
+        data = await read_json(request)
         await self._latency()
         pair = self._state.tokens.resolve(bearer_token(request))
         if pair is None:
             return self._reply(401, _INVALID_TOKEN)
-        data = await read_json(request)
         if data is INVALID_JSON:
             return self._reply(400, graph_error("request body is not valid JSON", 100))
         try:

@@ -1,0 +1,211 @@
+"""Each job is sent once whatever RabbitMQ redelivers, and its final outcome is published."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pika
+import pytest
+import redis
+
+from worker.app import WorkerApp
+from worker.jobs import SEND_QUEUE
+from worker.producer import Producer, encode_job
+
+from .conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, wait_until
+
+TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
+EXCHANGE = "verloop.events"
+
+
+class Events:
+    """A queue bound to the events exchange, as an upstream subscriber would have."""
+
+    def __init__(self, binding: str = "#") -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        self.channel = self.connection.channel()
+        self.channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.queue_bind(self.queue, EXCHANGE, routing_key=binding)
+
+    def take(self) -> list[tuple[str, dict[str, Any]]]:
+        got = []
+        while True:
+            method, _, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return got
+            got.append((method.routing_key, json.loads(body)))
+
+    def wait_for(self, count: int) -> list[tuple[str, dict[str, Any]]]:
+        seen: list[tuple[str, dict[str, Any]]] = []
+
+        def enough() -> bool:
+            seen.extend(self.take())
+            return len(seen) >= count
+
+        wait_until(enough)
+        return seen
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    subscriber = Events()
+    yield subscriber
+    subscriber.close()
+
+
+def send(producer: Producer, to: str = "+919876543210", **kwargs: Any) -> str:
+    values: dict[str, Any] = {"client_id": "acme", "phone_id": "phone-1", "to": to, "message": TEXT}
+    values.update(kwargs)
+    return producer.send_message(**values)
+
+
+def test_a_sent_job_publishes_an_event_with_verloop_s_message_id(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    events: Events,
+) -> None:
+    start_worker()
+    message_id = send(producer, idempotency_key="otp-1", metadata={"order": 42})
+    [(key, event)] = events.wait_for(1)
+    [record] = simulator.messages()
+    assert key == "send.sent.acme.phone-1.none"
+    assert event["event"] == "send.sent"
+    assert event["outcome"] == "sent"
+    assert event["message_id"] == message_id
+    assert event["verloop_message_id"] == record["id"]
+    assert event["to"] == "+919876543210"  # subscribers get the recipient; logs mask it
+    assert event["metadata"] == {"order": 42}
+    assert event["idempotency_key"] == "otp-1"
+
+
+def test_a_dead_lettered_job_publishes_its_reason(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+) -> None:
+    failures = Events("send.dead_lettered.#")
+    try:
+        simulator.script({"status": 400, "body": {"error": {"code": 131026}}, "count": 1})
+        start_worker()
+        send(producer)
+        [(key, event)] = failures.wait_for(1)
+    finally:
+        failures.close()
+    assert key == "send.dead_lettered.acme.phone-1.none"
+    assert event["dead_letter"] == "failed"
+    assert event["code"] == "131026"
+    assert event["http_status"] == 400
+    assert event["reason"] == "send failed: bad request"
+    assert len(dead_letters()) == 1
+
+
+def test_the_same_job_enqueued_twice_is_sent_once_and_the_second_is_suppressed(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    events: Events,
+) -> None:
+    start_worker(threads=1)
+    send(producer, idempotency_key="order-7-shipped")
+    send(producer, idempotency_key="order-7-shipped")
+    got = events.wait_for(2)
+    assert sorted(key.split(".")[1] for key, _ in got) == ["sent", "suppressed"]
+    [record] = simulator.messages()
+    suppressed = next(event for key, event in got if event["outcome"] == "suppressed")
+    assert suppressed["verloop_message_id"] == record["id"]
+    assert simulator.stats()["duplicates"] == 0
+
+
+def test_a_redelivered_job_without_a_key_is_not_sent_again(
+    simulator: Simulator, start_worker: Callable[..., WorkerApp], events: Events
+) -> None:
+    """RabbitMQ redelivers with the same dramatiq message id: the ledger keys on it."""
+    start_worker(threads=1)
+    body = encode_job(
+        "send_message",
+        {"client_id": "acme", "phone_id": "phone-1", "to": "+919876543210", "message": TEXT},
+        queue=SEND_QUEUE,
+        message_id=str(uuid.uuid4()),
+    )
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    for _ in range(2):
+        channel.basic_publish("", SEND_QUEUE, body, pika.BasicProperties(delivery_mode=2))
+    connection.close()
+    got = events.wait_for(2)
+    assert sorted(event["outcome"] for _, event in got) == ["sent", "suppressed"]
+    assert len(simulator.messages()) == 1
+
+
+def _stale_claim(key: str) -> None:
+    """A claim whose worker died mid-call: its lease ended a minute ago."""
+    past_ms = int((time.time() - 60) * 1000)
+    redis.Redis.from_url(REDIS_URL).set(f"verloop:ledger:{key}", f"p:{past_ms}:host:1:2:x")
+
+
+def test_a_campaign_job_whose_earlier_delivery_died_mid_call_is_dead_lettered_not_resent(
+    simulator: Simulator, producer: Producer, start_worker: Callable[..., WorkerApp]
+) -> None:
+    _stale_claim("campaign:spring:+919876543210")
+    start_worker()
+    producer.enqueue(
+        "send_message",
+        {
+            "client_id": "acme",
+            "phone_id": "phone-1",
+            "to": "+919876543210",
+            "message": TEXT,
+            "campaign_id": "spring",
+        },
+        queue="verloop.campaign",
+    )
+    [(headers, _)] = wait_until(lambda: dead_letters("verloop.campaign"))
+    reason = headers["x-verloop-dead-letter"]["reason"]
+    assert reason.startswith("outcome unknown")
+    assert "--resend-uncertain" in reason
+    assert simulator.messages() == []
+
+
+def test_a_transactional_job_whose_earlier_delivery_died_mid_call_is_resent(
+    simulator: Simulator, producer: Producer, start_worker: Callable[..., WorkerApp]
+) -> None:
+    """A one-time password twice beats none: the default policy resends transactional jobs."""
+    _stale_claim("key:acme:otp-9")
+    start_worker()
+    send(producer, idempotency_key="otp-9")
+    [record] = wait_until(simulator.messages)
+    assert record["idempotency_key"] == "otp-9"
+    entry = redis.Redis.from_url(REDIS_URL).get("verloop:ledger:key:acme:otp-9")
+    assert entry == b"s:" + record["id"].encode()
+
+
+def test_a_delivery_that_finds_a_live_claim_waits_for_it_without_using_a_retry(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    events: Events,
+) -> None:
+    """Another worker is sending this very job: wait for its lease, then find it sent."""
+    cache = redis.Redis.from_url(REDIS_URL)
+    ends_ms = int((time.time() + 1.0) * 1000)
+    cache.set("verloop:ledger:key:acme:otp-10", f"p:{ends_ms}:other-host:1:2:y")
+    start_worker()
+    send(producer, idempotency_key="otp-10")
+    time.sleep(0.5)
+    assert simulator.messages() == []  # still waiting for the other claim
+    # The other worker finishes: the ledger says sent, so this delivery is suppressed.
+    cache.set("verloop:ledger:key:acme:otp-10", "s:wamid.other")
+    [(_, event)] = events.wait_for(1)
+    assert event["outcome"] == "suppressed"
+    assert event["verloop_message_id"] == "wamid.other"
+    assert event["attempt"] == 1  # the wait used no retry
+    assert simulator.messages() == []

@@ -1,0 +1,1 @@
+"""Campaigns: one template to many recipients, enqueued from a file, paced, pausable."""

@@ -1,0 +1,120 @@
+"""Outcome events: every job's final outcome, published to a RabbitMQ topic exchange.
+
+Exchange ``EVENTS_EXCHANGE`` (``verloop.events``, durable, type ``topic``). Routing keys:
+
+* sends: ``send.<outcome>.<client_id>.<phone_id>.<campaign_id or "none">``
+* management jobs: ``manage.<actor>.<outcome>``
+
+with ``<outcome>`` one of ``sent``, ``dead_lettered``, ``suppressed``, ``cancelled`` (sends) or
+``done``, ``dead_lettered`` (management). Dots inside identifiers become ``_`` so every part
+stays one routing-key word. Bind ``send.#`` for everything, ``send.dead_lettered.#`` for
+failures, ``send.*.acme.#`` for one client, ``send.*.*.*.spring-sale`` for one campaign.
+
+The body is JSON (see :func:`build_event`). Events are published on the worker thread's broker
+channel, in confirm mode, before the job is acknowledged: a job whose event RabbitMQ did not
+confirm is rejected to the dead-letter queue rather than acknowledged silently (at least once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+import pika
+
+__all__ = ["EVENT_VERSION", "build_event", "declare_exchange", "publish_event", "routing_key"]
+
+EVENT_VERSION: Final = 1
+
+#: Fields of the job's log record copied into its event when present.
+_FROM_RECORD: Final = (
+    "message_id",
+    "actor",
+    "queue",
+    "lane",
+    "attempt",
+    "client_id",
+    "phone_id",
+    "campaign_id",
+    "idempotency_key",
+    "verloop_message_id",
+    "http_status",
+    "code",
+    "reason",
+    "error",
+    "dead_letter",
+    "clients",
+    "token_source",
+    "suppressed_because",
+)
+
+
+def _word(value: Any) -> str:
+    text = str(value) if value not in (None, "") else "none"
+    return text.replace(".", "_").replace("*", "_").replace("#", "_")
+
+
+def routing_key(fields: Mapping[str, Any]) -> str:
+    """The routing key of a job's event, from its log record's fields."""
+    outcome = _word(fields.get("outcome"))
+    if fields.get("actor") == "send_message":
+        return ".".join(
+            (
+                "send",
+                outcome,
+                _word(fields.get("client_id")),
+                _word(fields.get("phone_id")),
+                _word(fields.get("campaign_id")),
+            )
+        )
+    return f"manage.{_word(fields.get('actor'))}.{outcome}"
+
+
+def build_event(
+    fields: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The event body: ``{"version", "event", "outcome", "at", ...the job's fields}``.
+
+    ``extra`` carries what the log line does not: the full recipient ``to`` (logs mask it),
+    the producer's ``metadata``, and management results such as the client list.
+    """
+    key = routing_key(fields)
+    event: dict[str, Any] = {
+        "version": EVENT_VERSION,
+        "event": ".".join(key.split(".")[:2]),
+        "outcome": fields.get("outcome"),
+        "at": round(time.time(), 3),
+    }
+    for name in _FROM_RECORD:
+        value = fields.get(name)
+        if value is not None:
+            event[name] = value
+    if extra:
+        event.update({k: v for k, v in extra.items() if v is not None})
+    return event
+
+
+def declare_exchange(channel: Any, exchange: str) -> None:
+    """Declare the events exchange (idempotent)."""
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+
+
+def publish_event(
+    channel: Any, exchange: str, fields: Mapping[str, Any], extra: Mapping[str, Any] | None
+) -> None:
+    """Publish one job's event on ``channel`` (confirmed if the channel is in confirm mode)."""
+    body = build_event(fields, extra)
+    channel.basic_publish(
+        exchange=exchange,
+        routing_key=routing_key(fields),
+        body=orjson.dumps(body, default=str),
+        properties=pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            timestamp=int(body["at"]),
+            type=body["event"],
+            message_id=str(fields.get("message_id") or ""),
+        ),
+    )

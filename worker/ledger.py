@@ -1,0 +1,174 @@
+"""The idempotency ledger: a job whose send already completed is never sent again.
+
+RabbitMQ delivers at least once: a worker killed after Verloop accepted a message but before
+the acknowledgement reached RabbitMQ gets the job again. Before calling Verloop a job *claims*
+its ledger entry in Redis (one atomic script, Redis's own clock); after Verloop accepted it,
+the entry records the message id. A later delivery of the same job finds that and is
+acknowledged as ``suppressed`` without calling Verloop.
+
+Entries (``verloop:ledger:<job's key>``, see :meth:`worker.jobs.SendMessageJob.ledger_key`):
+
+* ``s:<verloop message id>``: sent. Kept ``LEDGER_TTL_S`` (30 days by default, longer than dead
+  letters live, so a replayed dead letter is still checked).
+* ``p:<lease end, ms>:<owner>``: a worker is calling Verloop for it right now. Another delivery
+  that finds a live lease is re-delayed until the lease ends (no retry used): by then the first
+  one has either sent (→ suppressed) or released the claim (→ sends).
+
+The window that remains: a worker that dies *during* the HTTP call leaves a claim whose lease
+runs out with nobody having recorded the answer. Verloop may or may not have delivered the
+message. The next delivery finds that ``uncertain`` entry, and ``UNCERTAIN_SEND_POLICY`` decides:
+resend it (at least once) or dead-letter it with the reason ``outcome unknown`` for an operator
+(at most once). ``by_lane``, the default, resends transactional jobs and dead-letters campaign
+jobs. A call that times out while the worker lives is retried like any transient failure, with
+the same ``Idempotency-Key`` header.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import redis
+
+from .errors import RedisUnavailable
+
+__all__ = ["Claim", "Ledger", "LedgerEntry"]
+
+_PREFIX: Final = "verloop:ledger:"
+
+# KEYS[1] entry; ARGV: lease_ms, ttl_s, owner, take_over_uncertain (1/0). The owner's own claim
+# is renewed (a send retried in the same delivery after a token refresh).
+# Returns {state, detail}: claimed | sent <message id> | busy <ms left> | uncertain <entry>.
+_CLAIM: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+local v = redis.call('GET', KEYS[1])
+if v then
+  if string.sub(v, 1, 2) == 's:' then return {'sent', string.sub(v, 3)} end
+  local ends, owner = string.match(v, '^p:(%d+):(.*)$')
+  ends = tonumber(ends)
+  if ends and ends > now and owner ~= ARGV[3] then return {'busy', tostring(ends - now)} end
+  if owner == ARGV[3] then v = nil end
+  if v and ARGV[4] ~= '1' then return {'uncertain', v} end
+end
+redis.call('SET', KEYS[1], 'p:' .. tostring(now + lease) .. ':' .. ARGV[3], 'EX', ARGV[2])
+if v then return {'claimed', 'after_uncertain'} end
+return {'claimed', ''}
+"""
+
+# KEYS[1] entry; ARGV: owner. Deletes the entry only if this owner's claim is still there.
+_RELEASE: Final = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 2) == 'p:' and string.match(v, '^p:%d+:(.*)$') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What :meth:`Ledger.claim` found.
+
+    ``state``: ``claimed`` (go ahead and send), ``sent`` (``detail`` is Verloop's message id),
+    ``busy`` (``retry_in_s`` until the other claim's lease ends) or ``uncertain`` (an earlier
+    claim's worker died mid-call). ``after_uncertain`` marks a claim taken over from one.
+    """
+
+    state: Literal["claimed", "sent", "busy", "uncertain"]
+    detail: str = ""
+    retry_in_s: float = 0.0
+    after_uncertain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One ledger entry, as the dead-letter tooling reads it."""
+
+    key: str
+    state: Literal["sent", "pending", "absent"]
+    message_id: str | None = None
+
+
+class Ledger:
+    """The Redis ledger (see the module docstring). Every method raises
+    :class:`RedisUnavailable` when Redis does not answer: the caller holds the job."""
+
+    def __init__(self, cache: redis.Redis, *, ttl_s: int, lease_s: float) -> None:
+        self.cache = cache
+        self.ttl_s = ttl_s
+        self.lease_ms = max(1, int(lease_s * 1000))
+        self._claim = cache.register_script(_CLAIM)
+        self._release = cache.register_script(_RELEASE)
+        self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}:"
+
+    def claim(self, key: str, owner: str, *, take_over_uncertain: bool) -> Claim:
+        """Claim ``key`` for one call to Verloop by ``owner`` (e.g. the dramatiq message id)."""
+        try:
+            state, detail = self._claim(
+                keys=[_PREFIX + key],
+                args=[
+                    self.lease_ms,
+                    self.ttl_s,
+                    self._owner_prefix + owner,
+                    int(take_over_uncertain),
+                ],
+            )
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
+        state, detail = _text(state), _text(detail)
+        if state == "busy":
+            return Claim("busy", retry_in_s=int(detail) / 1000)
+        if state == "claimed":
+            return Claim("claimed", after_uncertain=detail == "after_uncertain")
+        if state == "sent":
+            return Claim("sent", detail=detail)
+        return Claim("uncertain", detail=detail)
+
+    def mark_sent(self, key: str, message_id: str | None) -> None:
+        """Record that Verloop accepted the job's message."""
+        try:
+            self.cache.set(_PREFIX + key, "s:" + (message_id or ""), ex=self.ttl_s)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
+
+    def release(self, key: str, owner: str) -> None:
+        """Give up this owner's claim after a failed call, so a retry may send."""
+        try:
+            self._release(keys=[_PREFIX + key], args=[self._owner_prefix + owner])
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
+
+    def lookup(self, key: str) -> LedgerEntry:
+        """What the ledger knows of ``key`` (for dead-letter replay and the CLI)."""
+        try:
+            value = self.cache.get(_PREFIX + key)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
+        if value is None:
+            return LedgerEntry(key, "absent")
+        text = _text(value)
+        if text.startswith("s:"):
+            return LedgerEntry(key, "sent", text[2:] or None)
+        return LedgerEntry(key, "pending")
+
+    def forget_pending(self, key: str) -> bool:
+        """Drop an unfinished claim (an operator chose to resend an ``outcome unknown`` job).
+        A ``sent`` entry is never dropped. Returns whether something was dropped."""
+        try:
+            value = self.cache.get(_PREFIX + key)
+            if value is None:
+                return False
+            if not _text(value).startswith("p:"):
+                return False
+            return bool(self.cache.delete(_PREFIX + key))
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
+
+
+def _text(value: object) -> str:
+    """Redis answers in bytes or str depending on the client's ``decode_responses``."""
+    return value.decode() if isinstance(value, bytes) else str(value)
