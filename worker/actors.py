@@ -33,6 +33,7 @@ from .jobs import (
     ACTOR_QUEUES,
     Job,
     ListClientsJob,
+    RefreshClientTokensJob,
     RefreshPhoneTokenJob,
     SendMessageJob,
     parse_job,
@@ -45,6 +46,7 @@ from .phones import mask_phone
 from .services import Lifecycle, Services
 from .settings import Settings
 from .verloop.client import SendResult
+from .verloop.clients import client_phones
 
 _log = structlog.get_logger()
 
@@ -176,28 +178,45 @@ def _release(ledger: Ledger, key: str, owner: str) -> None:
 
 
 def list_clients(services: Services, job: ListClientsJob, record: JobRecord) -> None:
-    """List the partner's clients and log how many there are (events come with the events
-    exchange)."""
-    clients = services.verloop.list_clients(services.system_token.get())
-    count = _count_clients(clients)
-    record.bind(outcome="done", clients=count)
-
-
-def _count_clients(body: Any) -> int | None:
-    # The response shape is not public: count a top-level list or the first list we find.
-    if isinstance(body, list):
-        return len(body)
-    if isinstance(body, dict):
-        for value in body.values():
-            if isinstance(value, list):
-                return len(value)
-    return None
+    """List the partner's clients and their numbers; the list goes out in the job's event."""
+    clients = client_phones(services.verloop.list_clients(services.system_token.get()))
+    record.bind(outcome="done", clients=len(clients))
+    record.extra["result"] = {"clients": clients}
 
 
 def refresh_phone_token(services: Services, job: RefreshPhoneTokenJob, record: JobRecord) -> None:
     """Forget the cached token of one number and fetch it again from Verloop."""
     _, source = services.phone_tokens.refresh(job.client_id, job.phone_id, rejected=None)
     record.bind(outcome="done", token_source=source)
+    record.extra["result"] = {"phones": [{"phone_id": job.phone_id, "refreshed": True}]}
+
+
+def refresh_client_tokens(
+    services: Services, job: RefreshClientTokensJob, record: JobRecord
+) -> None:
+    """Refresh the token of every number of one client, as ``list_clients`` lists them.
+
+    One number failing does not stop the others; the result says which were refreshed. If
+    none could be, the job fails with the first reason (and is retried or dead-lettered).
+    """
+    listed = client_phones(services.verloop.list_clients(services.system_token.get()))
+    phone_ids = next((c["phone_ids"] for c in listed if c["client_id"] == job.client_id), None)
+    if phone_ids is None:
+        raise PermanentFailure(f"Verloop's client list has no client {job.client_id!r}")
+    results: list[dict[str, Any]] = []
+    first_failure: JobFailure | None = None
+    for phone_id in phone_ids:
+        try:
+            services.phone_tokens.refresh(job.client_id, phone_id, rejected=None)
+            results.append({"phone_id": phone_id, "refreshed": True})
+        except JobFailure as exc:
+            first_failure = first_failure or exc
+            results.append({"phone_id": phone_id, "refreshed": False, "reason": exc.details.reason})
+    if phone_ids and first_failure is not None and not any(r["refreshed"] for r in results):
+        raise first_failure
+    refreshed = sum(1 for r in results if r["refreshed"])
+    record.bind(outcome="done", client_id=job.client_id, phones=len(results), refreshed=refreshed)
+    record.extra["result"] = {"phones": results}
 
 
 _Handler = Callable[[Services, Any, JobRecord], None]
@@ -205,6 +224,7 @@ _HANDLERS: dict[str, _Handler] = {
     "send_message": send_message,
     "list_clients": list_clients,
     "refresh_phone_token": refresh_phone_token,
+    "refresh_client_tokens": refresh_client_tokens,
 }
 
 

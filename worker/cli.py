@@ -24,8 +24,10 @@ import pika.exceptions
 import redis
 
 from .campaigns.cli import campaign
+from .dlq_cli import dlq
 from .errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
 from .jobs import SEND_QUEUE, jobs_json_schema
+from .management_cli import clients, tokens
 from .observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text
 from .phones import mask_phone
 from .services import open_redis, open_verloop_client
@@ -421,23 +423,41 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
         params.socket_timeout = 3
         pika.BlockingConnection(params).close()
     except (pika.exceptions.AMQPError, OSError) as exc:
-        amqp_problem = (
-            f"cannot connect to {mask_url(amqp)} ({type(exc).__name__}). "
-            "Is it running? Start it with: rabbitmq-server -detached"
+        amqp_problem = f"cannot connect to {mask_url(amqp)} ({type(exc).__name__}). " + (
+            _tls_hint(exc, "AMQP_URL", "?ssl_options={'ca_certs': '/path/ca.pem'}")
+            or "Is it running? Start it with: rabbitmq-server -detached"
         )
     redis_url = mask_url(settings.redis_url.get_secret_value())
     redis_problem = None
     client = open_redis(settings)
     try:
         client.ping()
-    except redis.RedisError as exc:
+    except redis.AuthenticationError as exc:
         redis_problem = (
-            f"cannot connect to {redis_url} ({type(exc).__name__}). "
-            "Start it with: redis-server --daemonize yes"
+            f"{redis_url} refused the password in REDIS_URL ({type(exc).__name__}); "
+            "check REDIS_URL (redis://:PASSWORD@host:port/db)"
+        )
+    except redis.RedisError as exc:
+        redis_problem = f"cannot connect to {redis_url} ({type(exc).__name__}). " + (
+            _tls_hint(exc, "REDIS_URL", "?ssl_ca_certs=/path/ca.pem")
+            or "Start it with: redis-server --daemonize yes"
         )
     finally:
         client.close()
     return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, redis_problem)]
+
+
+def _tls_hint(exc: BaseException, setting: str, ca_option: str) -> str | None:
+    """What to do about a TLS failure (None if ``exc`` is not one); no secret is in it."""
+    text = f"{type(exc).__name__} {exc}"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "CertVerification" in text:
+        return (
+            "The server's TLS certificate is not trusted: add its CA to "
+            f"{setting} ({ca_option}) or to the system's trust store."
+        )
+    if "SSL" in text:
+        return "The TLS handshake failed: is that port a TLS port (amqps/rediss)?"
+    return None
 
 
 def _verloop_problem(settings: Settings) -> str | None:
@@ -479,6 +499,9 @@ def schema(output: Path | None) -> None:
 
 
 cli.add_command(campaign)
+cli.add_command(clients)
+cli.add_command(tokens)
+cli.add_command(dlq)
 
 
 def main() -> None:

@@ -252,14 +252,29 @@ class RefreshPhoneTokenJob(_Strict):
     metadata: Metadata = None
 
 
-Job = SendMessageJob | ListClientsJob | RefreshPhoneTokenJob
+class RefreshClientTokensJob(_Strict):
+    """kwargs of ``refresh_client_tokens``: refresh the token of every number of one client
+    (its numbers are found with ``list_clients``)."""
+
+    client_id: Identifier
+    metadata: Metadata = None
+
+
+Job = SendMessageJob | ListClientsJob | RefreshPhoneTokenJob | RefreshClientTokensJob
 
 #: Actor name → kwargs model. The public list of what the worker runs.
-JOB_MODELS: Mapping[str, type[SendMessageJob] | type[ListClientsJob] | type[RefreshPhoneTokenJob]]
+JOB_MODELS: Mapping[
+    str,
+    type[SendMessageJob]
+    | type[ListClientsJob]
+    | type[RefreshPhoneTokenJob]
+    | type[RefreshClientTokensJob],
+]
 JOB_MODELS = {
     "send_message": SendMessageJob,
     "list_clients": ListClientsJob,
     "refresh_phone_token": RefreshPhoneTokenJob,
+    "refresh_client_tokens": RefreshClientTokensJob,
 }
 
 #: Actor name → the queue its jobs are published to.
@@ -267,6 +282,7 @@ ACTOR_QUEUES: Mapping[str, str] = {
     "send_message": SEND_QUEUE,
     "list_clients": MANAGE_QUEUE,
     "refresh_phone_token": MANAGE_QUEUE,
+    "refresh_client_tokens": MANAGE_QUEUE,
 }
 
 

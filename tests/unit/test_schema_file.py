@@ -32,6 +32,7 @@ def test_the_schema_file_is_exactly_what_the_schema_command_writes() -> None:
         ("send_message", "verloop.send"),
         ("list_clients", "verloop.manage"),
         ("refresh_phone_token", "verloop.manage"),
+        ("refresh_client_tokens", "verloop.manage"),
     ],
 )
 def test_the_schema_lists_each_actor_with_its_queue(
@@ -43,8 +44,13 @@ def test_the_schema_lists_each_actor_with_its_queue(
 
 
 def test_the_schema_lists_no_other_actors(schema: dict[str, Any]) -> None:
-    """The schema describes exactly the three public actors."""
-    assert set(schema["actors"]) == {"send_message", "list_clients", "refresh_phone_token"}
+    """The schema describes exactly the four public actors."""
+    assert set(schema["actors"]) == {
+        "send_message",
+        "list_clients",
+        "refresh_phone_token",
+        "refresh_client_tokens",
+    }
 
 
 def test_send_message_kwargs_forbid_unknown_fields(schema: dict[str, Any]) -> None:

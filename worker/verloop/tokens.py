@@ -28,7 +28,7 @@ from ..errors import PermanentFailure, RedisUnavailable, TokenInvalid
 from ..observability.logging import register_secret
 from .client import VerloopClient
 
-__all__ = ["PhoneTokens", "SystemToken", "TokenSource"]
+__all__ = ["PhoneTokens", "SystemToken", "TokenSource", "token_cache_entries"]
 
 TokenSource = Literal["file", "memory", "redis", "verloop"]
 
@@ -243,3 +243,17 @@ def _reveal(secret: SecretStr | None) -> str:
 def _key(key: tuple[str, str]) -> str:
     # Identifiers are restricted to [A-Za-z0-9._:@-] by the job schema, so they are safe here.
     return f"{_KEY_PREFIX}:{key[0]}:{key[1]}"
+
+
+def token_cache_entries(cache: redis.Redis, client_id: str | None = None) -> list[dict[str, Any]]:
+    """The numbers whose token is cached in Redis, with seconds left (never the token)."""
+    pattern = f"{_KEY_PREFIX}:{client_id}:*" if client_id else f"{_KEY_PREFIX}:*"
+    entries = []
+    for raw in cache.scan_iter(match=pattern, count=500):
+        key = raw.decode() if isinstance(raw, bytes) else str(raw)
+        client, _, phone = key.removeprefix(_KEY_PREFIX + ":").partition(":")
+        ttl = int(cache.ttl(key))
+        entries.append(
+            {"client_id": client, "phone_id": phone, "expires_in_s": ttl if ttl >= 0 else None}
+        )
+    return sorted(entries, key=lambda e: (e["client_id"], e["phone_id"]))
