@@ -21,12 +21,13 @@ from collections.abc import Callable
 import httpx
 from pika.exceptions import AMQPError
 
-from . import rate_limits, send_path
+from . import campaign_send, rate_limits, send_path
 from .common import RESULTS, Result, ensure_vhost, write_json
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     send_path.NAME: send_path.run,
     **rate_limits.BENCHMARKS,
+    campaign_send.NAME: campaign_send.run,
 }
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     )
     send_path.add_arguments(parser)
     rate_limits.add_arguments(parser)
+    campaign_send.add_arguments(parser)
     args = parser.parse_args()
 
     ensure_vhost()

@@ -159,9 +159,18 @@ def _paced_send(
         if isinstance(exc, JobFailure) and not isinstance(exc, TokenInvalid):
             services.gate.react(job.phone_id, job.to, lane, exc)
         raise
+    campaign_id = job.campaign_id
+    count = None
+    if campaign_id is not None:
+        record.extra["campaign_counted"] = True
+
+        def count(pipe: Any) -> None:
+            services.campaigns.count_outcome_in(pipe, campaign_id, "sent")
+
     try:
-        ledger.mark_sent(key, result.message_id)
+        ledger.mark_sent(key, result.message_id, also=count)
     except RedisUnavailable:
+        record.extra.pop("campaign_counted", None)
         # Sent, but not written down: acknowledging is right (sending again is not). A later
         # redelivery of this job would find the claim and treat it as an uncertain outcome.
         record.bind(ledger="not_recorded")

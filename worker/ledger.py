@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import redis
 
@@ -128,10 +129,17 @@ class Ledger:
             return Claim("sent", detail=detail)
         return Claim("uncertain", detail=detail)
 
-    def mark_sent(self, key: str, message_id: str | None) -> None:
-        """Record that Verloop accepted the job's message."""
+    def mark_sent(
+        self, key: str, message_id: str | None, *, also: Callable[[Any], None] | None = None
+    ) -> None:
+        """Record that Verloop accepted the job's message; ``also`` may queue more commands on
+        the same pipeline (one round trip)."""
         try:
-            self.cache.set(_PREFIX + key, "s:" + (message_id or ""), ex=self.ttl_s)
+            pipe = self.cache.pipeline(transaction=False)
+            pipe.set(_PREFIX + key, "s:" + (message_id or ""), ex=self.ttl_s)
+            if also is not None:
+                also(pipe)
+            pipe.execute()
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
 

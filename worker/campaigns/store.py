@@ -177,21 +177,28 @@ class CampaignStore:
 
     def count_outcome(self, campaign_id: str, outcome: str, extra: str | None = None) -> None:
         """Count one job's final outcome (and, for sends, the current rate)."""
-        if outcome not in OUTCOME_COUNTERS:
-            return
-        key = _PREFIX + campaign_id
         try:
             pipe = self.cache.pipeline(transaction=False)
-            pipe.hincrby(key, outcome, 1)
-            if extra:
-                pipe.hincrby(key, f"{outcome}:{extra}", 1)
-            if outcome in ("sent", "suppressed", "dead_lettered", "cancelled"):
-                bucket_key = f"{key}:rate:{int(time.time()) // _RATE_BUCKET_S}"
-                pipe.incr(bucket_key)
-                pipe.expire(bucket_key, _RATE_BUCKET_S * (_RATE_WINDOW_BUCKETS + 2))
+            self.count_outcome_in(pipe, campaign_id, outcome, extra)
             pipe.execute()
         except redis.RedisError as exc:
             raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
+
+    @staticmethod
+    def count_outcome_in(
+        pipe: Any, campaign_id: str, outcome: str, extra: str | None = None
+    ) -> None:
+        """Queue :meth:`count_outcome`'s commands on a pipeline the caller executes (a send
+        records its ledger entry and its campaign progress in one round trip)."""
+        if outcome not in OUTCOME_COUNTERS:
+            return
+        key = _PREFIX + campaign_id
+        pipe.hincrby(key, outcome, 1)
+        if extra:
+            pipe.hincrby(key, f"{outcome}:{extra}", 1)
+        bucket_key = f"{key}:rate:{int(time.time()) // _RATE_BUCKET_S}"
+        pipe.incr(bucket_key)
+        pipe.expire(bucket_key, _RATE_BUCKET_S * (_RATE_WINDOW_BUCKETS + 2))
 
     def _hset(self, campaign_id: str, **values: Any) -> None:
         try:
