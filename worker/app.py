@@ -58,14 +58,14 @@ def create_app(settings: Settings) -> WorkerApp:
             max_backoff_s=settings.retry_max_backoff_s,
         ),
         metrics,
-        on_final=OutcomeReporter(lifecycle, settings.events_exchange),
+        on_final=OutcomeReporter(lifecycle, settings.outcome_exchange),
     )
     broker = build_broker(
         settings.amqp_url.get_secret_value(),
         max_job_bytes=settings.max_job_bytes,
         known_actors=frozenset(JOB_MODELS),
         low_priority_queues=frozenset({CAMPAIGN_QUEUE}),
-        events_exchange=settings.events_exchange,
+        events_exchange=settings.outcome_exchange,
         middleware=[*middleware, lifecycle, outcomes],
     )
     actors = register_actors(broker, lifecycle)

@@ -41,8 +41,8 @@ def run_management_job(
     Raises:
         click.ClickException: RabbitMQ unreachable, or no outcome within ``timeout_s``.
     """
-    if not settings.events_exchange:
-        raise click.ClickException("EVENTS_EXCHANGE is empty: workers publish no results to read")
+    if not settings.outcome_exchange:
+        raise click.ClickException("EVENTS_ENABLED is false: workers publish no results to read")
     url = settings.amqp_url.get_secret_value()
     try:
         connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -52,9 +52,9 @@ def run_management_job(
         ) from None
     try:
         channel = connection.channel()
-        declare_exchange(channel, settings.events_exchange)
+        declare_exchange(channel, settings.outcome_exchange)
         queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
-        channel.queue_bind(queue, settings.events_exchange, routing_key=f"manage.{actor}.*")
+        channel.queue_bind(queue, settings.outcome_exchange, routing_key=f"manage.{actor}.*")
         try:
             with Producer(url) as producer:
                 message_id = producer.enqueue(actor, kwargs)

@@ -140,8 +140,14 @@ class Settings(BaseSettings):
     campaign_state_cache_s: float = Field(default=1.0, ge=0, le=30)
     #: A paused campaign's job looks again after this long (it is re-delayed, no retry used).
     campaign_pause_recheck_s: float = Field(default=15.0, gt=0, le=600)
-    #: Topic exchange every job's final outcome is published to ("" turns events off).
-    events_exchange: str = "verloop.events"
+    #: Publish every job's final outcome to ``events_exchange`` (a topic exchange).
+    events_enabled: bool = True
+    events_exchange: str = Field(default="verloop.events", min_length=1, max_length=255)
+
+    @property
+    def outcome_exchange(self) -> str:
+        """The events exchange, or "" when events are off."""
+        return self.events_exchange if self.events_enabled else ""
 
     # --- process -----------------------------------------------------------------------------
     metrics_port: int = Field(default=9191, ge=0, le=65535)

@@ -209,3 +209,17 @@ def test_a_delivery_that_finds_a_live_claim_waits_for_it_without_using_a_retry(
     assert event["verloop_message_id"] == "wamid.other"
     assert event["attempt"] == 1  # the wait used no retry
     assert simulator.messages() == []
+
+
+def test_with_events_off_nothing_is_published(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    events: Events,
+) -> None:
+    start_worker(events_enabled=False)
+    send(producer, idempotency_key="quiet-1")
+    send(producer, to="+919876543211", idempotency_key="quiet-2")
+    wait_until(lambda: len(simulator.messages()) == 2)
+    time.sleep(0.2)  # the jobs' acknowledgements follow their sends
+    assert events.take() == []
