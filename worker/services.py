@@ -66,6 +66,7 @@ def open_limiter(settings: Settings, cache: redis.Redis) -> RateLimiter:
         reserve=settings.rate_limit_reserve,
         max_wait_s=settings.rate_limit_max_wait_s,
         account_rate=settings.rate_limit_account_per_s,
+        campaign_lookahead_s=settings.rate_limit_campaign_lookahead_s,
     )
     if settings.rate_limit_backend == "memory":
         return MemoryLimiter(policy)

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     rate_limit_reserve: float = Field(default=0.1, ge=0, le=0.5)
     #: A send waits up to this long for its slot; further away, it is re-delayed (no retry used).
     rate_limit_max_wait_s: float = Field(default=2.0, gt=0, le=30)
+    #: How far ahead a campaign send may reserve its slot (transactional sends get this much
+    #: extra tolerance, so they still never wait behind a campaign).
+    rate_limit_campaign_lookahead_s: float = Field(default=0.05, ge=0, le=1)
     #: Optional limit on all calls to Verloop, across every number.
     rate_limit_account_per_s: float | None = Field(default=None, gt=0)
     #: After a 429/130429 a number's rate is multiplied by this, for this long.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 import redis
@@ -151,6 +152,12 @@ def test_the_reserve_is_a_share_of_the_rate_and_at_least_one_message() -> None:
     assert rules.tolerance_slots("fast", "transactional") == pytest.approx(10)
     assert rules.tolerance_slots("fast", "campaign") == 0
     assert policy(5, reserve=0).tolerance_slots(PHONE, "transactional") == 1
+    # A campaign lookahead extends the transactional tolerance by as many slots.
+    ahead = replace(rules, campaign_lookahead_s=0.05)
+    assert ahead.tolerance_slots("fast", "transactional") == pytest.approx(10 + 0.05 * 100)
+    assert ahead.tolerance_slots("fast", "campaign") == 0
+    assert ahead.max_wait_for("campaign") == 0.05
+    assert ahead.max_wait_for("transactional") == rules.max_wait_s
 
 
 def test_a_larger_reserve_lets_h_plus_one_transactional_sends_go_at_once(
@@ -492,7 +499,12 @@ def test_rate_limit_settings_reach_the_limiter_policy(
     finally:
         client.close()
     assert rules == LimitPolicy(
-        default_rate=20, overrides={"phone-9": 1000}, reserve=0.25, max_wait_s=1.5, account_rate=500
+        default_rate=20,
+        overrides={"phone-9": 1000},
+        reserve=0.25,
+        max_wait_s=1.5,
+        account_rate=500,
+        campaign_lookahead_s=0.05,
     )
 
 

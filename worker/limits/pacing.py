@@ -5,15 +5,20 @@ timestamp): ``tat`` is the theoretical arrival time of the next message. With em
 ``T = 1/rate`` a send conforms when ``tat - now <= tolerance``; taking it moves
 ``tat = max(tat, now) + T``. Two lanes share a number:
 
-* **transactional** (``verloop.send``): tolerance ``H*T``, where ``H`` is the reserve
+* **campaign** (``verloop.campaign``): tolerance 0, and it reserves at most ``A`` ahead
+  (``RATE_LIMIT_CAMPAIGN_LOOKAHEAD_S``, 50 ms): it takes the next slot only if that slot is
+  within ``A`` of now, and sleeps until it. So a campaign backlog keeps ``tat`` at most ``A``
+  ahead of ``now``. (Without any lookahead a campaign send could only take a slot already
+  free, and every millisecond it arrived late would be lost for good: on a fast number the
+  campaign lane then ran at half its limit.)
+* **transactional** (``verloop.send``): tolerance ``H*T + A``, where ``H`` is the reserve
   (``RATE_LIMIT_RESERVE`` of a second's worth of messages, at least one). It may *reserve* a
-  slot up to ``RATE_LIMIT_MAX_WAIT_S`` ahead and sleep until it.
-* **campaign** (``verloop.campaign``): tolerance 0, and it never reserves ahead: it only takes a
-  slot that is free now. So a campaign backlog keeps ``tat`` at most at ``now``, and a
-  transactional send always finds ``H`` slots free: it never waits behind the campaign.
+  slot up to ``RATE_LIMIT_MAX_WAIT_S`` ahead and sleep until it. Its tolerance reaches past
+  whatever the campaign has reserved, so it always finds ``H`` slots free: a transactional send
+  never waits behind the campaign.
 
-In any window of ``W`` seconds a number sends at most ``rate*W + H + 1`` messages, within the
-platform's one-second bucket as long as ``H + 1 <= rate``.
+In any window of ``W`` seconds a number sends at most ``rate*W + H + A*rate + 1`` messages,
+within the platform's one-second bucket as long as ``H + A*rate + 1 <= rate``.
 
 Around the bucket: a recipient can be cooling down (131056), a number paused (131057, all lanes)
 or paused for quality (131048, campaign lane), and a number's rate lowered for a while after a
@@ -67,6 +72,7 @@ class LimitPolicy:
     reserve: float
     max_wait_s: float
     account_rate: float | None = None
+    campaign_lookahead_s: float = 0.0
 
     def rate_for(self, phone_id: str) -> float:
         """Messages per second allowed for one number."""
@@ -76,7 +82,12 @@ class LimitPolicy:
         """How many slots ahead of ``now`` a lane may be; see the module docstring."""
         if lane == "campaign":
             return 0.0
-        return max(1.0, self.reserve * self.rate_for(phone_id))
+        rate = self.rate_for(phone_id)
+        return max(1.0, self.reserve * rate) + self.campaign_lookahead_s * rate
+
+    def max_wait_for(self, lane: Lane) -> float:
+        """How far ahead a lane may reserve a slot and sleep until it."""
+        return self.campaign_lookahead_s if lane == "campaign" else self.max_wait_s
 
 
 class RateLimiter(Protocol):
@@ -144,7 +155,7 @@ class MemoryLimiter:
                 account_interval = 1.0 / self.policy.account_rate
                 account_tat = max(self._tat.get("\0account", now), now)
                 wait = max(wait, account_tat - now)  # the account bucket has no burst
-            if wait > 0 and (lane == "campaign" or wait > self.policy.max_wait_s):
+            if wait > self.policy.max_wait_for(lane):
                 return Decision(Verdict.WAIT, wait)
             # The send happens at now + wait: each bucket advances from then (see the Lua script).
             sent_at = now + wait

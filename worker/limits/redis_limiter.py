@@ -25,7 +25,7 @@ __all__ = ["LimiterUnavailable", "RedisLimiter"]
 _PREFIX = "verloop:rl"
 
 # KEYS: 1 number tat, 2 account tat, 3 pair hold, 4 number pause, 5 quality pause, 6 penalty
-# ARGV: 1 interval µs, 2 tolerance µs, 3 campaign (1/0), 4 max wait µs, 5 account interval µs
+# ARGV: 1 interval µs, 2 tolerance µs, 3 campaign (1/0), 4 lane's max wait µs, 5 account µs
 #       (0 = none), 6 key ttl ms, 7 slots wanted (a lease; 1 = just this send)
 # Returns {verdict, wait µs, slots granted, interval µs}.
 _ACQUIRE = """
@@ -48,7 +48,7 @@ if account_interval > 0 then
   account_tat = math.max(tonumber(redis.call('GET', KEYS[2]) or '0'), now)
   wait = math.max(wait, account_tat - now)
 end
-if wait > 0 and (ARGV[3] == '1' or wait > tonumber(ARGV[4])) then
+if wait > tonumber(ARGV[4]) then
   return {1, string.format('%.0f', wait), 0, 0}
 end
 -- A lease: further consecutive slots, each still within the maximum wait.
@@ -141,7 +141,7 @@ class RedisLimiter:
             interval_us,
             self.policy.tolerance_slots(phone_id, lane) * interval_us,
             1 if lane == "campaign" else 0,
-            self.policy.max_wait_s * 1_000_000,
+            self.policy.max_wait_for(lane) * 1_000_000,
             account_us,
             # Long enough to outlive any reservation, short enough to clean up idle numbers.
             int(max(60_000, 2_000 * self.policy.max_wait_s + 10 * interval_us / 1000)),
