@@ -33,6 +33,19 @@ def without(key: str) -> bytes:
     return json.dumps({"actor_name": "send_message", "kwargs": kwargs}).encode()
 
 
+def raw_envelope(**fields: Any) -> bytes:
+    """A send_message envelope with some top-level fields set (or replaced) as given."""
+    return json.dumps({"actor_name": "send_message", "kwargs": GOOD_KWARGS, **fields}).encode()
+
+
+def raw_text_envelope(key: str, raw_value: str) -> bytes:
+    """A send_message envelope whose kwarg ``key`` is ``raw_value``, JSON text written by hand
+    (for what json.dumps will not write: NaN, lone surrogates, huge numbers)."""
+    kwargs = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in GOOD_KWARGS.items() if k != key]
+    kwargs.append(f'"{key}": {raw_value}')
+    return ('{"actor_name": "send_message", "kwargs": {' + ", ".join(kwargs) + "}}").encode()
+
+
 #: (id, body as published, words the dead letter's reason must contain)
 CORPUS: list[tuple[str, bytes, str]] = [
     ("not-json", b"this is not json", "not JSON"),
@@ -86,14 +99,68 @@ CORPUS: list[tuple[str, bytes, str]] = [
         envelope(to="+" + "".join(chr(0xFF10 + int(d)) for d in "919876543210") + "\u202e"),
         "to:",
     ),
+    # --- more bodies that are not JSON objects ---
+    ("json-null", b"null", "not an object"),
+    ("utf8-bom", b"\xef\xbb\xbf" + envelope(), "not JSON"),
+    ("utf16-body", json.dumps({"actor_name": "send_message"}).encode("utf-16"), "not UTF-8"),
+    ("nul-byte-outside-strings", envelope()[:-1] + b"\x00}", "not JSON"),
+    ("nested-too-deeply", b"[" * 100_000, "nested too deeply"),
+    ("huge-garbage", b"\x00\xff" * 400_000, "limit is"),
+    # --- envelope fields of the wrong type ---
+    ("kwargs-null", raw_envelope(kwargs=None), "'kwargs' must be a JSON object"),
+    ("actor-name-a-number", raw_envelope(actor_name=7), "'actor_name' must be a JSON string"),
+    ("empty-actor-name", raw_envelope(actor_name=""), "actor_name is empty"),
+    ("options-an-array", raw_envelope(options=[]), "'options' must be a JSON object"),
+    ("timestamp-a-string", raw_envelope(message_timestamp="now"), "'message_timestamp' must be"),
+    ("timestamp-a-boolean", raw_envelope(message_timestamp=True), "'message_timestamp' must be"),
+    (
+        "args-instead-of-kwargs",
+        json.dumps({"actor_name": "send_message", "args": list(GOOD_KWARGS.values())}).encode(),
+        "keyword arguments only",
+    ),
+    # --- invalid numbers ---
+    ("nan-literal", raw_text_envelope("metadata", '{"score": NaN}'), "NaN"),
+    ("infinity-literal", raw_text_envelope("metadata", '{"score": -Infinity}'), "Infinity"),
+    ("integer-of-5000-digits", raw_text_envelope("metadata", "9" * 5000), "5000 digits"),
+    ("phone-as-a-number", envelope(to=919876543210), "to: Input should be a valid string"),
+    ("phone-as-a-float", envelope(to=9.19876543210e11), "to: Input should be a valid string"),
+    # --- kwargs of the wrong type or missing ---
+    ("missing-client-id", without("client_id"), "client_id: Field required"),
+    ("idempotency-key-a-number", envelope(idempotency_key=5), "idempotency_key"),
+    ("text-body-a-number", envelope(message={"type": "text", "text": {"body": 5}}), "text.body"),
+    ("empty-text-body", envelope(message={"type": "text", "text": {"body": ""}}), "text.body"),
+    ("message-type-missing", envelope(message={"text": {"body": "hi"}}), "message"),
+    (
+        "template-without-name",
+        envelope(message={"type": "template", "template": {"language": {"code": "en"}}}),
+        "template.name: Field required",
+    ),
+    ("metadata-over-4096", envelope(metadata={"note": "z" * 5000}), "metadata: must be at most"),
+    # --- odd Unicode ---
+    ("zero-width-space-in-phone", envelope(to="+91987654\u200b3210"), "to: may contain only"),
+    ("rtl-override-in-client-id", envelope(client_id="acme\u202e"), "client_id"),
+    ("nul-in-phone-id", envelope(phone_id="phone\x001"), "phone_id"),
+    (
+        "full-width-digits-in-phone",
+        envelope(to="+" + "".join(chr(0xFF10 + int(d)) for d in "919876543210")),
+        "to: may contain only",
+    ),
+    ("emoji-phone", envelope(to="+\U0001f4de"), "to: may contain only"),
+    (
+        "lone-surrogate-in-text",
+        raw_text_envelope("message", '{"type": "text", "text": {"body": "hi \\ud800"}}'),
+        "surrogate",
+    ),
+    ("lone-surrogate-in-metadata", raw_text_envelope("metadata", '{"x": "\\udc00"}'), "surrogate"),
+    ("lone-surrogate-as-field-name", raw_text_envelope("\\udfff", "1"), "surrogate"),
 ]
 
 
 def _tagged(case_id: str, body: bytes) -> bytes:
     """Give decodable envelopes the case id as message_id, so their dead letter can be found."""
     try:
-        envelope = json.loads(body)
-    except ValueError:
+        envelope = json.loads(body.decode("utf-8"))  # bytes would lose a byte-order mark
+    except (ValueError, RecursionError):
         return body
     if not isinstance(envelope, dict):
         return body
