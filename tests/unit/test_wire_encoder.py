@@ -186,3 +186,31 @@ def test_encode_is_dramatiqs_json(encoder: WireEncoder) -> None:
 def test_raw_body_of_kwargs_without_a_body_is_empty() -> None:
     """raw_body_of tolerates kwargs that carry no raw body."""
     assert raw_body_of({}) == b""
+
+
+@pytest.mark.usefixtures("consuming")
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"actor_name": "send_message", "kwargs": {"metadata": {"x": NaN}}}', "NaN"),
+        (b'{"actor_name": "send_message", "kwargs": {"metadata": {"x": -Infinity}}}', "Infinity"),
+        (b'{"actor_name": "send_message", "kwargs": {"to": "\\ud83d"}}', "surrogate"),
+        (b'{"actor_name": "send_message", "kwargs": {"to": "\\udc00x"}}', "surrogate"),
+    ],
+)
+def test_bodies_that_are_not_strict_json_text_are_refused(
+    encoder: WireEncoder, body: bytes, says: str
+) -> None:
+    """NaN/Infinity are not JSON, and a lone surrogate escape is not text: both are refused."""
+    decoded = encoder.decode(body)
+    assert decoded["actor_name"] == UNDECODABLE_ACTOR
+    assert says in decoded["kwargs"]["reason"]
+
+
+@pytest.mark.usefixtures("consuming")
+def test_an_escaped_surrogate_pair_is_text_and_passes() -> None:
+    """``\\ud83d\\ude00`` is an escaped emoji, not a lone surrogate."""
+    body = b'{"actor_name": "send_message", "kwargs": {"metadata": {"m": "\\ud83d\\ude00"}}}'
+    decoded = WireEncoder(MAX_BYTES).decode(body)
+    assert decoded["actor_name"] == "send_message"
+    assert decoded["kwargs"]["metadata"]["m"] == "\U0001f600"
