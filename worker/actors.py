@@ -137,8 +137,9 @@ def _paced_send(
         record.bind(outcome="suppressed", verloop_message_id=claim.detail or None)
         return None
     if claim.state == "busy":
+        # Usually the other delivery is done in a moment: look again soon, not at lease end.
         raise Deferred(
-            claim.retry_in_s + 0.25,
+            min(claim.retry_in_s, 1.0) + 0.25,
             "another delivery of this job is being sent right now",
             kind="in_flight",
         )

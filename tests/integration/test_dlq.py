@@ -41,7 +41,8 @@ def run(*args: str, input: str | None = None) -> Result:
 def listed(*args: str) -> list[dict[str, Any]]:
     result = run("list", "--json", *args)
     assert result.exit_code == 0, result.output
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    # The in-process worker logs to the same stdout CliRunner captures: keep the JSON lines.
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
 def publish_raw(queue: str, body: bytes) -> None:

@@ -88,8 +88,23 @@ def metrics_worker(
             producer.send_message(
                 client_id="acme", phone_id="phone-1", to=f"+91987654320{n}", message=TEXT
             )
-        # Sent: 0, 1 (after a retry), 3 (after its hold), 5 (after a 429), 6 (after a refresh).
-        wait_until(lambda: len(simulator.messages()) == 5, timeout=30)
+        # A campaign job, sent twice: once, then suppressed as a duplicate (from phone-2:
+        # the 131048 above pauses campaign sends on phone-1).
+        for _ in range(2):
+            producer.enqueue(
+                "send_message",
+                {
+                    "client_id": "acme",
+                    "phone_id": "phone-2",
+                    "to": "+919876543299",
+                    "message": TEXT,
+                    "campaign_id": "spring",
+                },
+                queue="verloop.campaign",
+            )
+        # Sent: 0, 1 (after a retry), 3 (after its hold), 5 (after a 429), 6 (after a refresh),
+        # and the campaign's one recipient.
+        wait_until(lambda: len(simulator.messages()) == 6, timeout=30)
         letters: list[object] = []
         wait_until(lambda: letters.extend(dead_letters()) or len(letters) == 2, timeout=10)
         yield port, log
@@ -111,7 +126,11 @@ def test_a_running_worker_exports_what_its_dashboard_and_alerts_query(
     def value(pattern: str) -> float:
         return sum(float(m) for m in re.findall(pattern + r"[^\n]* ([0-9.e+]+)\n", text))
 
-    assert value(r'verloop_sends_total\{[^}]*outcome="sent"') == 5
+    assert value(r'verloop_sends_total\{[^}]*outcome="sent"') == 6
+    wait_until(lambda: 'outcome="suppressed"' in scrape(port))
+    text = scrape(port)
+    assert value(r'verloop_sends_total\{[^}]*outcome="suppressed"') == 1
+    assert value(r'verloop_campaign_jobs_total\{campaign_id="spring",outcome="sent"') == 1
     assert value(r"verloop_dead_letters_total\{") == 2
     assert value(r"verloop_token_refreshes_total") == 1
     assert value(r'verloop_quality_pauses_total\{phone_id="phone-1"\}') == 1
@@ -171,7 +190,7 @@ def test_a_real_prometheus_scrapes_the_worker_and_answers_a_query(
             result = answer.get("data", {}).get("result", [])
             return float(result[0]["value"][1]) if result else None
 
-        assert wait_until(sent, timeout=30, interval=0.5) == 5
+        assert wait_until(sent, timeout=30, interval=0.5) == 6
     finally:
         proc.terminate()
         proc.wait(timeout=10)

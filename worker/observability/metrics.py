@@ -45,6 +45,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 
+_FINAL_CAMPAIGN_OUTCOMES = frozenset({"sent", "dead_lettered", "suppressed", "cancelled"})
+
+
 class Metrics:
     """The worker's metrics. One instance per process, created at worker boot."""
 
@@ -69,6 +72,12 @@ class Metrics:
             "verloop_sends_total",
             "send_message jobs by outcome, lane, client and sending number.",
             ["lane", "outcome", "client_id", "phone_id"],
+            registry=registry,
+        )
+        self.campaign_jobs = Counter(
+            "verloop_campaign_jobs_total",
+            "Campaign jobs by campaign and final outcome (one series per campaign and outcome).",
+            ["campaign_id", "outcome"],
             registry=registry,
         )
         self.job_duration = Histogram(
@@ -173,6 +182,9 @@ class Metrics:
                 self._limits_set.add(phone_id)
             if fields.get("code") == "131048":
                 child(self.quality_pauses, phone_id).inc()
+        campaign_id = fields.get("campaign_id")
+        if campaign_id and outcome in _FINAL_CAMPAIGN_OUTCOMES:
+            child(self.campaign_jobs, campaign_id, outcome).inc()
         if outcome == "dead_lettered":
             child(
                 self.dead_letters,
