@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 import click
@@ -53,7 +54,10 @@ def run_management_job(
     try:
         channel = connection.channel()
         declare_exchange(channel, settings.outcome_exchange)
-        queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        # Named under verloop.* so the worker's least-privilege RabbitMQ user may declare it.
+        queue = channel.queue_declare(
+            f"verloop.cli.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+        ).method.queue
         channel.queue_bind(queue, settings.outcome_exchange, routing_key=f"manage.{actor}.*")
         try:
             with Producer(url) as producer:
