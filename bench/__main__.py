@@ -3,6 +3,8 @@
 * ``send_path``: the worker's send path against a naive dramatiq actor, limiter on but not
   binding (``bench/send_path.py``); target ours >= 0.9 x naive.
 * ``fidelity``, ``high_rate``, ``lanes``: the per-number rate limiter (``bench/rate_limits.py``).
+* ``campaign_enqueue``: ``campaign start``'s enqueuer on a 1,000,000-row CSV against dramatiq's
+  confirmed enqueue (``bench/campaign_enqueue.py``); targets >= 10,000 rows/s, < 200 MB, >= 5 x.
 
 ``--only NAME`` (repeatable) runs some of them. Figures and logs go to ``bench/results/``.
 Everything uses RabbitMQ vhost ``verloop-bench`` and Redis db 14 on 127.0.0.1.
@@ -21,13 +23,14 @@ from collections.abc import Callable
 import httpx
 from pika.exceptions import AMQPError
 
-from . import campaign_send, rate_limits, send_path
+from . import campaign_enqueue, campaign_send, rate_limits, send_path
 from .common import RESULTS, Result, ensure_vhost, write_json
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     send_path.NAME: send_path.run,
     **rate_limits.BENCHMARKS,
     campaign_send.NAME: campaign_send.run,
+    campaign_enqueue.NAME: campaign_enqueue.run,
 }
 
 
@@ -50,6 +53,7 @@ def main() -> None:
     )
     send_path.add_arguments(parser)
     rate_limits.add_arguments(parser)
+    campaign_enqueue.add_arguments(parser)
     campaign_send.add_arguments(parser)
     args = parser.parse_args()
 

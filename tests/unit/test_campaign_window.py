@@ -55,3 +55,7 @@ def test_a_bad_window_is_refused_with_a_clear_message(text: str, zone: str, mess
 
 def test_a_good_window_is_normalized() -> None:
     assert parse_window("9:00-21:30", "Asia/Kolkata") == ("09:00", "21:30", "Asia/Kolkata")
+
+
+def test_an_en_dash_and_spaces_are_accepted() -> None:
+    assert parse_window("22:00 \u2013 06:00", "UTC") == ("22:00", "06:00", "UTC")

@@ -11,6 +11,7 @@ import click
 from ..errors import ConfigurationError, RedisUnavailable
 from ..services import open_redis
 from ..settings import Settings
+from .start_command import start
 from .store import OUTCOME_COUNTERS, CampaignState, CampaignStatus, CampaignStore
 
 __all__ = ["campaign"]
@@ -45,6 +46,9 @@ def campaign() -> None:
     wait in RabbitMQ's delay queue and look again every CAMPAIGN_PAUSE_RECHECK_S, without
     using a retry. Cancelling cannot be undone.
     """
+
+
+campaign.add_command(start)
 
 
 def _describe(status: CampaignStatus) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..errors import ConfigurationError
 
-__all__ = ["parse_clock", "parse_window", "seconds_until_open"]
+__all__ = ["check_zone", "parse_clock", "parse_window", "seconds_until_open"]
 
 
 def parse_clock(text: str) -> time:
@@ -19,19 +19,26 @@ def parse_clock(text: str) -> time:
         raise ConfigurationError(f"{text!r} is not a time of day like 09:00") from None
 
 
+def check_zone(timezone: str) -> str:
+    """An IANA time zone name, checked; a clear error otherwise."""
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigurationError(
+            f"unknown time zone {timezone!r} (an IANA name, e.g. Asia/Kolkata)"
+        ) from None
+    return timezone
+
+
 def parse_window(text: str, timezone: str) -> tuple[str, str, str]:
-    """``"09:00-21:00"`` and an IANA zone → (start, end, zone), validated."""
-    start, sep, end = text.partition("-")
+    """``"09:00-21:00"`` (an en dash too) and an IANA zone → (start, end, zone), validated."""
+    start, sep, end = text.replace("\u2013", "-").partition("-")
     if not sep:
         raise ConfigurationError(f"{text!r} is not a window like 09:00-21:00")
     first, last = parse_clock(start), parse_clock(end)
     if first == last:
         raise ConfigurationError("a send window must not start and end at the same time")
-    try:
-        ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigurationError(f"unknown time zone {timezone!r} (e.g. Asia/Kolkata)") from None
-    return first.strftime("%H:%M"), last.strftime("%H:%M"), timezone
+    return first.strftime("%H:%M"), last.strftime("%H:%M"), check_zone(timezone)
 
 
 def seconds_until_open(window: tuple[str, str, str], now: float) -> float:
