@@ -22,6 +22,7 @@ from worker.jobs import CAMPAIGN_QUEUE
 from worker.producer import Producer
 
 from .conftest import (
+    AMQP_URL,
     REDIS_URL,
     Simulator,
     dead_letters,
@@ -70,7 +71,8 @@ def create(store: CampaignStore, campaign_id: str, enqueued: int, **definition: 
 
 
 def cli_run(*args: str) -> Any:
-    return CliRunner().invoke(cli, list(args), env={"REDIS_URL": REDIS_URL})
+    env = {"REDIS_URL": REDIS_URL, "AMQP_URL": AMQP_URL, "VERLOOP_WORKER_ENV_FILE": None}
+    return CliRunner().invoke(cli, list(args), env=env)
 
 
 def test_a_paused_campaign_holds_its_jobs_without_retries_and_sends_them_on_resume(
@@ -191,3 +193,49 @@ def test_a_worker_killed_mid_campaign_and_restarted_messages_every_recipient_exa
     assert status.count("sent") + status.count("dead_lettered") == jobs
     assert status.count("dead_lettered") == len(uncertain)
     assert len(uncertain) <= 8  # at most one per worker thread was in flight
+
+
+def test_a_campaign_file_is_sent_end_to_end_and_its_status_says_so(
+    simulator: Simulator,
+    start_worker: Callable[..., WorkerApp],
+    store: CampaignStore,
+    tmp_path: Path,
+) -> None:
+    """`campaign start` on a 2,000-row file with bad rows, a worker, and `campaign status`."""
+    rows = 2000
+    path = tmp_path / "spring.csv"
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write("to,body_1\n")
+        for n in range(rows):
+            handle.write(f"+9198{n:08d},R{n}\n" if n % 100 else f"12{n},R{n}\n")  # 20 bad
+    start_worker(threads=8, rate_limit_per_number=1000)
+    started = cli_run(
+        "campaign",
+        "start",
+        str(path),
+        "--client-id",
+        "acme",
+        "--phone-id",
+        "phone-1",
+        "--phone-id",
+        "phone-2",
+        "--template",
+        "spring_sale",
+        "--body-params",
+        "1",
+        "--campaign-id",
+        "spring-e2e",
+        "--no-progress",
+    )
+    assert started.exit_code == 0, started.output
+    wait_until(lambda: store.get("spring-e2e").count("sent") == rows - 20, timeout=60)
+    received = Counter(m["to"] for m in simulator.messages())
+    assert len(received) == rows - 20
+    assert max(received.values()) == 1
+    assert {m["phone_id"] for m in simulator.messages()} == {"phone-1", "phone-2"}
+    status = cli_run("campaign", "status", "spring-e2e")
+    assert "1980 enqueued, 20 rejected" in status.output
+    assert "sent       1980" in status.output
+    assert "pending    0" in status.output
+    rejects = (tmp_path / "spring.csv.rejects.csv").read_text().splitlines()
+    assert len(rejects) == 1 + 20  # header and the bad rows
