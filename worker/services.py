@@ -11,6 +11,7 @@ from dramatiq.middleware import Middleware
 
 from .campaigns.store import CampaignStore
 from .errors import ConfigurationError
+from .events import EventPublisher
 from .ledger import Ledger
 from .limits import (
     GateSettings,
@@ -85,6 +86,7 @@ class Services:
     gate: SendGate
     ledger: Ledger
     campaigns: CampaignStore
+    events: EventPublisher | None
 
     @classmethod
     def open(
@@ -120,10 +122,17 @@ class Services:
         )
         ledger = Ledger(cache, ttl_s=settings.ledger_ttl_s, lease_s=settings.ledger_lease)
         campaigns = CampaignStore(cache, state_cache_s=settings.campaign_state_cache_s)
-        return cls(settings, verloop, cache, system, phone_tokens, gate, ledger, campaigns)
+        events = (
+            EventPublisher(settings.amqp_url.get_secret_value(), settings.outcome_exchange)
+            if settings.outcome_exchange
+            else None
+        )
+        return cls(settings, verloop, cache, system, phone_tokens, gate, ledger, campaigns, events)
 
     def close(self) -> None:
-        """Close the HTTP pool and the Redis connections."""
+        """Publish the last events, close the HTTP pool and the Redis connections."""
+        if self.events is not None:
+            self.events.close()
         self.gate.limiter.close()
         self.verloop.close()
         self.cache.close()
