@@ -58,7 +58,7 @@ def create_app(settings: Settings) -> WorkerApp:
             max_backoff_s=settings.retry_max_backoff_s,
         ),
         metrics,
-        on_final=OutcomeReporter(lifecycle),
+        on_final=OutcomeReporter(lifecycle, settings.outcome_exchange),
     )
     broker = build_broker(
         settings.amqp_url.get_secret_value(),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pika.exceptions
 import structlog
+from dramatiq.errors import BrokerConnectionError
 
 from .errors import RedisUnavailable
+from .events import declare_exchange, publish_event
 from .outcomes import JobRecord
 from .services import Lifecycle
 
@@ -18,13 +21,14 @@ _log = structlog.get_logger()
 class OutcomeReporter:
     """The outcome middleware's ``on_final``: publish the event, count campaign progress.
 
-    Neither may fail the job: it already happened (a message sent cannot be unsent). An event
-    RabbitMQ did not take (see :class:`worker.events.EventPublisher`) is logged, and the job's
-    log line says ``event_published=false``.
+    Neither may fail the job: it already happened (a message sent cannot be unsent). A failed
+    publish is tried once more on a fresh connection; a failure after that is logged and the
+    job's log line says ``event_published=false``.
     """
 
-    def __init__(self, lifecycle: Lifecycle) -> None:
+    def __init__(self, lifecycle: Lifecycle, exchange: str) -> None:
         self.lifecycle = lifecycle
+        self.exchange = exchange
 
     def __call__(self, broker: Any, message: Any, record: JobRecord) -> None:
         fields = record.fields
@@ -37,6 +41,22 @@ class OutcomeReporter:
             except RedisUnavailable:
                 record.bind(campaign_counted=False)
                 _log.warning("campaign progress not counted: Redis did not answer")
-        publisher = self.lifecycle.services.events
-        if publisher is not None and not publisher.publish(fields, record.extra):
-            record.bind(event_published=False)
+        if self.exchange:
+            self._publish(broker, record)
+
+    def _publish(self, broker: Any, record: JobRecord) -> None:
+        for attempt in (1, 2):
+            try:
+                publish_event(broker.channel, self.exchange, record.fields, record.extra)
+                return
+            except (pika.exceptions.AMQPError, BrokerConnectionError) as exc:
+                # A missing exchange closes the channel (404); a dead connection is replaced.
+                del broker.connection
+                if attempt == 2:
+                    record.bind(event_published=False)
+                    _log.error("outcome event not published", error=type(exc).__name__)
+                    return
+                try:
+                    declare_exchange(broker.channel, self.exchange)
+                except (pika.exceptions.AMQPError, BrokerConnectionError):
+                    del broker.connection

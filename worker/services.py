@@ -11,7 +11,6 @@ from dramatiq.middleware import Middleware
 
 from .campaigns.store import CampaignStore
 from .errors import ConfigurationError
-from .events import EventPublisher
 from .ledger import Ledger
 from .limits import (
     GateSettings,
@@ -86,7 +85,6 @@ class Services:
     gate: SendGate
     ledger: Ledger
     campaigns: CampaignStore
-    events: EventPublisher | None
 
     @classmethod
     def open(
@@ -122,17 +120,10 @@ class Services:
         )
         ledger = Ledger(cache, ttl_s=settings.ledger_ttl_s, lease_s=settings.ledger_lease)
         campaigns = CampaignStore(cache, state_cache_s=settings.campaign_state_cache_s)
-        events = (
-            EventPublisher(settings.amqp_url.get_secret_value(), settings.outcome_exchange)
-            if settings.outcome_exchange
-            else None
-        )
-        return cls(settings, verloop, cache, system, phone_tokens, gate, ledger, campaigns, events)
+        return cls(settings, verloop, cache, system, phone_tokens, gate, ledger, campaigns)
 
     def close(self) -> None:
-        """Publish the last events, close the HTTP pool and the Redis connections."""
-        if self.events is not None:
-            self.events.close()
+        """Close the HTTP pool and the Redis connections."""
         self.gate.limiter.close()
         self.verloop.close()
         self.cache.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,7 +13,6 @@ import pytest
 import redis
 
 from worker.app import WorkerApp
-from worker.events import EventPublisher
 from worker.jobs import SEND_QUEUE
 from worker.producer import Producer, encode_job
 
@@ -225,42 +223,3 @@ def test_with_events_off_nothing_is_published(
     wait_until(lambda: len(simulator.messages()) == 2)
     time.sleep(0.2)  # the jobs' acknowledgements follow their sends
     assert events.take() == []
-
-
-def test_events_from_many_threads_are_all_published_and_each_caller_knows(
-    events: Events,
-) -> None:
-    """The per-process publisher batches events from every job thread; none is lost."""
-    publisher = EventPublisher(AMQP_URL, EXCHANGE)
-    results: list[bool] = []
-
-    def job_thread(t: int) -> None:
-        for n in range(50):
-            fields = {
-                "actor": "send_message",
-                "outcome": "sent",
-                "client_id": "acme",
-                "phone_id": f"p{t}",
-                "message_id": f"{t}-{n}",
-            }
-            results.append(publisher.publish(fields, None))
-
-    threads = [threading.Thread(target=job_thread, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    publisher.close()
-    assert results == [True] * 400
-    got = events.wait_for(400)
-    assert sorted(event["message_id"] for _, event in got) == sorted(
-        f"{t}-{n}" for t in range(8) for n in range(50)
-    )
-
-
-def test_an_event_rabbitmq_does_not_take_is_reported_not_raised() -> None:
-    publisher = EventPublisher("amqp://guest:guest@127.0.0.1:1/%2F", EXCHANGE, timeout_s=5)
-    try:
-        assert publisher.publish({"actor": "list_clients", "outcome": "done"}, None) is False
-    finally:
-        publisher.close()
