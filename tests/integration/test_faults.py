@@ -27,13 +27,13 @@ from worker.producer import Producer
 from .conftest import (
     AMQP_URL,
     SANDBOX_PASSWORD,
+    OwnRedis,
     Simulator,
     dead_letters,
     queue_depth,
     wait_until,
     worker_process,
 )
-from .test_rate_limits import OwnRedis, free_port
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 PHONES = ("phone-1", "phone-2", "phone-3", "phone-4")
@@ -240,18 +240,6 @@ def test_rabbitmq_restarted_mid_run_the_worker_reconnects_and_every_job_is_sent_
 
 
 # --- Redis restarted ------------------------------------------------------------------------------
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    """A private Redis, so the machine's shared one is never stopped."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH; this test starts and stops its own Redis")
-    server = OwnRedis(binary, free_port())
-    server.start()
-    yield server
-    server.kill()
-
-
 def test_redis_restarted_under_a_worker_process_holds_sends_then_sends_every_job_once(
     simulator: Simulator, producer: Producer, tmp_path: Path, own_redis: OwnRedis
 ) -> None:

@@ -34,12 +34,12 @@ from .conftest import (
     VENV_BIN,
     Simulator,
     dead_letters,
+    free_port,
     queue_depth,
     wait_until,
     worker_env,
     worker_process,
 )
-from .test_rate_limits import free_port
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 REDIS_PASSWORD = "tls-redis-pass-5f2c9"
