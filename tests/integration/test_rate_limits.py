@@ -435,3 +435,29 @@ def test_a_job_for_a_new_number_enqueued_while_redis_is_down_is_sent_once_it_is_
     wait_until(settled, timeout=15)
     assert letters == []
     assert len(simulator.messages(phone_id="phone-2")) == 1
+
+
+def test_redis_going_down_between_a_rejected_token_and_its_refresh_holds_the_job(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    own_redis: OwnRedis,
+) -> None:
+    """A 401 arrives while Redis is down: the refresh cannot reach the token cache, so the job
+    is held (no retry used) and sent once Redis is back."""
+    start_worker(redis_url=own_redis.url, retry_max_retries=0, ledger_lease_s=1.0)
+    send(producer, 0)  # caches the number's token
+    wait_until(simulator.messages)
+    simulator.revoke_phone_token("acme", PHONE)  # the cached token is now refused
+    simulator.faults(latency_ms=1500)
+    send(producer, 1, key="refresh-during-outage")
+    wait_until(lambda: simulator.stats()["in_flight"] >= 1)
+    own_redis.kill()  # the 401 comes back after this; the refresh finds Redis down
+    time.sleep(2.0)
+    assert simulator.messages(to=recipient(1)) == []
+    simulator.faults(latency_ms=0)
+    own_redis.start()
+    [record] = wait_until(lambda: simulator.messages(to=recipient(1)), timeout=20)
+    assert record["idempotency_key"] == "refresh-during-outage"
+    assert simulator.stats()["responses"]["401"] == 1  # the stale token was refused once
+    assert dead_letters() == []  # held, not failed: with no retries allowed, a retry would be
