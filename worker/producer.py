@@ -109,11 +109,17 @@ class Producer:
             queue=queue,
             message_id=message_id,
         )
-        self._publish(queue, body, message_id)
+        self.publish_body(queue, body, message_id)
         return message_id
 
     # --- connection -----------------------------------------------------------------------------
-    def _publish(self, queue: str, body: bytes, message_id: str) -> None:
+    def publish_body(self, queue: str, body: bytes, message_id: str) -> None:
+        """Publish an already-encoded job body to ``queue`` and wait for RabbitMQ's confirm
+        (a few attempts over a fresh connection on transport errors).
+
+        Raises:
+            EnqueueError: RabbitMQ refused, returned or never confirmed it.
+        """
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type="application/json",

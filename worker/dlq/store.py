@@ -13,12 +13,12 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from ..errors import InvalidJob
+from ..errors import EnqueueError, InvalidJob
 from ..jobs import SendMessageJob, parse_job
 from ..ledger import Ledger
 from ..observability.logging import scrub_text
 from ..phones import mask_phone
-from ..producer import queue_arguments
+from ..producer import Producer
 from .entries import (
     DLQ_QUEUES,
     DeadLetterEntry,
@@ -110,8 +110,8 @@ class DeadLetterStore:
             self._connection = pika.BlockingConnection(params)
         except (pika.exceptions.AMQPError, OSError) as exc:
             raise DlqError(f"cannot connect to RabbitMQ ({type(exc).__name__})") from None
-        self._publisher: Any = None
-        self._declared: set[str] = set()
+        # Replays go through the producer's confirmed publishing, on a connection of its own.
+        self._producer = Producer(amqp_url)
         self._reading: list[Any] = []
 
     def __enter__(self) -> DeadLetterStore:
@@ -123,6 +123,7 @@ class DeadLetterStore:
     def close(self) -> None:
         """Close the connection: every dead letter read and not removed is back in its queue."""
         self._reading = []
+        self._producer.close()
         if self._connection.is_open:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 self._connection.close()
@@ -348,31 +349,7 @@ class DeadLetterStore:
         return None
 
     def _publish(self, queue: str, body: bytes, message_id: str) -> None:
-        properties = pika.BasicProperties(
-            delivery_mode=pika.DeliveryMode.Persistent,
-            content_type="application/json",
-            message_id=message_id,
-            timestamp=int(time.time()),
-        )
         try:
-            if self._publisher is None or not self._publisher.is_open:
-                self._publisher = self._connection.channel()
-                self._publisher.confirm_delivery()
-                self._declared.clear()
-            if queue not in self._declared:
-                self._publisher.queue_declare(
-                    queue=queue, durable=True, arguments=queue_arguments(queue)
-                )
-                self._declared.add(queue)
-            self._publisher.basic_publish(
-                exchange="", routing_key=queue, body=body, properties=properties, mandatory=True
-            )
-        except pika.exceptions.UnroutableError:
-            raise DlqError(f"{queue} did not take {message_id}; it stays a dead letter") from None
-        except pika.exceptions.NackError:
-            raise DlqError(f"RabbitMQ refused {message_id}; it stays a dead letter") from None
-        except pika.exceptions.AMQPError as exc:
-            raise DlqError(
-                f"publishing {message_id} to {queue} failed ({type(exc).__name__}); "
-                "it stays a dead letter"
-            ) from None
+            self._producer.publish_body(queue, body, message_id)
+        except EnqueueError as exc:
+            raise DlqError(f"{scrub_text(str(exc))}; it stays a dead letter") from None
