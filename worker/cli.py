@@ -24,6 +24,7 @@ import pika.exceptions
 import redis
 
 from .campaigns.cli import campaign
+from .cli_settings import SettingsContext
 from .dlq_cli import dlq
 from .errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
 from .jobs import SEND_QUEUE, jobs_json_schema
@@ -40,18 +41,7 @@ _SANDBOX_USERNAME = "sandbox"
 _SANDBOX_PASSWORD = "sandbox-password"  # noqa: S105 - the simulator's well-known fake login
 
 
-class _Context:
-    def __init__(self, env_file: Path | None) -> None:
-        self.env_file = env_file
-
-    def settings(self, **overrides: Any) -> Settings:
-        try:
-            return Settings.load(self.env_file, **overrides)
-        except ConfigurationError as exc:
-            raise click.UsageError(str(exc)) from None
-
-
-pass_context = click.make_pass_decorator(_Context)
+pass_context = click.make_pass_decorator(SettingsContext)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -72,7 +62,7 @@ def cli(ctx: click.Context, env_file: Path | None) -> None:
       verloop-worker run --sandbox         run against the built-in Verloop simulator
       verloop-worker send --to +91... --text hi --client-id C --phone-id P
     """
-    ctx.obj = _Context(env_file)
+    ctx.obj = SettingsContext(env_file)
 
 
 # --- run ------------------------------------------------------------------------------------------
@@ -110,7 +100,7 @@ def cli(ctx: click.Context, env_file: Path | None) -> None:
 )
 @pass_context
 def run(
-    obj: _Context,
+    obj: SettingsContext,
     processes: int,
     threads: int,
     queues: tuple[str, ...],
@@ -299,7 +289,7 @@ def _enqueue_demo(settings: Settings, count: int) -> None:
 @click.option("--queue", default=SEND_QUEUE, show_default=True)
 @pass_context
 def send(
-    obj: _Context,
+    obj: SettingsContext,
     client_id: str,
     phone_id: str,
     to: str,
@@ -392,7 +382,7 @@ def sandbox(simulator_args: tuple[str, ...]) -> None:
 @cli.command(short_help="Check RabbitMQ, Redis and Verloop auth.")
 @click.option("--services-only", is_flag=True, help="Check RabbitMQ and Redis, not Verloop.")
 @pass_context
-def check(obj: _Context, services_only: bool) -> None:
+def check(obj: SettingsContext, services_only: bool) -> None:
     """Check that RabbitMQ, Redis and Verloop authentication work; exit 0 if all do, else 1."""
     settings = obj.settings()
     problems = False

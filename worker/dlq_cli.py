@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .cli_settings import SettingsContext
 from .dlq import (
     DLQ_QUEUES,
     OUTCOMES,
@@ -38,11 +39,10 @@ from .dlq import (
     parse_edit,
     short_id,
 )
-from .errors import ConfigurationError, RedisUnavailable
+from .errors import RedisUnavailable
 from .ledger import Ledger
 from .observability.logging import scrub_text
 from .services import open_redis
-from .settings import Settings
 
 __all__ = ["dlq"]
 
@@ -50,17 +50,6 @@ __all__ = ["dlq"]
 _PROGRESS_FROM = 200
 #: Width of tables written to a pipe or file (a terminal's own width is used otherwise).
 _PIPE_WIDTH = 200
-
-
-class _DlqContext:
-    def __init__(self, env_file: Path | None) -> None:
-        self.env_file = env_file
-
-    def settings(self) -> Settings:
-        try:
-            return Settings.load(self.env_file)
-        except ConfigurationError as exc:
-            raise click.UsageError(str(exc)) from None
 
 
 def _now_ms() -> int:
@@ -162,7 +151,7 @@ def _filters(
 
 
 @contextmanager
-def _store(obj: _DlqContext, queues: tuple[str, ...]) -> Iterator[DeadLetterStore]:
+def _store(obj: SettingsContext, queues: tuple[str, ...]) -> Iterator[DeadLetterStore]:
     settings = obj.settings()
     try:
         store = DeadLetterStore(settings.amqp_url.get_secret_value(), queues or DLQ_QUEUES)
@@ -232,11 +221,11 @@ def dlq(ctx: click.Context, env_file: Path | None) -> None:
     Nothing is removed from a dead-letter queue except by replay (after RabbitMQ confirmed the
     replayed job), purge, and export --remove (after the file is written).
     """
-    parent = getattr(ctx.obj, "env_file", None)
-    ctx.obj = _DlqContext(env_file or parent)
+    parent = ctx.find_object(SettingsContext)
+    ctx.obj = SettingsContext(env_file or (parent.env_file if parent is not None else None))
 
 
-pass_dlq = click.make_pass_decorator(_DlqContext)
+pass_dlq = click.make_pass_decorator(SettingsContext)
 
 
 # --- list ---------------------------------------------------------------------------------------
@@ -246,7 +235,7 @@ pass_dlq = click.make_pass_decorator(_DlqContext)
 @click.option("--limit", type=click.IntRange(1), help="Show at most this many.")
 @pass_dlq
 def list_(
-    obj: _DlqContext,
+    obj: SettingsContext,
     /,
     queues: tuple[str, ...],
     as_json: bool,
@@ -334,7 +323,7 @@ def _add_row(table: Table, entry: DeadLetterEntry, now_ms: int) -> None:
     "--queue", "queues", multiple=True, callback=_queue_names, help="Only look in this queue."
 )
 @pass_dlq
-def show(obj: _DlqContext, message_id: str, queues: tuple[str, ...]) -> None:
+def show(obj: SettingsContext, message_id: str, queues: tuple[str, ...]) -> None:
     """Show the dead letter MESSAGE_ID: its reason header and its job, recipient masked.
 
     The short id the listing shows (a prefix of 8 or more characters) is enough.
@@ -392,7 +381,7 @@ def _edits(_: click.Context, __: click.Parameter, values: tuple[str, ...]) -> tu
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @pass_dlq
 def replay(
-    obj: _DlqContext,
+    obj: SettingsContext,
     /,
     queues: tuple[str, ...],
     everything: bool,
@@ -458,7 +447,7 @@ def replay(
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_dlq
 def purge(
-    obj: _DlqContext,
+    obj: SettingsContext,
     /,
     queues: tuple[str, ...],
     everything: bool,
@@ -514,7 +503,7 @@ def purge(
 @click.option("--all", "everything", is_flag=True, help="With --remove and no filters: all.")
 @pass_dlq
 def export(
-    obj: _DlqContext,
+    obj: SettingsContext,
     /,
     queues: tuple[str, ...],
     output: Path | None,

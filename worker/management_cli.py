@@ -17,6 +17,7 @@ import pika
 import pika.exceptions
 import redis
 
+from .cli_settings import current_settings
 from .errors import EnqueueError
 from .events import declare_exchange
 from .jobs import ACTOR_QUEUES
@@ -27,11 +28,6 @@ from .settings import Settings
 from .verloop.tokens import token_cache_entries
 
 __all__ = ["clients", "tokens"]
-
-
-def _settings() -> Settings:
-    root = click.get_current_context().find_root().obj
-    return root.settings() if root is not None else Settings.load()
 
 
 def run_management_job(
@@ -103,7 +99,7 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print the result a
 @_JSON
 def clients(timeout: float, as_json: bool) -> None:
     """List the partner's clients and their numbers (a list_clients job run by a worker)."""
-    event = run_management_job(_settings(), "list_clients", {}, timeout)
+    event = run_management_job(current_settings(), "list_clients", {}, timeout)
     _failed(event)
     listed = event.get("result", {}).get("clients", [])
     if as_json:
@@ -130,7 +126,7 @@ def tokens() -> None:
 @_JSON
 def list_tokens(client_id: str | None, as_json: bool) -> None:
     """Numbers whose token is cached in Redis, and for how long still."""
-    settings = _settings()
+    settings = current_settings()
     try:
         entries = token_cache_entries(open_redis(settings), client_id)
     except redis.RedisError as exc:
@@ -162,7 +158,7 @@ def refresh(client_id: str, phone_id: str | None, timeout: float, as_json: bool)
         actor, kwargs = "refresh_phone_token", {"client_id": client_id, "phone_id": phone_id}
     else:
         actor, kwargs = "refresh_client_tokens", {"client_id": client_id}
-    event = run_management_job(_settings(), actor, kwargs, timeout)
+    event = run_management_job(current_settings(), actor, kwargs, timeout)
     _failed(event)
     phones = event.get("result", {}).get("phones", [])
     if as_json:

@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
+from ..cli_settings import current_settings
 from ..errors import ConfigurationError, RedisUnavailable
 from ..services import open_redis
-from ..settings import Settings
 from .start_command import start
 from .store import OUTCOME_COUNTERS, CampaignState, CampaignStatus, CampaignStore
 
@@ -18,9 +18,7 @@ __all__ = ["campaign"]
 
 
 def _store() -> CampaignStore:
-    root = click.get_current_context().find_root().obj
-    settings: Settings = root.settings() if root is not None else Settings.load()
-    return CampaignStore(open_redis(settings))
+    return CampaignStore(open_redis(current_settings()))
 
 
 def _fail(exc: Exception) -> None:

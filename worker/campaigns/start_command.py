@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 import click
 import redis
 
+from ..cli_settings import current_settings
 from ..errors import ConfigurationError, RedisUnavailable
 from ..observability.logging import scrub_text
-from ..settings import Settings
 from .enqueue import (
     CampaignEnqueueError,
     EnqueueResult,
@@ -94,9 +94,7 @@ def parse_start_at(value: str, timezone: str | None) -> float:
     help="Settings file (dotenv format); environment variables win.",
 )
 @click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
-@click.pass_context
 def start(
-    ctx: click.Context,
     file: Path,
     client_id: str,
     phone_ids: tuple[str, ...],
@@ -141,7 +139,7 @@ def start(
         schedule = _schedule(window, timezone, start_at)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    settings = _settings(ctx, env_file)
+    settings = current_settings(env_file)
     fmt = file_format or detect_format(file)
     campaign_id = campaign_id or default_campaign_id(
         file, client_id=client_id, template=template, language=language
@@ -196,16 +194,6 @@ def start(
     finally:
         cache.close()
     _summary(result)
-
-
-def _settings(ctx: click.Context, env_file: Path | None) -> Settings:
-    if env_file is None:  # the group's --env-file, when run as `verloop-worker campaign start`
-        parent = ctx.find_object(object)
-        env_file = getattr(parent, "env_file", None)
-    try:
-        return Settings.load(env_file)
-    except ConfigurationError as exc:
-        raise click.UsageError(str(exc)) from None
 
 
 def _schedule(window: str | None, timezone: str | None, start_at: str | None) -> Schedule | None:
