@@ -161,17 +161,16 @@ def _paced_send(
             services.gate.react(job.phone_id, job.to, lane, exc)
         raise
     campaign_id = job.campaign_id
-    count = None
-    if campaign_id is not None:
-        record.extra["campaign_counted"] = True
 
-        def count(pipe: Any) -> None:
+    def count_sent(pipe: Any) -> None:
+        if campaign_id is not None:
             services.campaigns.count_outcome_in(pipe, campaign_id, "sent")
 
     try:
-        ledger.mark_sent(key, result.message_id, also=count)
+        # The ledger entry and the campaign's progress in one round trip.
+        ledger.mark_sent(key, result.message_id, also=count_sent)
+        record.campaign_counted = campaign_id is not None
     except RedisUnavailable:
-        record.extra.pop("campaign_counted", None)
         # Sent, but not written down: acknowledging is right (sending again is not). A later
         # redelivery of this job would find the claim and treat it as an uncertain outcome.
         record.bind(ledger="not_recorded")

@@ -57,6 +57,8 @@ class JobRecord:
     #: What the outcome event carries besides the log fields (the unmasked recipient, the
     #: producer's metadata, management results); never logged.
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The campaign's progress was counted with the send (see ``worker.actors``).
+    campaign_counted: bool = False
 
     def bind(self, **values: Any) -> None:
         """Add fields to the job's log line."""

@@ -33,7 +33,7 @@ class OutcomeReporter:
     def __call__(self, broker: Any, message: Any, record: JobRecord) -> None:
         fields = record.fields
         campaign_id = fields.get("campaign_id")
-        if campaign_id and not record.extra.pop("campaign_counted", False):
+        if campaign_id and not record.campaign_counted:
             try:
                 self.lifecycle.services.campaigns.count_outcome(
                     campaign_id, fields["outcome"], fields.get("dead_letter")
