@@ -16,7 +16,7 @@ from worker.app import WorkerApp
 from worker.jobs import SEND_QUEUE
 from worker.producer import Producer, encode_job
 
-from .conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, wait_until
+from .conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, queue_depth, wait_until
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 EXCHANGE = "verloop.events"
@@ -223,3 +223,21 @@ def test_with_events_off_nothing_is_published(
     wait_until(lambda: len(simulator.messages()) == 2)
     time.sleep(0.2)  # the jobs' acknowledgements follow their sends
     assert events.take() == []
+
+
+def test_a_job_whose_event_rabbitmq_refuses_is_still_acknowledged_once(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An "amq." exchange can be neither declared nor published to: the event is refused, the
+    job (already sent) is acknowledged anyway, and its log line says so."""
+    start_worker(events_exchange="amq.verloop-no-such-exchange")
+    send(producer, idempotency_key="no-events")
+    wait_until(simulator.messages)
+    wait_until(lambda: "event_published=False" in capsys.readouterr().out, timeout=10)
+    time.sleep(0.5)
+    assert len(simulator.messages()) == 1
+    assert queue_depth(SEND_QUEUE) == 0
+    assert dead_letters() == []
