@@ -10,7 +10,8 @@
   5. wait for the number's slot (:mod:`worker.limits`)  → too far: re-delayed, no retry used
   6. call Verloop's send endpoint                       → classified failure: retry or dead letter;
                                                           rate-limit answers teach the limiter
-  7. record the send in the ledger
+  7. record the send in the ledger, with its campaign's progress and its outcome event
+     (:mod:`worker.outbox`), in one round trip
   8. on a rejected token: refresh it once and send again; rejected again: dead letter
 
 Failures are raised, not handled here: :mod:`worker.outcomes` retries or dead-letters them, and
@@ -45,7 +46,6 @@ from .outcomes import JobRecord, current_job
 from .phones import mask_phone
 from .services import Lifecycle, Services
 from .settings import Settings
-from .verloop.client import SendResult
 from .verloop.clients import client_phones
 
 _log = structlog.get_logger()
@@ -63,12 +63,12 @@ def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> 
         token, source = tokens.get(job.client_id, job.phone_id)
         record.bind(token_source=source)
         try:
-            result = _paced_send(services, token, job, lane, record)
+            _paced_send(services, token, job, lane, record)
         except TokenInvalid:
             token, source = tokens.refresh(job.client_id, job.phone_id, rejected=token)
             record.bind(token_source=source, token_refreshed=True)
             try:
-                result = _paced_send(services, token, job, lane, record)
+                _paced_send(services, token, job, lane, record)
             except TokenInvalid as exc:
                 raise PermanentFailure(
                     "Verloop rejected the phone token again after refreshing it; check the "
@@ -78,11 +78,6 @@ def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> 
                 ) from None
     except RedisUnavailable as exc:
         raise held_while_redis_is_down(exc, "redis_unavailable") from None
-    if result is None:
-        return  # suppressed: the ledger says it was sent before
-    record.bind(
-        outcome="sent", verloop_message_id=result.message_id, http_status=result.http_status
-    )
 
 
 def _campaign_allows(services: Services, campaign_id: str, record: JobRecord) -> bool:
@@ -119,9 +114,10 @@ def _takes_over_uncertain(settings: Settings, lane: Lane) -> bool:
 
 def _paced_send(
     services: Services, token: str, job: SendMessageJob, lane: Lane, record: JobRecord
-) -> SendResult | None:
+) -> None:
     """One call to Verloop in the number's next slot, unless the ledger says it was sent
-    (then None). The ledger claim is released if the call fails, kept as ``sent`` if not."""
+    (then the outcome is ``suppressed``). The ledger claim is released if the call fails, kept
+    as ``sent`` if not."""
     # The slot first: a job re-delayed for its slot, or held while Redis is down, has not
     # claimed anything, so no claim of a call that never started can look uncertain later.
     waited = services.gate.admit(job.phone_id, job.to, lane)
@@ -135,7 +131,7 @@ def _paced_send(
     )
     if claim.state == "sent":
         record.bind(outcome="suppressed", verloop_message_id=claim.detail or None)
-        return None
+        return
     if claim.state == "busy":
         # Usually the other delivery is done in a moment: look again soon, not at lease end.
         raise Deferred(
@@ -160,22 +156,28 @@ def _paced_send(
         if isinstance(exc, JobFailure) and not isinstance(exc, TokenInvalid):
             services.gate.react(job.phone_id, job.to, lane, exc)
         raise
+    record.bind(
+        outcome="sent", verloop_message_id=result.message_id, http_status=result.http_status
+    )
     campaign_id = job.campaign_id
+    outbox = services.outbox
 
-    def count_sent(pipe: Any) -> None:
+    def with_the_send(pipe: Any) -> None:
         if campaign_id is not None:
             services.campaigns.count_outcome_in(pipe, campaign_id, "sent")
+        if outbox is not None:
+            outbox.add_in(pipe, record.fields, record.extra)
 
     try:
-        # The ledger entry and the campaign's progress in one round trip.
-        ledger.mark_sent(key, result.message_id, also=count_sent)
+        # The ledger entry, the campaign's progress and the outcome event in one round trip.
+        ledger.mark_sent(key, result.message_id, also=with_the_send)
         record.campaign_counted = campaign_id is not None
+        record.event_queued = outbox is not None
     except RedisUnavailable:
         # Sent, but not written down: acknowledging is right (sending again is not). A later
         # redelivery of this job would find the claim and treat it as an uncertain outcome.
         record.bind(ledger="not_recorded")
         _log.error("a sent message could not be recorded in the ledger: Redis did not answer")
-    return result
 
 
 def _release(ledger: Ledger, key: str, owner: str) -> None:

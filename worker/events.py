@@ -10,9 +10,9 @@ with ``<outcome>`` one of ``sent``, ``dead_lettered``, ``suppressed``, ``cancell
 stays one routing-key word. Bind ``send.#`` for everything, ``send.dead_lettered.#`` for
 failures, ``send.*.acme.#`` for one client, ``send.*.*.*.spring-sale`` for one campaign.
 
-The body is JSON (see :func:`build_event`). Events are published on the worker thread's broker
-channel, in confirm mode, before the job is acknowledged: a job whose event RabbitMQ did not
-confirm is rejected to the dead-letter queue rather than acknowledged silently (at least once).
+The body is JSON (see :func:`build_event`). How an event reaches the exchange (through the
+Redis outbox, or directly from the worker thread) is in :mod:`worker.outbox` and
+:mod:`worker.reporting`.
 """
 
 from __future__ import annotations

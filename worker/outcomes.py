@@ -59,6 +59,8 @@ class JobRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The campaign's progress was counted with the send (see ``worker.actors``).
     campaign_counted: bool = False
+    #: The outcome event was added to the outbox with the send (see ``worker.outbox``).
+    event_queued: bool = False
 
     def bind(self, **values: Any) -> None:
         """Add fields to the job's log line."""

@@ -21,9 +21,11 @@ _log = structlog.get_logger()
 class OutcomeReporter:
     """The outcome middleware's ``on_final``: publish the event, count campaign progress.
 
-    Neither may fail the job: it already happened (a message sent cannot be unsent). A failed
-    publish is tried once more on a fresh connection; a failure after that is logged and the
-    job's log line says ``event_published=false``.
+    Neither may fail the job: it already happened (a message sent cannot be unsent). The event
+    goes to the outbox (:mod:`worker.outbox`) unless it is already there (added with the send)
+    or delivery is ``direct``; if Redis does not answer it is published directly instead. A
+    failed direct publish is tried once more on a fresh connection; a failure after that is
+    logged and the job's log line says ``event_published=false``.
     """
 
     def __init__(self, lifecycle: Lifecycle, exchange: str) -> None:
@@ -41,8 +43,16 @@ class OutcomeReporter:
             except RedisUnavailable:
                 record.bind(campaign_counted=False)
                 _log.warning("campaign progress not counted: Redis did not answer")
-        if self.exchange:
-            self._publish(broker, record)
+        if not self.exchange or record.event_queued:
+            return
+        outbox = self.lifecycle.services.outbox
+        if outbox is not None:
+            try:
+                outbox.add(fields, record.extra)
+                return
+            except RedisUnavailable:
+                record.bind(event_outbox=False)
+        self._publish(broker, record)
 
     def _publish(self, broker: Any, record: JobRecord) -> None:
         for attempt in (1, 2):

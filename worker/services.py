@@ -21,6 +21,7 @@ from .limits import (
     SendGate,
 )
 from .observability.metrics import Metrics
+from .outbox import EventOutbox, OutboxRelay
 from .settings import Settings
 from .verloop.client import VerloopClient
 from .verloop.endpoints import resolve_endpoints
@@ -85,6 +86,8 @@ class Services:
     gate: SendGate
     ledger: Ledger
     campaigns: CampaignStore
+    #: Where outcome events go first (None: events are off, or published directly).
+    outbox: EventOutbox | None = None
 
     @classmethod
     def open(
@@ -120,7 +123,12 @@ class Services:
         )
         ledger = Ledger(cache, ttl_s=settings.ledger_ttl_s, lease_s=settings.ledger_lease)
         campaigns = CampaignStore(cache, state_cache_s=settings.campaign_state_cache_s)
-        return cls(settings, verloop, cache, system, phone_tokens, gate, ledger, campaigns)
+        outbox = (
+            EventOutbox(cache)
+            if settings.outcome_exchange and settings.events_delivery == "outbox"
+            else None
+        )
+        return cls(settings, verloop, cache, system, phone_tokens, gate, ledger, campaigns, outbox)
 
     def close(self) -> None:
         """Close the HTTP pool and the Redis connections."""
@@ -136,6 +144,7 @@ class Lifecycle(Middleware):
         self.settings = settings
         self.metrics = metrics
         self._services: Services | None = None
+        self._relay: OutboxRelay | None = None
 
     @property
     def services(self) -> Services:
@@ -145,11 +154,26 @@ class Lifecycle(Middleware):
         return self._services
 
     def before_worker_boot(self, broker: Any, worker: Any) -> None:
-        self._services = Services.open(
+        services = self._services = Services.open(
             self.settings, threads=worker.worker_threads, metrics=self.metrics
         )
+        if services.outbox is not None:
+            settings = self.settings
+            self._relay = OutboxRelay(
+                services.cache,
+                settings.amqp_url.get_secret_value(),
+                settings.outcome_exchange,
+                block_ms=settings.events_relay_block_ms,
+                retry_s=settings.events_relay_retry_s,
+                reclaim_s=settings.events_relay_reclaim_s,
+                on_published=self.metrics.observe_relay if self.metrics is not None else None,
+            )
+            self._relay.start()
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        if self._relay is not None:
+            self._relay.stop()
+            self._relay = None
         if self._services is not None:
             self._services.close()
             self._services = None

@@ -146,6 +146,17 @@ class Settings(BaseSettings):
     #: Publish every job's final outcome to ``events_exchange`` (a topic exchange).
     events_enabled: bool = True
     events_exchange: str = Field(default="verloop.events", min_length=1, max_length=255)
+    #: ``outbox``: events are kept in a Redis stream with the job's ledger write and published
+    #: by a relay thread in batches (:mod:`worker.outbox`). ``direct``: each is published and
+    #: confirmed on the worker thread before its job's ack (slower; no Redis in between).
+    events_delivery: Literal["outbox", "direct"] = "outbox"
+    #: How long the relay waits for new events before looking again (its added latency).
+    events_relay_block_ms: int = Field(default=100, ge=1, le=5000)
+    #: How long a relay waits after RabbitMQ refused a batch before trying it again.
+    events_relay_retry_s: float = Field(default=1.0, gt=0, le=300)
+    #: A batch another relay took and left unconfirmed this long is taken over (its process
+    #: died, or lost RabbitMQ).
+    events_relay_reclaim_s: float = Field(default=30.0, ge=1, le=3600)
 
     @property
     def outcome_exchange(self) -> str:

@@ -213,6 +213,27 @@ def wait_until(
         time.sleep(interval)
 
 
+def wait_for_progress(
+    count: Callable[[], int], target: int, *, stall_s: float = 30.0, interval: float = 0.1
+) -> int:
+    """Poll ``count`` until it reaches ``target``; fail only if it stops moving for ``stall_s``.
+
+    For long runs (thousands of jobs) whose total time depends on how fast the machine is: a
+    slow machine still passes, a stuck worker still fails.
+    """
+    best, moved = -1, time.monotonic()
+    while True:
+        value = count()
+        if value >= target:
+            return value
+        now = time.monotonic()
+        if value > best:
+            best, moved = value, now
+        elif now - moved > stall_s:
+            pytest.fail(f"stuck at {value} of {target} for {stall_s:g}s: {count}")
+        time.sleep(interval)
+
+
 def dead_letters(queue: str = "verloop.send") -> list[tuple[dict[str, Any], bytes]]:
     """Take every message from ``queue``'s dead-letter queue: (headers, body) pairs."""
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))

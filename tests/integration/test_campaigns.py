@@ -27,6 +27,7 @@ from .conftest import (
     Simulator,
     dead_letters,
     queue_depth,
+    wait_for_progress,
     wait_until,
     worker_process,
 )
@@ -178,7 +179,7 @@ def test_a_worker_killed_mid_campaign_and_restarted_messages_every_recipient_exa
     received_before = len(simulator.messages())
     assert received_before < jobs
     with worker_process(simulator, tmp_path / "second.log", "--threads", "8", **env):
-        wait_until(lambda: _settled(store.get("crash")) == jobs, timeout=40)
+        wait_for_progress(lambda: _settled(store.get("crash")), jobs)
         received = Counter(m["to"] for m in simulator.messages())
         assert max(received.values()) == 1  # nobody messaged twice
         # Jobs whose send was in flight when the worker died: RabbitMQ redelivered them, the
@@ -209,6 +210,7 @@ def test_a_worker_killed_mid_campaign_and_restarted_messages_every_recipient_exa
     assert max(received.values()) == 1  # exactly once
 
 
+@pytest.mark.timeout(300)  # 2,000 sends in one process: about a minute, more on a slow machine
 def test_a_campaign_file_is_sent_end_to_end_and_its_status_says_so(
     simulator: Simulator,
     start_worker: Callable[..., WorkerApp],
@@ -242,7 +244,7 @@ def test_a_campaign_file_is_sent_end_to_end_and_its_status_says_so(
         "--no-progress",
     )
     assert started.exit_code == 0, started.output
-    wait_until(lambda: store.get("spring-e2e").count("sent") == rows - 20, timeout=60)
+    wait_for_progress(lambda: store.get("spring-e2e").count("sent"), rows - 20)
     received = Counter(m["to"] for m in simulator.messages())
     assert len(received) == rows - 20
     assert max(received.values()) == 1

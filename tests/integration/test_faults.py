@@ -31,6 +31,7 @@ from .conftest import (
     Simulator,
     dead_letters,
     queue_depth,
+    wait_for_progress,
     wait_until,
     worker_process,
 )
@@ -107,11 +108,11 @@ def test_with_5xx_and_timeouts_every_job_is_sent_once_or_dead_lettered_with_its_
     with worker_process(simulator, log_path, "--threads", "16", **env) as proc:
         keys = enqueue(producer, jobs)
 
-        def settled() -> bool:
+        def settled() -> int:
             letters.extend(dead_letters())
-            return len(sent_keys(simulator)) + len(letters) >= jobs
+            return len(sent_keys(simulator)) + len(letters)
 
-        wait_until(settled, timeout=40, interval=0.2)
+        wait_for_progress(settled, jobs, interval=0.2)
         assert proc.poll() is None
     sent = sent_keys(simulator)
     dead = Counter()
@@ -224,7 +225,7 @@ def test_rabbitmq_restarted_mid_run_the_worker_reconnects_and_every_job_is_sent_
             rabbitmqctl("start_app")
             wait_until(broker_answers, timeout=60, interval=0.5)
         restarted_at = len(simulator.messages())
-        wait_until(lambda: len(sent_keys(simulator)) >= jobs, timeout=40, interval=0.2)
+        wait_for_progress(lambda: len(sent_keys(simulator)), jobs, interval=0.2)
         wait_until(lambda: queue_depth("verloop.send") == 0, timeout=20)
         time.sleep(1.0)  # a redelivered job that were to be sent again would be by now
         assert proc.poll() is None

@@ -196,9 +196,9 @@ def test_a_delivery_that_finds_a_live_claim_waits_for_it_without_using_a_retry(
 ) -> None:
     """Another worker is sending this very job: wait for its lease, then find it sent."""
     cache = redis.Redis.from_url(REDIS_URL)
-    ends_ms = int((time.time() + 1.0) * 1000)
+    start_worker()  # first: on a slow machine starting it may take longer than a short lease
+    ends_ms = int((time.time() + 2.0) * 1000)
     cache.set("verloop:ledger:key:acme:otp-10", f"p:{ends_ms}:other-host:1:2:y")
-    start_worker()
     send(producer, idempotency_key="otp-10")
     time.sleep(0.5)
     assert simulator.messages() == []  # still waiting for the other claim
@@ -231,9 +231,10 @@ def test_a_job_whose_event_rabbitmq_refuses_is_still_acknowledged_once(
     start_worker: Callable[..., WorkerApp],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """An "amq." exchange can be neither declared nor published to: the event is refused, the
-    job (already sent) is acknowledged anyway, and its log line says so."""
-    start_worker(events_exchange="amq.verloop-no-such-exchange")
+    """Direct delivery: an "amq." exchange can be neither declared nor published to, so the
+    event is refused; the job (already sent) is acknowledged anyway, and its log line says so.
+    (Through the outbox, the default, a refused event waits there: see test_outbox.py.)"""
+    start_worker(events_exchange="amq.verloop-no-such-exchange", events_delivery="direct")
     send(producer, idempotency_key="no-events")
     wait_until(simulator.messages)
     wait_until(lambda: "event_published=False" in capsys.readouterr().out, timeout=10)

@@ -37,6 +37,9 @@ PHONE = "phone-1"
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 CAMPAIGN = "verloop.campaign"
 CAMPAIGN_QUEUES = [CAMPAIGN + suffix for suffix in ("", ".DQ", ".XQ")]
+#: Sends leave at their slot times, but reach the simulator after however long the machine
+#: takes to run the HTTP call: a span of arrival times can be this much shorter than the slots'.
+JITTER_S = 0.1
 
 
 def recipient(n: int) -> str:
@@ -147,9 +150,10 @@ def test_two_worker_processes_sharing_redis_hold_a_number_to_its_limit(
     assert len(times) == jobs
     assert stats["duplicates"] == 0
     ideal = (jobs - burst - 1) / rate  # the first H + 1 go at once, then one per 1/rate
-    assert ideal * 0.97 <= times[-1] - times[0] <= ideal * 3
-    assert most_in_any_window(times, 1.0) <= rate * 1.0 + burst + 1
-    assert most_in_any_window(times, 2.0) <= rate * 2.0 + burst + 1
+    assert ideal - JITTER_S <= times[-1] - times[0] <= ideal * 3
+    late = rate * JITTER_S  # sends whose arrival the machine delayed into the next window
+    assert most_in_any_window(times, 1.0) <= rate * 1.0 + burst + 1 + late
+    assert most_in_any_window(times, 2.0) <= rate * 2.0 + burst + 1 + late
     assert stats["rate_limit_violations"] == 0
     assert dead_letters() == []
 
@@ -179,7 +183,8 @@ def test_a_number_stays_within_its_limit_while_the_account_limit_delays_its_send
     )
     for n in range(40):
         send(producer, n, phone_id=f"other-{n}")
-    wait_until(lambda: 1.0 <= account_lead_s() <= 1.4)  # it peaks near 2 s, then runs down
+    # It peaks near 2 s, then runs down (more slowly built up on a slow machine).
+    wait_until(lambda: 0.6 <= account_lead_s() <= 1.8, timeout=30, interval=0.02)
     for n in range(40, 50):
         send(producer, n)
     wait_until(lambda: len(simulator.messages(phone_id=PHONE)) >= 10, timeout=15)
@@ -198,7 +203,8 @@ def test_a_job_whose_slot_is_beyond_max_wait_is_re_delayed_and_sent_without_usin
         send(producer, n)
     wait_until(lambda: len(simulator.messages()) >= 4, timeout=15)
     times = received(simulator)
-    assert times[-1] - times[0] >= 0.95  # slots at 0, 0, 0.5 and 1.0 s
+    # Slots at 0, 0, 0.5 and 1.0 s; arrival times at the simulator carry scheduling jitter.
+    assert times[-1] - times[0] >= 1.0 - JITTER_S
     assert keys_sent_once(simulator, keys)
     assert simulator.send_requests() == 4  # deferred jobs never called Verloop early
     assert dead_letters() == []
@@ -256,8 +262,8 @@ def test_one_hot_recipient_does_not_slow_the_other_recipients_on_the_number(
 def test_a_transactional_job_goes_out_promptly_while_a_campaign_saturates_the_number(
     simulator: Simulator, producer: Producer, start_worker: Callable[..., WorkerApp]
 ) -> None:
-    """Behind a 3 s campaign backlog at 20/s, a one-time code arrives within a second."""
-    rate, backlog = 20, 60
+    """Behind a 5 s campaign backlog at 20/s, a one-time code arrives within a second."""
+    rate, backlog = 20, 100
     simulator.faults(per_number_rate=rate, enforce_limits=False)
     start_worker(threads=8, rate_limit_per_number=rate)  # 8 threads, 16 campaign jobs prefetched
     for n in range(backlog):
@@ -270,10 +276,10 @@ def test_a_transactional_job_goes_out_promptly_while_a_campaign_saturates_the_nu
     campaign_before = [m for m in simulator.messages() if m["received_at"] < otp["received_at"]]
     assert otp["received_at"] - enqueued < 1.0
     assert backlog - len(campaign_before) >= rate  # at least a second of campaign still queued
-    wait_until(lambda: len(simulator.messages()) >= backlog + 1, timeout=20)
+    wait_until(lambda: len(simulator.messages()) >= backlog + 1, timeout=30)
     times = received(simulator)
-    assert times[-1] - times[0] >= (backlog - 1) / rate * 0.97  # campaign sends never burst
-    assert most_in_any_window(times, 1.0) <= rate + max(1, 0.1 * rate) + 1
+    assert times[-1] - times[0] >= (backlog - 1) / rate - JITTER_S  # campaign never bursts
+    assert most_in_any_window(times, 1.0) <= rate + max(1, 0.1 * rate) + 1 + rate * JITTER_S
     assert simulator.stats()["rate_limit_violations"] == 0
     assert simulator.stats()["duplicates"] == 0
 
@@ -352,7 +358,7 @@ def test_the_memory_backend_paces_a_single_worker_without_redis(
     times = received(simulator)
     # The first sends use the tolerance (H = 1 slot, plus 0.05 s of campaign lookahead = 0.5
     # slot), then one every 0.1 s.
-    assert times[-1] - times[0] >= (12 - 1 - 1.5) * 0.1 * 0.98
+    assert times[-1] - times[0] >= (12 - 1 - 1.5) * 0.1 - JITTER_S
     assert simulator.stats()["rate_limit_violations"] == 0
     assert limiter_keys() == []
 

@@ -149,6 +149,13 @@ class Metrics:
             "Phone tokens rejected by Verloop and fetched again.",
             registry=registry,
         )
+        self.events_relayed = Counter(
+            "verloop_events_relayed_total",
+            "Outcome events the outbox relay published to RabbitMQ (result=published), and "
+            "relay attempts that failed and left their events in the outbox (result=failed).",
+            ["result"],
+            registry=registry,
+        )
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # prometheus-client's labels() validates and locks on every call; a job touches several
@@ -163,6 +170,13 @@ class Metrics:
         """One call to Verloop (the client calls this)."""
         self._child(self.api_requests, endpoint, status, code).inc()
         self._child(self.api_latency, endpoint).observe(seconds)
+
+    def observe_relay(self, count: int, ok: bool) -> None:
+        """One batch of the events relay: ``count`` events published, or a failed attempt."""
+        if ok:
+            self._child(self.events_relayed, "published").inc(count)
+        else:
+            self._child(self.events_relayed, "failed").inc()
 
     def observe_job(self, fields: Mapping[str, Any], seconds: float) -> None:
         """One finished job, from the fields of its log line (the outcome middleware calls

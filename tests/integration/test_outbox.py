@@ -1,0 +1,151 @@
+"""Outcome events through the Redis outbox: kept before the ack, published at least once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import pika
+import pytest
+import redis
+
+from worker.app import WorkerApp
+from worker.jobs import SEND_QUEUE
+from worker.outbox import GROUP, STREAM, EventOutbox, OutboxRelay
+from worker.producer import Producer, encode_job
+
+from .conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    Simulator,
+    dead_letters,
+    free_port,
+    queue_depth,
+    wait_until,
+)
+from .test_ledger_and_events import Events, send
+
+EXCHANGE = "verloop.events"
+
+
+def _fields(n: int) -> dict[str, object]:
+    return {
+        "message_id": f"m-{n}",
+        "actor": "send_message",
+        "queue": SEND_QUEUE,
+        "outcome": "sent",
+        "client_id": "acme",
+        "phone_id": "phone-1",
+        "verloop_message_id": f"wamid.{n}",
+        "attempt": 1,
+    }
+
+
+def _outbox_length(cache: redis.Redis) -> int:
+    return int(cache.xlen(STREAM))
+
+
+def test_an_event_rabbitmq_refuses_waits_in_the_outbox_and_goes_out_once_it_can(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The exchange exists with another type, so declaring it fails (406) and nothing can be
+    published. The job is sent and acknowledged once; its event stays in the outbox, and the
+    relay says why. Once the exchange is right, the relay publishes it: nothing was lost."""
+    exchange = "verloop.events-outbox-test"
+    admin = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = admin.channel()
+    channel.exchange_delete(exchange)
+    channel.exchange_declare(exchange, exchange_type="fanout", durable=False)
+    try:
+        # The relay tries again 2 s after a failure: the exchange is put right (and a queue
+        # bound) well inside that gap, so the retry cannot publish before the queue is bound.
+        start_worker(events_exchange=exchange, events_relay_retry_s=2.0)
+        send(producer, idempotency_key="outbox-1")
+        wait_until(simulator.messages)
+        wait_until(lambda: "could not be relayed" in capsys.readouterr().out)
+        cache = redis.Redis.from_url(REDIS_URL)
+        assert _outbox_length(cache) == 1
+        assert queue_depth(SEND_QUEUE) == 0
+        assert dead_letters() == []
+
+        # Put the exchange right, with a subscriber bound, and the relay delivers the event.
+        channel.exchange_delete(exchange)
+        channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(queue, exchange, routing_key="send.#")
+
+        def one_event() -> bytes | None:
+            method, _, body = channel.basic_get(queue, auto_ack=True)
+            return body if method is not None else None
+
+        body = wait_until(one_event)
+        assert b'"idempotency_key":"outbox-1"' in body
+        wait_until(lambda: _outbox_length(cache) == 0)
+        assert len(simulator.messages()) == 1
+        time.sleep(0.3)
+        assert one_event() is None  # published once
+    finally:
+        channel.exchange_delete(exchange)
+        admin.close()
+
+
+def test_events_a_dead_relay_took_are_published_by_another() -> None:
+    """A relay that took a batch and died never confirmed it: another relay takes the batch
+    over once it has been idle long enough, publishes it, and empties the outbox."""
+    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    outbox = EventOutbox(cache)
+    for n in range(5):
+        outbox.add(_fields(n), {"to": f"+9198765432{n:02d}"})
+    cache.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    taken = cache.xreadgroup(GROUP, "dead-host:1", {STREAM: ">"}, count=10)
+    assert len(taken[0][1]) == 5  # taken by a relay that then died
+
+    subscriber = Events("send.#")
+    relay = OutboxRelay(cache, AMQP_URL, EXCHANGE, consumer="alive:2", reclaim_s=1.0)
+    try:
+        assert relay.run_once() == 0  # not idle long enough yet: left to its owner
+        time.sleep(1.1)
+        relay._next_reclaim = 0.0  # look again now rather than in 10 s
+        published = 0
+        deadline = time.monotonic() + 10
+        while published < 5 and time.monotonic() < deadline:
+            published += relay.run_once()
+        assert published == 5
+        events = subscriber.wait_for(5)
+        assert sorted(e["message_id"] for _, e in events) == [f"m-{n}" for n in range(5)]
+        assert {k for k, _ in events} == {"send.sent.acme.phone-1.none"}
+        assert _outbox_length(cache) == 0
+        assert cache.xpending(STREAM, GROUP)["pending"] == 0
+    finally:
+        relay.stop(timeout_s=1)
+        subscriber.close()
+
+
+def test_when_redis_refuses_the_event_it_is_published_directly(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A dead-lettered job's event goes to the outbox in its own call; if Redis does not
+    answer that call, the event is published on the worker's channel instead, not lost."""
+    subscriber = Events("send.#")
+    try:
+        app = start_worker()
+        services = app.lifecycle.services
+        # The outbox's own client points at a port nobody listens on (the ledger's is fine).
+        services.outbox = EventOutbox(redis.Redis(port=free_port(), socket_connect_timeout=0.5))
+        kwargs = {"client_id": "acme", "phone_id": "phone-1", "to": "not-a-number", "message": {}}
+        job_id = str(uuid.uuid4())
+        body = encode_job("send_message", kwargs, queue=SEND_QUEUE, message_id=job_id)
+        producer.publish_body(SEND_QUEUE, body, job_id)
+        [(key, event)] = subscriber.wait_for(1)
+        assert key == "send.dead_lettered.acme.phone-1.none"
+        assert event["dead_letter"] == "invalid"
+        wait_until(lambda: "event_outbox=False" in capsys.readouterr().out)
+    finally:
+        subscriber.close()

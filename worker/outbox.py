@@ -1,0 +1,290 @@
+"""The events outbox: outcome events go to RabbitMQ through a Redis stream.
+
+Publishing each event to RabbitMQ from the worker thread, confirmed, before the job's ack cost
+a round trip to RabbitMQ and a wait for its confirm per job: about a fifth of the send path's
+CPU on a busy 2-core machine (``bench/send_path.py``). Instead:
+
+1. A sent job's event is added to the stream ``verloop:events:outbox`` in the same Redis round
+   trip that records the send in the ledger (:meth:`worker.ledger.Ledger.mark_sent`). Other
+   outcomes (dead-lettered, suppressed, cancelled, management jobs) add theirs in one Redis call.
+   Either way the event is kept before the job is acknowledged.
+2. A relay thread in every worker process reads the stream as consumer group ``relay``,
+   publishes a batch of events in one AMQP transaction, and deletes them from the stream only
+   after RabbitMQ committed them. An event is therefore published at least once, usually
+   within ``EVENTS_RELAY_BLOCK_MS`` of its job's end.
+3. Entries a relay took but never confirmed (its process died, RabbitMQ refused them) stay in
+   the group's pending list: the relay retries its own after ``EVENTS_RELAY_RETRY_S``, and takes
+   over another consumer's once they have been idle ``EVENTS_RELAY_RECLAIM_S``.
+
+If Redis does not answer when an event is added, the event is published directly on the worker
+thread's channel instead (the ``direct`` path, also chosen with ``EVENTS_DELIVERY=direct``).
+Events are kept only as long as Redis keeps its data: run Redis with persistence (AOF) if a
+Redis restart must not lose the few events not yet relayed (the ledger asks the same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+import pika
+import pika.exceptions
+import redis
+import structlog
+
+from .errors import RedisUnavailable
+from .events import build_event, declare_exchange, routing_key
+
+__all__ = ["GROUP", "STREAM", "EventOutbox", "OutboxRelay"]
+
+STREAM: Final = "verloop:events:outbox"
+GROUP: Final = "relay"
+
+_log = structlog.get_logger()
+
+
+def _entry(fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[Any, Any]:
+    """The stream entry of one event: routing key, body and the AMQP properties' values."""
+    body = build_event(fields, extra)
+    return {
+        "k": routing_key(fields),
+        "b": orjson.dumps(body, default=str).decode(),
+        "t": body["event"],
+        "m": str(fields.get("message_id") or ""),
+        "a": str(int(body["at"])),
+    }
+
+
+class EventOutbox:
+    """Adds events to the outbox stream (see the module docstring)."""
+
+    def __init__(self, cache: redis.Redis, *, stream: str = STREAM) -> None:
+        self.cache = cache
+        self.stream = stream
+
+    def add_in(self, pipe: Any, fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> None:
+        """Queue the event on ``pipe``, a pipeline the caller executes."""
+        pipe.xadd(self.stream, _entry(fields, extra))
+
+    def add(self, fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> None:
+        """Add the event now.
+
+        Raises:
+            RedisUnavailable: Redis did not answer; the caller publishes directly.
+        """
+        try:
+            self.cache.xadd(self.stream, _entry(fields, extra))
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"events outbox: {type(exc).__name__}") from None
+
+
+class OutboxRelay:
+    """Publishes the outbox's events to the exchange; one per worker process, in a thread.
+
+    :meth:`run_once` is one step (read a batch, publish it, delete it); :meth:`start` runs steps
+    in a daemon thread until :meth:`stop`, which drains what is left for up to its timeout.
+    """
+
+    def __init__(
+        self,
+        cache: redis.Redis,
+        amqp_url: str,
+        exchange: str,
+        *,
+        stream: str = STREAM,
+        group: str = GROUP,
+        consumer: str | None = None,
+        batch: int = 256,
+        block_ms: int = 100,
+        retry_s: float = 1.0,
+        reclaim_s: float = 30.0,
+        on_published: Any = None,
+    ) -> None:
+        self.cache = cache
+        self.amqp_url = amqp_url
+        self.exchange = exchange
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.batch = batch
+        self.block_ms = block_ms
+        self.retry_s = retry_s
+        self.reclaim_s = reclaim_s
+        #: Called with (count, ok) after each batch: the metrics hook.
+        self.on_published = on_published
+        self._connection: Any = None
+        self._channel: Any = None
+        self._group_ready = False
+        #: Our own pending entries (taken, not yet confirmed) come first.
+        self._own_pending = True
+        self._next_reclaim = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failures = 0
+
+    # --- the thread ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the relay in a daemon thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="verloop-events-relay", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread after relaying what is left (for at most ``timeout_s``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s + 1)
+            stuck, self._thread = self._thread.is_alive(), None
+            if stuck:  # still inside a call: leave the rest to the next relay
+                return
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline and self.run_once(block=False):
+                pass
+        except (redis.RedisError, pika.exceptions.AMQPError, OSError) as exc:
+            _log.warning("events left in the outbox at shutdown", error=type(exc).__name__)
+        self._close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once(block=True)
+                if self._failures:
+                    _log.info("outcome events are being published again", after=self._failures)
+                    self._failures = 0
+            except (redis.RedisError, pika.exceptions.AMQPError, OSError) as exc:
+                # Nothing is lost: the batch stays pending and is taken again after retry_s.
+                self._close()
+                self._own_pending = True
+                if self._failures % 60 == 0:
+                    _log.error(
+                        "outcome events could not be relayed; they stay in the outbox",
+                        error=type(exc).__name__,
+                        detail=str(exc)[:200],
+                        attempts=self._failures + 1,
+                    )
+                self._failures += 1
+                if self.on_published is not None:
+                    self.on_published(0, False)
+                self._stop.wait(self.retry_s)
+
+    # --- one step --------------------------------------------------------------------------------
+    def run_once(self, *, block: bool = False) -> int:
+        """Relay one batch; returns how many events RabbitMQ committed (0: nothing to do)."""
+        self._ensure_group()
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + min(self.reclaim_s, 10.0)
+            if self._reclaim():
+                self._own_pending = True
+        try:
+            if self._own_pending:
+                entries = self._read("0", block_ms=None)
+                if not entries:
+                    self._own_pending = False
+                    return 0
+            else:
+                entries = self._read(">", block_ms=self.block_ms if block else None)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # the stream was deleted (FLUSHDB): make it again
+                self._group_ready = False
+                return 0
+            raise
+        if not entries:
+            if self._connection is not None and self._connection.is_open:
+                self._connection.process_data_events(time_limit=0)  # heartbeats while idle
+            return 0
+        self._publish(entries)
+        ids = [entry_id for entry_id, _ in entries]
+        pipe = self.cache.pipeline(transaction=False)
+        pipe.xack(self.stream, self.group, *ids)
+        pipe.xdel(self.stream, *ids)
+        pipe.execute()
+        if self.on_published is not None:
+            self.on_published(len(ids), True)
+        return len(ids)
+
+    def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            self.cache.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    def _read(self, start: str, *, block_ms: int | None) -> list[tuple[str, dict[str, str] | None]]:
+        answer: Any = self.cache.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=self.batch, block=block_ms
+        )
+        if not answer:
+            return []
+        # [[stream, [(id, fields), ...]]]; a deleted entry still pending comes back as (id, None).
+        return [(_text(i), f) for i, f in answer[0][1]]
+
+    def _reclaim(self) -> bool:
+        """Take over entries another relay took and left unconfirmed for ``reclaim_s``."""
+        answer = self.cache.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=int(self.reclaim_s * 1000),
+            start_id="0-0",
+            count=self.batch,
+            justid=True,
+        )
+        claimed = answer[1] if isinstance(answer, list | tuple) and len(answer) > 1 else []
+        return bool(claimed)
+
+    def _publish(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
+        channel = self._open_channel()
+        for entry_id, fields in entries:
+            if fields is None:
+                continue  # deleted after it was taken: it was published already
+            key, body = fields.get("k"), fields.get("b")
+            if not key or body is None:
+                # Not ours to publish (written by hand?): dropped, with its id in the log.
+                _log.error("outbox entry without routing key or body dropped", entry=entry_id)
+                continue
+            timestamp = fields.get("a", "")
+            channel.basic_publish(
+                self.exchange,
+                _text(key),
+                _text(body).encode(),
+                pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=2,
+                    timestamp=int(timestamp) if str(timestamp).isdigit() else None,
+                    type=_text(fields.get("t", "")) or None,
+                    message_id=_text(fields.get("m", "")) or None,
+                ),
+            )
+        channel.tx_commit()
+
+    def _open_channel(self) -> Any:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self._close()
+        self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        channel = self._connection.channel()
+        declare_exchange(channel, self.exchange)
+        channel.tx_select()
+        self._channel = channel
+        return channel
+
+    def _close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                connection.close()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
