@@ -104,6 +104,7 @@ class OutboxRelay:
         block_ms: int = 100,
         retry_s: float = 1.0,
         reclaim_s: float = 30.0,
+        forget_after_s: float = 3600.0,
         on_published: Any = None,
     ) -> None:
         self.cache = cache
@@ -116,6 +117,8 @@ class OutboxRelay:
         self.block_ms = block_ms
         self.retry_s = retry_s
         self.reclaim_s = reclaim_s
+        #: A consumer (a relay's process) with nothing pending and silent this long is gone.
+        self.forget_after_s = forget_after_s
         #: Called with (count, ok) after each batch: the metrics hook.
         self.on_published = on_published
         self._connection: Any = None
@@ -183,6 +186,7 @@ class OutboxRelay:
             self._next_reclaim = now + min(self.reclaim_s, 10.0)
             if self._reclaim():
                 self._own_pending = True
+            self._forget_gone_consumers()
         try:
             if self._own_pending:
                 entries = self._read("0", block_ms=None)
@@ -242,6 +246,19 @@ class OutboxRelay:
         )
         claimed = answer[1] if isinstance(answer, list | tuple) and len(answer) > 1 else []
         return bool(claimed)
+
+    def _forget_gone_consumers(self) -> None:
+        """Drop the group's consumers of relays that exited: nothing pending, long silent.
+
+        Every process's relay joins the group under its own name; without this, each restart
+        would leave one behind. A live relay reads every ``block_ms``, so it is never silent
+        long; one dropped anyway would be re-created by its next read.
+        """
+        for info in self.cache.xinfo_consumers(self.stream, self.group):
+            name = _text(info.get("name", ""))
+            pending, idle_ms = int(info.get("pending", 1)), int(info.get("idle", 0))
+            if name != self.consumer and pending == 0 and idle_ms > self.forget_after_s * 1000:
+                self.cache.xgroup_delconsumer(self.stream, self.group, name)
 
     def _publish(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
         channel = self._open_channel()

@@ -125,6 +125,29 @@ def test_events_a_dead_relay_took_are_published_by_another() -> None:
         subscriber.close()
 
 
+def test_the_consumers_of_relays_that_exited_are_forgotten() -> None:
+    """Each process's relay joins the group under its own name: those of exited processes
+    (nothing pending, long silent) are dropped; one still holding a batch is kept."""
+    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    outbox = EventOutbox(cache)
+    cache.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    cache.xreadgroup(GROUP, "exited:1", {STREAM: ">"}, count=10)  # read nothing, then exited
+    outbox.add(_fields(1), None)
+    cache.xreadgroup(GROUP, "holding:2", {STREAM: ">"}, count=10)  # took the event, then died
+    time.sleep(0.6)
+    relay = OutboxRelay(
+        cache, AMQP_URL, EXCHANGE, consumer="alive:3", reclaim_s=60.0, forget_after_s=0.5
+    )
+    try:
+        relay.run_once()
+        names = {c["name"] for c in cache.xinfo_consumers(STREAM, GROUP)}
+        assert "exited:1" not in names
+        assert "holding:2" in names  # its batch is taken over first (after reclaim_s)
+        assert cache.xpending(STREAM, GROUP)["pending"] == 1
+    finally:
+        relay.stop(timeout_s=0)
+
+
 def test_when_redis_refuses_the_event_it_is_published_directly(
     simulator: Simulator,
     producer: Producer,

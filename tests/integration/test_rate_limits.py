@@ -335,8 +335,9 @@ def test_a_429_slows_the_number_down_for_a_while(
         send(producer, n)
     wait_until(lambda: len(simulator.messages()) >= 11)
     times = received(simulator)[1:]
-    # 8 intervals of 0.2 s; unpenalized it would be 0.8 s.
-    assert times[-1] - times[0] >= 1.6 - JITTER_S
+    # 8 intervals of 0.2 s (1.6 s); unpenalized it would be 0.8 s. Midway tells them apart
+    # whatever a slow machine's jitter does to the first and last arrivals.
+    assert times[-1] - times[0] >= 1.2
     assert simulator.stats()["rate_limit_violations"] == 0
 
 
