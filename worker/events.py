@@ -73,14 +73,15 @@ def routing_key(fields: Mapping[str, Any]) -> str:
 
 
 def build_event(
-    fields: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+    fields: Mapping[str, Any], extra: Mapping[str, Any] | None = None, *, key: str | None = None
 ) -> dict[str, Any]:
     """The event body: ``{"version", "event", "outcome", "at", ...the job's fields}``.
 
+    ``key`` is the event's routing key when the caller has it already.
     ``extra`` carries what the log line does not: the full recipient ``to`` (logs mask it),
     the producer's ``metadata``, and management results such as the client list.
     """
-    key = routing_key(fields)
+    key = key or routing_key(fields)
     event: dict[str, Any] = {
         "version": EVENT_VERSION,
         "event": ".".join(key.split(".")[:2]),
@@ -105,10 +106,11 @@ def publish_event(
     channel: Any, exchange: str, fields: Mapping[str, Any], extra: Mapping[str, Any] | None
 ) -> None:
     """Publish one job's event on ``channel`` (confirmed if the channel is in confirm mode)."""
-    body = build_event(fields, extra)
+    key = routing_key(fields)
+    body = build_event(fields, extra, key=key)
     channel.basic_publish(
         exchange=exchange,
-        routing_key=routing_key(fields),
+        routing_key=key,
         body=orjson.dumps(body, default=str),
         properties=pika.BasicProperties(
             content_type="application/json",

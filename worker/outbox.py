@@ -51,9 +51,10 @@ _log = structlog.get_logger()
 
 def _entry(fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[Any, Any]:
     """The stream entry of one event: routing key, body and the AMQP properties' values."""
-    body = build_event(fields, extra)
+    key = routing_key(fields)
+    body = build_event(fields, extra, key=key)
     return {
-        "k": routing_key(fields),
+        "k": key,
         "b": orjson.dumps(body, default=str).decode(),
         "t": body["event"],
         "m": str(fields.get("message_id") or ""),
@@ -179,7 +180,8 @@ class OutboxRelay:
 
     # --- one step --------------------------------------------------------------------------------
     def run_once(self, *, block: bool = False) -> int:
-        """Relay one batch; returns how many events RabbitMQ committed (0: nothing to do)."""
+        """Relay one batch; returns how many events RabbitMQ committed (0: nothing to do, or
+        only entries that were not events, which are dropped)."""
         self._ensure_group()
         now = time.monotonic()
         if now >= self._next_reclaim:
@@ -204,15 +206,15 @@ class OutboxRelay:
             if self._connection is not None and self._connection.is_open:
                 self._connection.process_data_events(time_limit=0)  # heartbeats while idle
             return 0
-        self._publish(entries)
+        published = self._publish(entries)
         ids = [entry_id for entry_id, _ in entries]
         pipe = self.cache.pipeline(transaction=False)
         pipe.xack(self.stream, self.group, *ids)
         pipe.xdel(self.stream, *ids)
         pipe.execute()
         if self.on_published is not None:
-            self.on_published(len(ids), True)
-        return len(ids)
+            self.on_published(published, True)
+        return published
 
     def _ensure_group(self) -> None:
         if self._group_ready:
@@ -260,8 +262,10 @@ class OutboxRelay:
             if name != self.consumer and pending == 0 and idle_ms > self.forget_after_s * 1000:
                 self.cache.xgroup_delconsumer(self.stream, self.group, name)
 
-    def _publish(self, entries: list[tuple[str, dict[str, str] | None]]) -> None:
+    def _publish(self, entries: list[tuple[str, dict[str, str] | None]]) -> int:
+        """Publish the entries in one transaction; returns how many were events."""
         channel = self._open_channel()
+        published = 0
         for entry_id, fields in entries:
             if fields is None:
                 continue  # deleted after it was taken: it was published already
@@ -283,7 +287,9 @@ class OutboxRelay:
                     message_id=_text(fields.get("m", "")) or None,
                 ),
             )
+            published += 1
         channel.tx_commit()
+        return published
 
     def _open_channel(self) -> Any:
         if self._channel is not None and self._channel.is_open:

@@ -18,6 +18,7 @@ from worker.producer import Producer, encode_job
 from .conftest import (
     AMQP_URL,
     REDIS_URL,
+    SANDBOX_PASSWORD,
     Simulator,
     dead_letters,
     free_port,
@@ -66,7 +67,16 @@ def test_an_event_rabbitmq_refuses_waits_in_the_outbox_and_goes_out_once_it_can(
         start_worker(events_exchange=exchange, events_relay_retry_s=2.0)
         send(producer, idempotency_key="outbox-1")
         wait_until(simulator.messages)
-        wait_until(lambda: "could not be relayed" in capsys.readouterr().out)
+        output: list[str] = []
+
+        def relay_failed() -> bool:
+            output.append(capsys.readouterr().out)
+            return "could not be relayed" in output[-1]
+
+        wait_until(relay_failed)
+        logged = "".join(output)
+        assert SANDBOX_PASSWORD not in logged  # the relay's error names no secret
+        assert simulator.server.system_user_token not in logged
         cache = redis.Redis.from_url(REDIS_URL)
         assert _outbox_length(cache) == 1
         assert queue_depth(SEND_QUEUE) == 0
@@ -146,6 +156,50 @@ def test_the_consumers_of_relays_that_exited_are_forgotten() -> None:
         assert cache.xpending(STREAM, GROUP)["pending"] == 1
     finally:
         relay.stop(timeout_s=0)
+
+
+def test_an_outbox_entry_that_is_not_an_event_is_dropped_and_the_rest_still_go_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An entry without routing key or body (written by hand, say) cannot block the stream:
+    it is dropped with its id in the log, and the events around it are published."""
+    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    outbox = EventOutbox(cache)
+    outbox.add(_fields(1), None)
+    bad_id = cache.xadd(STREAM, {"note": "not an event"})
+    outbox.add(_fields(2), None)
+    subscriber = Events("send.#")
+    relay = OutboxRelay(cache, AMQP_URL, EXCHANGE, consumer="alive:4")
+    try:
+        assert relay.run_once() == 0  # its own pending entries first: none yet
+        assert relay.run_once() == 2  # all three taken: two published, one dropped
+        events = subscriber.wait_for(2)
+        assert sorted(e["message_id"] for _, e in events) == ["m-1", "m-2"]
+        assert _outbox_length(cache) == 0
+        assert f"entry={bad_id}" in capsys.readouterr().out
+    finally:
+        relay.stop(timeout_s=0)
+        subscriber.close()
+
+
+def test_a_relay_whose_stream_was_deleted_makes_it_again() -> None:
+    """FLUSHDB or DEL under a running relay: it re-creates its group and goes on."""
+    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    relay = OutboxRelay(cache, AMQP_URL, EXCHANGE, consumer="alive:5")
+    subscriber = Events("send.#")
+    try:
+        relay.run_once()
+        relay.run_once()  # the group exists, nothing to read
+        cache.delete(STREAM)
+        assert relay.run_once() == 0  # NOGROUP: noticed, the group is made again next time
+        EventOutbox(cache).add(_fields(7), None)
+        published = sum(relay.run_once() for _ in range(3))
+        assert published == 1
+        [(_, event)] = subscriber.wait_for(1)
+        assert event["message_id"] == "m-7"
+    finally:
+        relay.stop(timeout_s=0)
+        subscriber.close()
 
 
 def test_when_redis_refuses_the_event_it_is_published_directly(
