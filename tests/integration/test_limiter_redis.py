@@ -90,6 +90,20 @@ def assert_same(pairs: list[tuple[Decision, Decision, float]]) -> None:
         assert theirs.wait_s == pytest.approx(ours.wait_s, abs=0.02 + lag), f"decision {n}"
 
 
+def assert_plan(
+    pairs: list[tuple[Decision, Decision, float]],
+    expected: list[tuple[Verdict, float]],
+    busy_s: float,
+) -> None:
+    """The memory limiter's decisions are the expected ones. A wait comes out shorter by the
+    time the machine took between the step that set it and the ask (`busy_s`, the run's time
+    outside its pauses, bounds that); it is never longer."""
+    assert len(pairs) == len(expected)
+    for n, ((ours, _, _), (verdict, wait_s)) in enumerate(zip(pairs, expected, strict=True)):
+        assert ours.verdict is verdict, f"decision {n}: {ours}"
+        assert wait_s - 0.02 - busy_s <= ours.wait_s <= wait_s + 0.02, f"decision {n}: {ours}"
+
+
 def test_the_redis_limiter_paces_like_the_memory_limiter(client: redis.Redis) -> None:
     """Bursts, reserved slots, max wait, campaign asks and other numbers: the same decisions."""
     steps: list[Step | float] = [
@@ -145,9 +159,11 @@ def test_the_redis_limiter_holds_and_penalizes_like_the_memory_limiter(
         0.25,
         acquire("phone-5", ALICE, "campaign"),
     ]
+    started = time.monotonic()
     pairs = run_side_by_side(policy(10), client, steps)
+    busy_s = time.monotonic() - started - 0.25
     assert_same(pairs)
-    assert [(ours.verdict, round(ours.wait_s, 1)) for ours, _, _ in pairs] == [
+    expected = [
         (Verdict.RECIPIENT_COOLING, 2.0),
         (Verdict.GO, 0.0),
         (Verdict.CAMPAIGN_PAUSED, 3.0),
@@ -159,6 +175,7 @@ def test_the_redis_limiter_holds_and_penalizes_like_the_memory_limiter(
         (Verdict.WAIT, 0.8),
         (Verdict.GO, 0.0),  # the cooldown is over
     ]
+    assert_plan(pairs, expected, busy_s)
 
 
 def test_the_redis_limiter_applies_the_account_limit_like_the_memory_limiter(
@@ -169,7 +186,7 @@ def test_the_redis_limiter_applies_the_account_limit_like_the_memory_limiter(
     steps.append(acquire("phone-9", ALICE, "campaign"))
     started = time.monotonic()
     pairs = run_side_by_side(policy(100, account_rate=5.0), client, steps)
-    took = time.monotonic() - started  # each wait is that much shorter than at instant steps
+    busy_s = time.monotonic() - started
     assert_same(pairs)
     expected = [
         (Verdict.GO, 0.0),
@@ -178,9 +195,7 @@ def test_the_redis_limiter_applies_the_account_limit_like_the_memory_limiter(
         (Verdict.WAIT, 0.6),
         (Verdict.WAIT, 0.6),
     ]
-    for (ours, _, _), (verdict, wait_s) in zip(pairs, expected, strict=True):
-        assert ours.verdict is verdict
-        assert ours.wait_s == pytest.approx(wait_s, abs=0.02 + took)
+    assert_plan(pairs, expected, busy_s)
 
 
 def test_limiter_keys_expire_so_idle_numbers_leave_nothing_behind(client: redis.Redis) -> None:
