@@ -11,7 +11,8 @@ CPU on a busy 2-core machine (``bench/send_path.py``). Instead:
 2. A relay thread in every worker process reads the stream as consumer group ``relay``,
    publishes a batch of events in one AMQP transaction, and deletes them from the stream only
    after RabbitMQ committed them. An event is therefore published at least once, usually
-   within ``EVENTS_RELAY_BLOCK_MS`` of its job's end.
+   within ``EVENTS_RELAY_BLOCK_MS`` + ``EVENTS_RELAY_LINGER_MS`` of its job's end (after a
+   part-full batch the relay lingers, so the next batch carries more events).
 3. Entries a relay took but never confirmed (its process died, RabbitMQ refused them) stay in
    the group's pending list: the relay retries its own after ``EVENTS_RELAY_RETRY_S``, and takes
    over another consumer's once they have been idle ``EVENTS_RELAY_RECLAIM_S``.
@@ -103,6 +104,7 @@ class OutboxRelay:
         consumer: str | None = None,
         batch: int = 256,
         block_ms: int = 100,
+        linger_ms: int = 50,
         retry_s: float = 1.0,
         reclaim_s: float = 30.0,
         forget_after_s: float = 3600.0,
@@ -116,6 +118,8 @@ class OutboxRelay:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.batch = batch
         self.block_ms = block_ms
+        #: After a batch smaller than ``batch``, wait this long so the next one gathers more.
+        self.linger_s = linger_ms / 1000
         self.retry_s = retry_s
         self.reclaim_s = reclaim_s
         #: A consumer (a relay's process) with nothing pending and silent this long is gone.
@@ -158,7 +162,11 @@ class OutboxRelay:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.run_once(block=True)
+                relayed = self.run_once(block=True)
+                if 0 < relayed < self.batch and self.linger_s > 0:
+                    # Each batch costs a read, a commit and an acknowledgement whatever its size:
+                    # a short wait lets the next one carry many events instead of one or two.
+                    self._stop.wait(self.linger_s)
                 if self._failures:
                     _log.info("outcome events are being published again", after=self._failures)
                     self._failures = 0

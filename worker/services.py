@@ -164,6 +164,7 @@ class Lifecycle(Middleware):
                 settings.amqp_url.get_secret_value(),
                 settings.outcome_exchange,
                 block_ms=settings.events_relay_block_ms,
+                linger_ms=settings.events_relay_linger_ms,
                 retry_s=settings.events_relay_retry_s,
                 reclaim_s=settings.events_relay_reclaim_s,
                 on_published=self.metrics.observe_relay if self.metrics is not None else None,

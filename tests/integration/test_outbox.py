@@ -226,3 +226,35 @@ def test_when_redis_refuses_the_event_it_is_published_directly(
         wait_until(lambda: "event_outbox=False" in capsys.readouterr().out)
     finally:
         subscriber.close()
+
+
+def test_after_a_small_batch_the_relay_lingers_so_the_next_carries_many_events() -> None:
+    """Each batch costs a read, a commit and an acknowledgement whatever its size. After one
+    event alone, the relay waits its linger time: the five events added meanwhile go out
+    together in one batch, not one by one."""
+    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    outbox = EventOutbox(cache)
+    batches: list[tuple[int, bool]] = []
+    subscriber = Events("send.#")
+    relay = OutboxRelay(
+        cache,
+        AMQP_URL,
+        EXCHANGE,
+        consumer="alive:6",
+        block_ms=50,
+        linger_ms=1500,
+        on_published=lambda count, ok: batches.append((count, ok)),
+    )
+    relay.start()
+    try:
+        outbox.add(_fields(0), None)
+        wait_until(lambda: batches)
+        for n in range(1, 6):
+            outbox.add(_fields(n), None)
+        wait_until(lambda: len(batches) >= 2)
+        assert batches == [(1, True), (5, True)]
+        events = subscriber.wait_for(6)
+        assert sorted(e["message_id"] for _, e in events) == [f"m-{n}" for n in range(6)]
+    finally:
+        relay.stop(timeout_s=1)
+        subscriber.close()
