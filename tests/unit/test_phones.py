@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import phonenumbers
 import pytest
 
 from worker.phones import mask_phone, normalize_e164
@@ -66,3 +67,22 @@ def test_a_short_or_odd_value_is_masked_entirely(value: str) -> None:
     masked = mask_phone(value)
     assert set(masked) == {"*"}
     assert len(masked) == len(value)
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["+442071234567", "+8613812345678", "+353861234567", "+971501234567", "+2348031234567"],
+)
+def test_the_masked_country_code_is_the_one_libphonenumber_reads(number: str) -> None:
+    """Masking reads the calling code from libphonenumber's table (1, 2 or 3 digits) without a
+    full parse; it keeps exactly the code a parse finds."""
+    code = str(phonenumbers.parse(number, None).country_code)
+    masked = mask_phone(number)
+    assert masked.startswith(f"+{code}*")
+    assert masked.endswith(number[-4:])
+    assert len(masked) == len(number)
+
+
+def test_a_number_with_no_known_calling_code_keeps_only_two_digits() -> None:
+    """+0… is no country's code: two digits are kept, as before, the rest starred."""
+    assert mask_phone("+0123456789") == "+01****6789"
