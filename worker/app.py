@@ -15,7 +15,7 @@ from dramatiq.middleware import Middleware
 from .actors import register_actors
 from .broker import VerloopBroker, build_broker
 from .jobs import CAMPAIGN_QUEUE, JOB_MODELS
-from .observability.logging import configure_logging
+from .observability.logging import DirectStream, configure_logging
 from .observability.metrics import Metrics
 from .outcomes import JobOutcomes, RetryPolicy
 from .reporting import OutcomeReporter
@@ -81,5 +81,7 @@ def boot() -> None:
     # GIL switch interval a thread whose answer has arrived can wait that long behind a busy
     # one; 1 ms lets it run sooner (measured with bench/send_path.py).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    configure_logging(settings.log_format, settings.log_level)
+    # Lines go straight to the inherited stderr, not through dramatiq's pipe to the main
+    # process (one system call per line instead of a second process's read and write).
+    configure_logging(settings.log_format, settings.log_level, stream=DirectStream(sys.stderr))
     create_app(settings)

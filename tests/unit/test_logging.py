@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import logging
+import os
+import select
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +16,7 @@ import structlog
 
 from worker.observability.logging import (
     REDACTED,
+    DirectStream,
     configure_logging,
     forget_secrets,
     mask_url,
@@ -35,12 +38,13 @@ def _reset_logging_state() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def json_logging(level: str = "INFO") -> Iterator[io.StringIO]:
-    """configure_logging to a StringIO, then put the root logger back as it was."""
+def json_logging(level: str = "INFO", stream: Any = None) -> Iterator[Any]:
+    """configure_logging to ``stream`` (a new StringIO by default), then put the root logger
+    back as it was."""
     root = logging.getLogger()
     handlers, root_level = root.handlers[:], root.level
     quiet_levels = {name: logging.getLogger(name).level for name in QUIET}
-    stream = io.StringIO()
+    stream = stream if stream is not None else io.StringIO()
     try:
         configure_logging(fmt="json", level=level, stream=stream)
         yield stream
@@ -239,3 +243,49 @@ def test_auto_format_is_console_on_a_terminal() -> None:
 def test_an_explicit_format_is_kept(fmt: Any) -> None:
     """An explicit json or console format is used whatever the stream is."""
     assert resolve_log_format(fmt, io.StringIO()) == fmt
+
+
+def test_a_direct_stream_writes_short_lines_to_its_descriptor_and_long_ones_to_the_fallback() -> (
+    None
+):
+    """Lines up to PIPE_BUF go to the file descriptor in one write each (atomic on a pipe);
+    a longer one, which a pipe might interleave with another process's, takes the fallback."""
+    read_end, write_end = os.pipe()
+    fallback = io.StringIO()
+    try:
+        stream = DirectStream(fallback, fd=write_end)
+        short = json.dumps({"event": "job", "outcome": "sent"}) + "\n"
+        long = json.dumps({"event": "failed", "traceback": "x" * (select.PIPE_BUF + 1)}) + "\n"
+        assert stream.write(short) == len(short)
+        stream.write(long)
+        assert os.read(read_end, select.PIPE_BUF).decode() == short
+        assert fallback.getvalue() == long
+        assert stream.fileno() == write_end
+        assert not stream.isatty()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_direct_stream_falls_back_when_its_descriptor_refuses_the_write() -> None:
+    """A closed descriptor loses no line: it goes through the fallback instead."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.close(write_end)
+    fallback = io.StringIO()
+    DirectStream(fallback, fd=write_end).write("line\n")
+    assert fallback.getvalue() == "line\n"
+
+
+def test_json_lines_reach_a_direct_stream_whole() -> None:
+    """configure_logging on a DirectStream: each structlog line arrives as one JSON line."""
+    read_end, write_end = os.pipe()
+    try:
+        with json_logging(stream=DirectStream(io.StringIO(), fd=write_end)):
+            structlog.get_logger("t").info("job", outcome="sent", to="+919876543210")
+        line = os.read(read_end, select.PIPE_BUF).decode()
+        assert line.endswith("\n")
+        assert json.loads(line)["to"] == "+91******3210"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
