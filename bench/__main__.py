@@ -13,6 +13,7 @@ Everything uses RabbitMQ vhost ``verloop-bench`` and Redis db 14 on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import sys
@@ -57,8 +58,19 @@ def main() -> None:
     campaign_send.add_arguments(parser)
     args = parser.parse_args()
 
-    ensure_vhost()
     RESULTS.mkdir(exist_ok=True)
+    # Two runs at once share the bench vhost, its queues and the worker logs: one's cleanup
+    # deletes the other's queues mid-run, and both figures are wrong. The lock is released
+    # when this process exits, however it exits.
+    lock = (RESULTS / ".lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(
+            "another `make bench` is running on this machine (bench/results/.lock is held); "
+            "benchmarks share queues and cores, so wait for it to finish"
+        )
+    ensure_vhost()
     shutil.rmtree(RESULTS / "metrics", ignore_errors=True)  # the workers' metrics files, last run
     selected = args.only or list(BENCHMARKS)
     results: list[Result] = []
