@@ -34,6 +34,7 @@ from typing import Any, Final, Literal
 import redis
 
 from .errors import RedisUnavailable
+from .redis_text import as_text
 
 __all__ = ["Claim", "Ledger", "LedgerEntry"]
 
@@ -120,7 +121,7 @@ class Ledger:
             )
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
-        state, detail = _text(state), _text(detail)
+        state, detail = as_text(state), as_text(detail)
         if state == "busy":
             return Claim("busy", retry_in_s=int(detail) / 1000)
         if state == "claimed":
@@ -158,7 +159,7 @@ class Ledger:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
         if value is None:
             return LedgerEntry(key, "absent")
-        text = _text(value)
+        text = as_text(value)
         if text.startswith("s:"):
             return LedgerEntry(key, "sent", text[2:] or None)
         return LedgerEntry(key, "pending")
@@ -170,13 +171,8 @@ class Ledger:
             value = self.cache.get(_PREFIX + key)
             if value is None:
                 return False
-            if not _text(value).startswith("p:"):
+            if not as_text(value).startswith("p:"):
                 return False
             return bool(self.cache.delete(_PREFIX + key))
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
-
-
-def _text(value: object) -> str:
-    """Redis answers in bytes or str depending on the client's ``decode_responses``."""
-    return value.decode() if isinstance(value, bytes) else str(value)

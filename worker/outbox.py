@@ -41,6 +41,7 @@ import structlog
 
 from .errors import RedisUnavailable
 from .events import build_event, declare_exchange, routing_key
+from .redis_text import as_text
 
 __all__ = ["GROUP", "STREAM", "EventOutbox", "OutboxRelay"]
 
@@ -241,7 +242,7 @@ class OutboxRelay:
         if not answer:
             return []
         # [[stream, [(id, fields), ...]]]; a deleted entry still pending comes back as (id, None).
-        return [(_text(i), f) for i, f in answer[0][1]]
+        return [(as_text(i), f) for i, f in answer[0][1]]
 
     def _reclaim(self) -> bool:
         """Take over entries another relay took and left unconfirmed for ``reclaim_s``."""
@@ -265,7 +266,7 @@ class OutboxRelay:
         long; one dropped anyway would be re-created by its next read.
         """
         for info in self.cache.xinfo_consumers(self.stream, self.group):
-            name = _text(info.get("name", ""))
+            name = as_text(info.get("name", ""))
             pending, idle_ms = int(info.get("pending", 1)), int(info.get("idle", 0))
             if name != self.consumer and pending == 0 and idle_ms > self.forget_after_s * 1000:
                 self.cache.xgroup_delconsumer(self.stream, self.group, name)
@@ -285,14 +286,14 @@ class OutboxRelay:
             timestamp = fields.get("a", "")
             channel.basic_publish(
                 self.exchange,
-                _text(key),
-                _text(body).encode(),
+                as_text(key),
+                as_text(body).encode(),
                 pika.BasicProperties(
                     content_type="application/json",
                     delivery_mode=2,
                     timestamp=int(timestamp) if str(timestamp).isdigit() else None,
-                    type=_text(fields.get("t", "")) or None,
-                    message_id=_text(fields.get("m", "")) or None,
+                    type=as_text(fields.get("t", "")) or None,
+                    message_id=as_text(fields.get("m", "")) or None,
                 ),
             )
             published += 1
@@ -315,7 +316,3 @@ class OutboxRelay:
         if connection is not None and connection.is_open:
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                 connection.close()
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -21,6 +21,7 @@ from typing import Any, Final, Literal
 import redis
 
 from ..errors import ConfigurationError, RedisUnavailable
+from ..redis_text import as_text
 
 __all__ = ["OUTCOME_COUNTERS", "CampaignState", "CampaignStatus", "CampaignStore"]
 
@@ -130,7 +131,7 @@ class CampaignStore:
             raise ConfigurationError(
                 f"no campaign {campaign_id!r} (see `verloop-worker campaign list`)"
             )
-        fields = {_text(k): _text(v) for k, v in fields.items()}
+        fields = {as_text(k): as_text(v) for k, v in fields.items()}
         recent = sum(int(b) for b in buckets if b is not None)
         return CampaignStatus(
             campaign_id,
@@ -148,7 +149,7 @@ class CampaignStore:
         statuses = []
         for campaign_id in ids:
             try:
-                statuses.append(self.get(_text(campaign_id)))
+                statuses.append(self.get(as_text(campaign_id)))
             except ConfigurationError:
                 continue  # listed but its hash expired or was deleted
         return statuses
@@ -168,9 +169,9 @@ class CampaignStore:
                 )
             except redis.RedisError as exc:
                 raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
-            window = (_text(start), _text(end), _text(tz or "UTC")) if start and end else None
+            window = (as_text(start), as_text(end), as_text(tz or "UTC")) if start and end else None
             cached = _Cached(
-                _text(state or "running"), window, float(_text(start_at)) if start_at else None
+                as_text(state or "running"), window, float(as_text(start_at)) if start_at else None
             )
             self._cached[campaign_id] = cached
         return cached.state, cached.window, cached.start_at
@@ -205,7 +206,3 @@ class CampaignStore:
             self.cache.hset(_PREFIX + campaign_id, mapping={k: str(v) for k, v in values.items()})
         except redis.RedisError as exc:
             raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
