@@ -91,9 +91,39 @@ class LimiterUnavailable(RedisUnavailable):
     """Redis did not answer the limiter: no send may go out until it does."""
 
 
-#: A lease covers at most this long of a number's sends, and this many slots.
+#: A lease covers at most this long of a number's sends (at its rate, and at this process's
+#: pace), and at most this many slots.
 LEASE_WINDOW_S = 0.02
 LEASE_MAX_SLOTS = 16
+#: A leased slot may be used at most this late; a later one is dropped (see RedisLimiter).
+LEASE_LATE_S = 0.1
+#: A process's pace of asks for a number is counted over this long: many lease windows, so
+#: that a burst of asks (threads answered at the same moment) does not read as a fast pace.
+PACE_WINDOW_S = 0.25
+#: A thread waits at most this long for another's lease fetch (a Redis call, bounded by the
+#: socket timeout) before asking Redis itself.
+_FETCH_WAIT_S = 3.0
+
+
+class _Pace:
+    """How many times this process asked for one number's slots lately (the last
+    ``PACE_WINDOW_S``). Sizes that number's leases; used under the limiter's lease lock."""
+
+    __slots__ = ("asks",)
+
+    def __init__(self) -> None:
+        self.asks: deque[float] = deque()
+
+    def ask(self, now: float) -> None:
+        asks = self.asks
+        asks.append(now)
+        since = now - PACE_WINDOW_S
+        while asks[0] < since:
+            asks.popleft()
+
+    def slots_within(self, window_s: float) -> int:
+        """How many asks this process will make within ``window_s`` at its recent pace."""
+        return int(len(self.asks) * window_s / PACE_WINDOW_S)
 
 
 class RedisLimiter:
@@ -101,31 +131,69 @@ class RedisLimiter:
 
     **Leases.** At high rates one Redis round trip per send would cost more CPU than the send
     itself, so a transactional send on a fast number takes a short *lease*: the next few
-    consecutive slots (those within ``LEASE_WINDOW_S``, at most ``LEASE_MAX_SLOTS``), reserved
-    in one call; this process's next sends to that number use them in order, each at its own
-    slot time. A slot not used within ``LEASE_WINDOW_S`` of its time is dropped, not used late,
-    so a number's sends stay on its schedule, late by at most the lease window. A number at 80/s or
-    below leases one slot, as before; campaign sends and an account-wide limit never lease.
-    The price: a hold set by another process (131056, a pause) reaches a lease's sends at most
-    ``LEASE_WINDOW_S`` late.
+    consecutive slots, reserved in one call; this process's next sends to that number use them
+    in order, each at its own slot time, or at once if that time has passed.
+
+    A reserved slot nobody uses is capacity the number never gets back, so leases are sized
+    to what this process will use, not to the number's rate:
+
+    * a lease holds this process's own pace of asks for that number (counted over the last
+      ``PACE_WINDOW_S``) times ``LEASE_WINDOW_S``, at most the number's rate times that window
+      and ``LEASE_MAX_SLOTS``; a number at 80/s or below leases one slot;
+    * while one thread fetches a number's lease, the process's other threads wait for it
+      instead of fetching leases of their own;
+    * a leased slot may be used up to ``LEASE_LATE_S`` after its time (the next burst of asks
+      picks up what the last one left), and is dropped after that.
+
+    Leases sized to the number's rate, used only within 20 ms, were mostly dropped: four
+    processes sharing a 1,000/s number ran it at about half its limit (``bench/rate_limits.py``,
+    high_rate; ``tests/integration/test_limiter_redis.py``). The price of late use: in any
+    window a number may send up to ``rate * LEASE_LATE_S`` more than the bucket alone allows
+    (100 at 1,000/s, within the platform's one-second burst). Campaign sends and an
+    account-wide limit never lease. A hold set by another process (131056, a pause) reaches a
+    lease's sends at most ``LEASE_LATE_S`` late.
     """
 
     def __init__(self, client: redis.Redis, policy: LimitPolicy) -> None:
         self.policy = policy
         self._client = client
         self._leases: dict[str, deque[float]] = {}
-        self._leases_lock = threading.Lock()
+        self._paces: dict[str, _Pace] = {}
+        #: Numbers whose next lease a thread of this process is fetching right now.
+        self._fetching: set[str] = set()
+        self._leases_cond = threading.Condition()
         self._acquire = client.register_script(_ACQUIRE)
         self._hold = client.register_script(_HOLD)
         self._penalize = client.register_script(_PENALIZE)
 
     def acquire(self, phone_id: str, recipient: str, lane: Lane) -> Decision:
-        lease = lane == "transactional" and not self.policy.account_rate
-        if lease:
-            slot = self._leased_slot(phone_id)
-            if slot is not None:
-                return Decision(Verdict.GO, max(0.0, slot - time.monotonic()))
         rate = self.policy.rate_for(phone_id)
+        if lane != "transactional" or self.policy.account_rate:
+            return self._ask(phone_id, recipient, lane, rate, 1)
+        slot, lease_slots = self._leased_slot(phone_id, rate)
+        if slot is not None:
+            return Decision(Verdict.GO, max(0.0, slot - time.monotonic()))
+        # This thread is the one fetching the number's next lease (see _leased_slot).
+        leased: list[float] = []
+        try:
+            return self._ask(phone_id, recipient, lane, rate, lease_slots, leased)
+        finally:
+            with self._leases_cond:
+                self._fetching.discard(phone_id)
+                if leased:
+                    self._leases.setdefault(phone_id, deque()).extend(leased)
+                self._leases_cond.notify_all()
+
+    def _ask(
+        self,
+        phone_id: str,
+        recipient: str,
+        lane: Lane,
+        rate: float,
+        lease_slots: int,
+        leased: list[float] | None = None,
+    ) -> Decision:
+        """One round trip: this send's decision; slots leased beyond it go to ``leased``."""
         interval_us = 1_000_000 / rate
         account_us = 1_000_000 / self.policy.account_rate if self.policy.account_rate else 0
         base = f"{_PREFIX}:{{{phone_id}}}"
@@ -145,30 +213,47 @@ class RedisLimiter:
             account_us,
             # Long enough to outlive any reservation, short enough to clean up idle numbers.
             int(max(60_000, 2_000 * self.policy.max_wait_s + 10 * interval_us / 1000)),
-            max(1, min(LEASE_MAX_SLOTS, int(rate * LEASE_WINDOW_S))) if lease else 1,
+            lease_slots,
         ]
         asked_at = time.monotonic()
         code, wait_us, slots, granted_interval_us = self._run(self._acquire, keys, args)
         wait_s = int(wait_us) / 1_000_000
-        if int(slots) > 1:
+        if leased is not None and int(slots) > 1:
             first = asked_at + wait_s
             step = int(granted_interval_us) / 1_000_000
-            with self._leases_lock:
-                self._leases[phone_id] = deque(first + i * step for i in range(1, int(slots)))
+            leased.extend(first + i * step for i in range(1, int(slots)))
         return Decision(Verdict(int(code)), wait_s)
 
-    def _leased_slot(self, phone_id: str) -> float | None:
-        """This process's next leased slot for the number, if it has one still usable."""
-        with self._leases_lock:
-            slots = self._leases.get(phone_id)
-            if not slots:
-                return None
-            # A slot not used within the lease window is dropped rather than used late (a late
-            # send would crowd the slots after it).
-            stale = time.monotonic() - LEASE_WINDOW_S
-            while slots and slots[0] < stale:
-                slots.popleft()
-            return slots.popleft() if slots else None
+    def _leased_slot(self, phone_id: str, rate: float) -> tuple[float | None, int]:
+        """This process's next leased slot for the number, if it has one still usable.
+
+        If it has none, the caller fetches the next lease and is told how many slots to ask
+        for; while one thread fetches a number's lease the others wait for it rather than
+        fetch their own (concurrent fetches each leased a full lease, most of it dropped).
+        """
+        with self._leases_cond:
+            now = time.monotonic()
+            pace = self._paces.get(phone_id)
+            if pace is None:
+                pace = self._paces[phone_id] = _Pace()
+            pace.ask(now)
+            deadline = now + _FETCH_WAIT_S
+            while True:
+                slots = self._leases.get(phone_id)
+                if slots:
+                    # A slot not used within the lease window is dropped rather than used late
+                    # (a late send would crowd the slots after it).
+                    stale = now - LEASE_LATE_S
+                    while slots and slots[0] < stale:
+                        slots.popleft()
+                    if slots:
+                        return slots.popleft(), 1
+                if phone_id not in self._fetching or now >= deadline:
+                    self._fetching.add(phone_id)
+                    cap = min(LEASE_MAX_SLOTS, int(rate * LEASE_WINDOW_S))
+                    return None, max(1, min(cap, pace.slots_within(LEASE_WINDOW_S)))
+                self._leases_cond.wait(deadline - now)
+                now = time.monotonic()
 
     def penalize(self, phone_id: str, factor: float, seconds: float) -> None:
         self._run(
