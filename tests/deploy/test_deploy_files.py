@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import pika
 import pytest
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
 
+from bench.common import set_deploy_policies
 from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 from worker.producer import queue_arguments
 from worker.settings import Settings
@@ -440,6 +442,39 @@ def test_definitions_declare_the_queues_as_the_worker_does() -> None:
         assert queue["durable"] is True
         assert queue["auto_delete"] is False
         assert queue["vhost"] == "/"
+
+
+def test_definitions_make_the_long_queues_lazy_and_leave_the_transactional_queue_alone() -> None:
+    """The policy keeps a campaign's millions of jobs (and dead letters) on disk rather than in
+    memory (RabbitMQ before 3.12 pages a long in-memory queue out in bulk; from 3.12 classic
+    queues behave this way anyway and ignore the key). A real RabbitMQ applies it, the way
+    ``make bench`` does, to a vhost of its own, so the check covers RabbitMQ's own pattern
+    matching, not just ours."""
+    lazy = {CAMPAIGN_QUEUE, dq_name(CAMPAIGN_QUEUE), *(xq_name(q) for q in MAIN_QUEUES)}
+    ctl = _tool("rabbitmqctl", "apt-get install -y rabbitmq-server")
+    vhost = "verloop-policy-check"
+    _run([ctl, "-q", "delete_vhost", vhost])
+    _assert_ok(_run([ctl, "-q", "add_vhost", vhost]))
+    try:
+        _assert_ok(_run([ctl, "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]))
+        (policy,) = set_deploy_policies(ctl, vhost)
+        assert policy["definition"] == {"queue-mode": "lazy"}
+        connection = pika.BlockingConnection(
+            pika.URLParameters(f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
+        )
+        try:
+            channel = connection.channel()
+            for queue in ALL_QUEUES:
+                channel.queue_declare(queue, durable=True)
+        finally:
+            connection.close()
+        listing = [ctl, "-q", "list_queues", "-p", vhost, "--no-table-headers", "name", "policy"]
+        listed = _run(listing)
+        _assert_ok(listed)
+        applied = dict(line.split("\t") for line in listed.stdout.strip().splitlines())
+        assert {q for q, name in applied.items() if name == policy["name"]} == lazy
+    finally:
+        _run([ctl, "-q", "delete_vhost", vhost])
 
 
 def test_definitions_permissions_are_least_privilege() -> None:
