@@ -22,7 +22,7 @@ from .limits import (
 )
 from .observability.metrics import Metrics
 from .outbox import EventOutbox, OutboxRelay
-from .settings import Settings
+from .settings import REDIS_TIMEOUT_S, Settings
 from .verloop.client import VerloopClient
 from .verloop.endpoints import resolve_endpoints
 from .verloop.tokens import PhoneTokens, SystemToken
@@ -35,8 +35,8 @@ def open_redis(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(
         settings.redis_url.get_secret_value(),
         decode_responses=True,
-        socket_timeout=2.0,
-        socket_connect_timeout=2.0,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
         health_check_interval=15,
         retry_on_timeout=False,
     )

@@ -38,6 +38,13 @@ DEFAULT_BASE_URL = "https://partners.verloop.io"
 #: every single delay must stay well below that.
 MAX_SINGLE_DELAY_S = 25 * 60
 
+#: A Redis call that has not been answered in this long fails (the worker then holds the send:
+#: Redis down never means sending without the ledger or the limiter).
+REDIS_TIMEOUT_S = 2.0
+#: The events relay's blocking read must come back well within that timeout, or every idle
+#: read would fail as a timeout.
+MAX_RELAY_BLOCK_MS = int(REDIS_TIMEOUT_S * 1000 * 0.75)
+
 
 def _unparsable_field(exc: Exception) -> str:
     # pydantic-settings names the field in its message; the value is deliberately not repeated.
@@ -151,7 +158,7 @@ class Settings(BaseSettings):
     #: confirmed on the worker thread before its job's ack (slower; no Redis in between).
     events_delivery: Literal["outbox", "direct"] = "outbox"
     #: How long the relay waits for new events before looking again (its added latency).
-    events_relay_block_ms: int = Field(default=100, ge=1, le=5000)
+    events_relay_block_ms: int = Field(default=100, ge=1, le=MAX_RELAY_BLOCK_MS)
     #: After relaying a part-full batch, the relay waits this long so its next batch carries
     #: more events (fewer Redis and RabbitMQ round trips per event; 0: no wait).
     events_relay_linger_ms: int = Field(default=50, ge=0, le=5000)

@@ -9,7 +9,14 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from worker.errors import ConfigurationError
-from worker.settings import DEFAULT_BASE_URL, MAX_SINGLE_DELAY_S, EndpointOverride, Settings
+from worker.settings import (
+    DEFAULT_BASE_URL,
+    MAX_RELAY_BLOCK_MS,
+    MAX_SINGLE_DELAY_S,
+    REDIS_TIMEOUT_S,
+    EndpointOverride,
+    Settings,
+)
 
 PASSWORD = "hunter2-secret"
 SYSTEM_TOKEN = "sys-token-c0ffee-1234"
@@ -131,6 +138,15 @@ def test_the_backoff_ceiling_stays_below_rabbitmqs_consumer_timeout() -> None:
     assert MAX_SINGLE_DELAY_S == 25 * 60
     assert Settings.load(retry_max_backoff_s=MAX_SINGLE_DELAY_S).retry_max_backoff_s == 1500
     assert "RETRY_MAX_BACKOFF_S" in load_error(RETRY_MAX_BACKOFF_S=str(MAX_SINGLE_DELAY_S + 1))
+
+
+def test_the_relay_block_stays_within_the_redis_timeout() -> None:
+    """A blocking read of the events outbox longer than the Redis client's timeout would fail
+    as a timeout every time the outbox is idle: EVENTS_RELAY_BLOCK_MS is refused above 1.5 s."""
+    assert MAX_RELAY_BLOCK_MS == 1500
+    assert MAX_RELAY_BLOCK_MS < REDIS_TIMEOUT_S * 1000
+    assert Settings.load(events_relay_block_ms=1500).events_relay_block_ms == 1500
+    assert "EVENTS_RELAY_BLOCK_MS" in load_error(EVENTS_RELAY_BLOCK_MS="3000")
 
 
 def test_a_configuration_error_never_contains_a_secret_value() -> None:
