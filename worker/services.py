@@ -36,12 +36,13 @@ class _KernelTimeoutConnection(redis.Connection):
     """A TCP connection to Redis whose timeout is kept by the kernel (``SO_RCVTIMEO`` and
     ``SO_SNDTIMEO`` on a blocking socket) rather than by Python.
 
-    With a Python socket timeout every read is a ``poll`` and then a ``recv``, and every
-    system call lets go of the interpreter lock: two chances per read to wait for another
-    thread to hand it back. A send path makes two or three Redis calls per job on each of a
-    process's threads. A read or write that takes longer than the timeout still fails (as a
-    ``ConnectionError``) and the call is retried or reported as Redis being down, as before.
-    ``rediss://`` and ``unix://`` URLs keep redis-py's own connection classes.
+    With a Python socket timeout every read is a ``poll`` and then a ``recv``, and each system
+    call lets go of the interpreter lock, a point where a worker thread may have to wait for
+    another to hand it back; the send path makes two or three Redis calls per job on every
+    thread. Here a read is one ``recv``. (Measured: fewer system calls per job; the effect on
+    the send-path benchmark was within its noise.) A read or write that takes longer than the
+    timeout still fails, as a ``ConnectionError``, and the call is retried or reported as Redis
+    being down, as before. ``rediss://`` and ``unix://`` keep redis-py's own classes.
     """
 
     def __init__(self, **kwargs: Any) -> None:

@@ -241,8 +241,8 @@ class RedisLimiter:
             while True:
                 slots = self._leases.get(phone_id)
                 if slots:
-                    # A slot not used within the lease window is dropped rather than used late
-                    # (a late send would crowd the slots after it).
+                    # A slot more than LEASE_LATE_S late is dropped rather than used (a late
+                    # send would crowd the slots after it).
                     stale = now - LEASE_LATE_S
                     while slots and slots[0] < stale:
                         slots.popleft()
