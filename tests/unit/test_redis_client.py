@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,25 +15,21 @@ from worker.settings import REDIS_TIMEOUT_S, Settings
 
 @pytest.fixture
 def silent_server() -> Iterator[int]:
-    """A TCP port that accepts connections and never answers (a hung Redis)."""
+    """A TCP port that accepts connections and never answers (a hung Redis).
+
+    Nothing calls accept(): the kernel completes the handshake into the listen backlog, which
+    is all a client sees of a hung server, and closing the listening socket resets those
+    connections. (An accept thread raced the teardown: a connection it accepted after the
+    teardown had closed the others was left for the garbage collector, and pytest's unraisable
+    ResourceWarning failed whichever test ran next.)
+    """
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                return
-            accepted.append(connection)
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-    for connection in accepted:
-        connection.close()
+    server.listen(64)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
 
 
 def test_a_redis_that_never_answers_fails_the_call_within_the_timeout(silent_server: int) -> None:
