@@ -434,6 +434,49 @@ def pids_listening(port: int) -> list[int]:
     return found
 
 
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far by the worker's processes, the simulator, RabbitMQ and Redis,
+    and the machine's (busy, total), at one moment (``t``, monotonic)."""
+
+    t: float
+    worker: dict[int, float]
+    simulator: dict[int, float]
+    rabbitmq: dict[int, float]
+    redis: dict[int, float]
+    machine: tuple[float, float] | None
+
+    @classmethod
+    def take(cls, proc: WorkerProcess, sim: Simulator) -> CpuSample:
+        """A sample now (RabbitMQ and Redis found by their listening ports, 5672 and 6379)."""
+        return cls(
+            t=time.monotonic(),
+            worker=process_cpu_s(proc.pids()),
+            simulator=process_cpu_s([sim.pid]),
+            rabbitmq=process_cpu_s(pids_listening(5672)),
+            redis=process_cpu_s(pids_listening(6379)),
+            machine=machine_cpu(),
+        )
+
+
+def cpu_between(first: CpuSample, last: CpuSample) -> dict[str, Any]:
+    """Cores each part used between two samples, the worker's processes busiest first, and
+    the share of the machine that was busy."""
+    elapsed = last.t - first.t
+    busy = float("nan")
+    if first.machine and last.machine:
+        busy = (last.machine[0] - first.machine[0]) / (last.machine[1] - first.machine[1])
+    per_process = [cpu_used({pid: cpu}, last.worker) / elapsed for pid, cpu in first.worker.items()]
+    return {
+        "worker": cpu_used(first.worker, last.worker) / elapsed,
+        "worker_processes": sorted(per_process, reverse=True),
+        "simulator": cpu_used(first.simulator, last.simulator) / elapsed,
+        "rabbitmq": cpu_used(first.rabbitmq, last.rabbitmq) / elapsed,
+        "redis": cpu_used(first.redis, last.redis) / elapsed,
+        "machine_busy": busy,
+    }
+
+
 # --- results -------------------------------------------------------------------------------------
 def write_json(name: str, data: Any) -> Path:
     """Write ``bench/results/<name>.json``."""

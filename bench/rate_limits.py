@@ -45,19 +45,17 @@ from .common import (
     CLIENT_ID,
     RESULTS,
     BenchError,
+    CpuSample,
     Result,
     Simulator,
     WorkerProcess,
     clear_queues,
     clear_redis,
     configure_simulator,
-    cpu_used,
-    machine_cpu,
+    cpu_between,
     messages,
     percentile,
     phone_token,
-    pids_listening,
-    process_cpu_s,
     publish_backlog,
     send_job,
     simulator,
@@ -342,52 +340,19 @@ def _measure_high_rate(
 ) -> dict[str, Any]:
     wait_for(lambda: _sent(http, phone) >= 500, 60, "the worker to send 500", proc)
     time.sleep(1.0)
-    broker_pids = pids_listening(5672)
-    redis_pids = pids_listening(6379)
-
-    def sample() -> dict[str, Any]:
-        return {
-            "t": time.monotonic(),
-            "sent": _sent(http, phone),
-            "worker": process_cpu_s(proc.pids()),
-            "simulator": process_cpu_s([sim.pid]),
-            "rabbitmq": process_cpu_s(broker_pids),
-            "redis": process_cpu_s(redis_pids),
-            "machine": machine_cpu(),
-        }
-
-    first = sample()
+    sent_first, first = _sent(http, phone), CpuSample.take(proc, sim)
     sleep_checking(window, proc)
-    last = sample()
-    elapsed = last["t"] - first["t"]
-    sent = last["sent"] - first["sent"]
-    if last["sent"] >= jobs:
+    sent_last, last = _sent(http, phone), CpuSample.take(proc, sim)
+    elapsed = last.t - first.t
+    sent = sent_last - sent_first
+    if sent_last >= jobs:
         raise BenchError("the backlog ran out inside the window; raise the backlog")
-
-    def cores(key: str) -> float:
-        return cpu_used(first[key], last[key]) / elapsed
-
-    busy = float("nan")
-    if first["machine"] and last["machine"]:
-        busy = (last["machine"][0] - first["machine"][0]) / (
-            last["machine"][1] - first["machine"][1]
-        )
-    worker_cores = cores("worker")
-    per_process = [
-        cpu_used({pid: cpu}, last["worker"]) / elapsed for pid, cpu in first["worker"].items()
-    ]
+    cpu = cpu_between(first, last)
+    worker_cores = cpu["worker"]
     return {
         "rate": sent / elapsed,
         "window_s": elapsed,
-        "cpu": {
-            "worker": worker_cores,
-            # every process of the worker's tree, busiest first
-            "worker_processes": sorted(per_process, reverse=True),
-            "simulator": cores("simulator"),
-            "rabbitmq": cores("rabbitmq"),
-            "redis": cores("redis"),
-            "machine_busy": busy,
-        },
+        "cpu": cpu,
         "worker_cpu_ms_per_send": 1000 * worker_cores * elapsed / sent if sent else float("nan"),
         "violations": stats(http)["rate_limit_violations"],
     }

@@ -29,9 +29,12 @@ from .common import (
     BIN,
     RESULTS,
     BenchError,
+    CpuSample,
     Result,
+    Simulator,
     clear_queues,
     clear_redis,
+    cpu_between,
     phone_token,
     publish_backlog,
     simulator,
@@ -76,30 +79,44 @@ def backlog(actor: str, queue: str, jobs: int) -> list[bytes]:
 
 
 def measure(
-    sim: str, latency_ms: float, jobs: int, command: list[str], env: dict[str, str], log: str
-) -> float:
-    """Start the worker, wait for the backlog to drain at the simulator; return sends/s."""
-    http = httpx.Client(base_url=sim, timeout=10)
+    sim: Simulator, latency_ms: float, jobs: int, command: list[str], env: dict[str, str], log: str
+) -> tuple[float, dict[str, float]]:
+    """Start the worker, wait for the backlog to drain at the simulator; return sends/s, and
+    the CPU each part used per send (ms) and the machine's busy share, over the same span."""
+    http = httpx.Client(base_url=sim.url, timeout=10)
     http.post("/admin/reset").raise_for_status()  # counters, and faults too: set latency again
     http.put("/admin/faults", json={"latency_ms": latency_ms}).raise_for_status()
     low, high = int(jobs * 0.1), int(jobs * 0.9)
-    t_low = t_high = None
+    first = last = None
     with worker(command, env, RESULTS / log) as proc:
         deadline = time.monotonic() + 300
-        while t_high is None:
+        while last is None:
             proc.check()
             if time.monotonic() > deadline:
                 raise BenchError(f"worker stalled; see {proc.log}")
             sent = http.get("/admin/stats").json()["sent"]
-            now = time.monotonic()
-            if t_low is None and sent >= low:
-                t_low = now
+            if first is None and sent >= low:
+                first = CpuSample.take(proc, sim)
             if sent >= high:
-                t_high = now
+                last = CpuSample.take(proc, sim)
             time.sleep(0.02)
     http.close()
-    assert t_low is not None
-    return (high - low) / (t_high - t_low)
+    assert first is not None
+    elapsed, sends = last.t - first.t, high - low
+    cpu = cpu_between(first, last)
+    per_send = {
+        part: 1000 * cpu[part] * elapsed / sends
+        for part in ("worker", "simulator", "rabbitmq", "redis")
+    }
+    return sends / elapsed, per_send | {"machine_busy": cpu["machine_busy"]}
+
+
+def _cpu_text(cpu: dict[str, float]) -> str:
+    return (
+        f"CPU ms per send: worker {cpu['worker']:.2f}, simulator {cpu['simulator']:.2f}, "
+        f"RabbitMQ {cpu['rabbitmq']:.2f}, Redis {cpu['redis']:.2f}; "
+        f"machine {cpu['machine_busy']:.0%} busy"
+    )
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -108,6 +125,7 @@ def run(args: argparse.Namespace) -> list[Result]:
     clear_redis()
     pool = ["--processes", str(args.processes), "--threads", str(args.threads)]
     rates: dict[str, list[float]] = {"naive": [], "ours": []}
+    cpus: dict[str, list[dict[str, float]]] = {"naive": [], "ours": []}
     with simulator(args.latency_ms) as sim:
         system = system_token(sim.url)
         naive_env = worker_env(sim.url, system, metrics=False) | {
@@ -121,8 +139,8 @@ def run(args: argparse.Namespace) -> list[Result]:
         try:
             for round_no in range(1, args.rounds + 1):
                 publish_backlog({"bench.naive": backlog("naive_send", "bench.naive", args.jobs)})
-                rate = measure(
-                    sim.url,
+                rate, cpu = measure(
+                    sim,
                     args.latency_ms,
                     args.jobs,
                     [str(BIN / "dramatiq"), "bench.naive", *pool, "--skip-logging"],
@@ -130,12 +148,16 @@ def run(args: argparse.Namespace) -> list[Result]:
                     "naive.log",
                 )
                 rates["naive"].append(rate)
-                print(f"round {round_no}: naive dramatiq actor {rate:8.1f} sends/s", flush=True)
+                cpus["naive"].append(cpu)
+                print(
+                    f"round {round_no}: naive dramatiq actor {rate:8.1f} sends/s; {_cpu_text(cpu)}",
+                    flush=True,
+                )
                 publish_backlog(
                     {"verloop.send": backlog("send_message", "verloop.send", args.jobs)}
                 )
-                rate = measure(
-                    sim.url,
+                rate, cpu = measure(
+                    sim,
                     args.latency_ms,
                     args.jobs,
                     verloop_worker(args.processes, args.threads),
@@ -143,7 +165,11 @@ def run(args: argparse.Namespace) -> list[Result]:
                     "ours.log",
                 )
                 rates["ours"].append(rate)
-                print(f"round {round_no}: verloop-worker       {rate:8.1f} sends/s", flush=True)
+                cpus["ours"].append(cpu)
+                print(
+                    f"round {round_no}: verloop-worker       {rate:8.1f} sends/s; {_cpu_text(cpu)}",
+                    flush=True,
+                )
         finally:
             clear_queues()
 
@@ -162,6 +188,12 @@ def run(args: argparse.Namespace) -> list[Result]:
     print(f"  naive dramatiq actor (baseline): {naive:8.1f} sends/s")
     print(f"  verloop-worker send path:        {ours:8.1f} sends/s")
     print(f"  ratio ours/naive:                {ratio:8.3f}  (target >= {TARGET_RATIO}: {verdict})")
+    median_cpu = {
+        who: {part: statistics.median(c[part] for c in cpus[who]) for part in cpus[who][0]}
+        for who in ("naive", "ours")
+    }
+    print(f"  naive, median {_cpu_text(median_cpu['naive'])}")
+    print(f"  ours,  median {_cpu_text(median_cpu['ours'])}")
     args_used = {
         k: getattr(args, k) for k in ("processes", "threads", "jobs", "rounds", "latency_ms")
     }
@@ -172,6 +204,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             "limiter": "on, not binding (RATE_LIMIT_PER_NUMBER=10000)",
             "metrics": args.metrics,
             "rates": rates,
+            "cpu_ms_per_send": cpus,
             "naive": naive,
             "ours": ours,
             "ratio": ratio,
