@@ -3,13 +3,17 @@ masked form used in logs and CLI output."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
+from phonenumbers import PhoneMetadata, PhoneNumber
 
 __all__ = ["mask_phone", "normalize_e164"]
 
 _ALLOWED = re.compile(r"\+[0-9 ()./-]{1,30}")
+#: The canonical form: "+", no separators, 7 to 15 digits (E.164's longest).
+_CANONICAL = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
 def normalize_e164(raw: str) -> str:
@@ -24,13 +28,56 @@ def normalize_e164(raw: str) -> str:
     # full-width digits and drop bidi marks, turning a spoofed string into a real number.
     if not _ALLOWED.fullmatch(text):
         raise ValueError("may contain only ASCII digits after the + (spaces, - ( ) . allowed)")
-    try:
-        number = phonenumbers.parse(text, None)
-    except phonenumbers.NumberParseException as exc:
-        raise ValueError(f"is not a phone number ({exc._msg})") from None
+    number = _canonical_number(text)
+    if number is None:
+        try:
+            number = phonenumbers.parse(text, None)
+        except phonenumbers.NumberParseException as exc:
+            raise ValueError(f"is not a phone number ({exc._msg})") from None
     if not phonenumbers.is_valid_number(number):
         raise ValueError("is not a valid phone number for its country code")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _canonical_number(text: str) -> PhoneNumber | None:
+    """``text`` as libphonenumber would parse it, built without its parser, for the canonical
+    form in which its parser has nothing to do; None for anything else (the caller parses).
+
+    ``parse`` costs about two thirds of a validation, and validation runs for every campaign
+    row and every job. For "+", calling code, national number, the parser only splits off the
+    calling code (from the same prefix-free table as here) and strips a national prefix if
+    the national number starts with one (those numbers are left to it), as it would a leading
+    zero (Italy's are significant). The validity check that follows is libphonenumber's own.
+    ``tests/unit/test_phones.py`` compares the two on every example number and on random ones.
+    """
+    if not _CANONICAL.fullmatch(text):
+        return None
+    digits = text[1:]
+    code = _country_code(digits)
+    if code is None:
+        return None
+    national = digits[len(code) :]
+    if national.startswith("0"):
+        return None
+    national_prefix = _national_prefix(int(code))
+    if national_prefix is None or national_prefix.match(national):
+        return None
+    return PhoneNumber(country_code=int(code), national_number=int(national))
+
+
+_NO_PREFIX = re.compile(r"(?!)")  # matches nothing: the region has no national prefix
+
+
+@functools.lru_cache(maxsize=512)
+def _national_prefix(country_code: int) -> re.Pattern[str] | None:
+    """What the parser would strip from the start of a national number of this calling code
+    (its main region's ``national_prefix_for_parsing``); None if it has no metadata."""
+    region = phonenumbers.region_code_for_country_code(country_code)
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(country_code, region)
+    if metadata is None:
+        return None
+    prefix = metadata.national_prefix_for_parsing
+    return re.compile(prefix) if prefix else _NO_PREFIX
 
 
 def _country_code(digits: str) -> str | None:
