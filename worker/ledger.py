@@ -34,6 +34,7 @@ from typing import Any, Final, Literal
 import redis
 
 from .errors import RedisUnavailable
+from .redis_direct import ThreadConnections
 from .redis_text import as_text
 
 __all__ = ["Claim", "Ledger", "LedgerEntry"]
@@ -105,19 +106,17 @@ class Ledger:
         self.lease_ms = max(1, int(lease_s * 1000))
         self._claim = cache.register_script(_CLAIM)
         self._release = cache.register_script(_RELEASE)
+        #: The send path's two calls per job (claim, record) go on a connection per thread.
+        self._direct = ThreadConnections(cache)
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}:"
 
     def claim(self, key: str, owner: str, *, take_over_uncertain: bool) -> Claim:
         """Claim ``key`` for one call to Verloop by ``owner`` (e.g. the dramatiq message id)."""
         try:
-            state, detail = self._claim(
-                keys=[_PREFIX + key],
-                args=[
-                    self.lease_ms,
-                    self.ttl_s,
-                    self._owner_prefix + owner,
-                    int(take_over_uncertain),
-                ],
+            state, detail = self._direct.evalsha(
+                self._claim,
+                [_PREFIX + key],
+                [self.lease_ms, self.ttl_s, self._owner_prefix + owner, int(take_over_uncertain)],
             )
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
@@ -134,15 +133,21 @@ class Ledger:
         self, key: str, message_id: str | None, *, also: Callable[[Any], None] | None = None
     ) -> None:
         """Record that Verloop accepted the job's message; ``also`` may queue more commands on
-        the same pipeline (one round trip)."""
+        the same pipeline (sent with the record, in one round trip)."""
         try:
             pipe = self.cache.pipeline(transaction=False)
             pipe.set(_PREFIX + key, "s:" + (message_id or ""), ex=self.ttl_s)
             if also is not None:
                 also(pipe)
-            pipe.execute()
+            # The pipeline only collects the commands; they go on this thread's connection.
+            self._direct.execute([args for args, _ in pipe.command_stack])
+            pipe.reset()
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
+
+    def close(self) -> None:
+        """Close the connections of the send path's calls (the client is the caller's)."""
+        self._direct.close()
 
     def release(self, key: str, owner: str) -> None:
         """Give up this owner's claim after a failed call, so a retry may send."""

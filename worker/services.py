@@ -167,6 +167,7 @@ class Services:
         """Close the HTTP pool and the Redis connections."""
         self.gate.limiter.close()
         self.verloop.close()
+        self.ledger.close()
         self.cache.close()
 
 

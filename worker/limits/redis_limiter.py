@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from ..errors import RedisUnavailable
+from ..redis_direct import ThreadConnections
 from .pacing import MIN_PENALTY_FACTOR, Decision, Lane, LimitPolicy, Verdict
 
 __all__ = ["LimiterUnavailable", "RedisLimiter"]
@@ -163,6 +164,8 @@ class RedisLimiter:
         self._fetching: set[str] = set()
         self._leases_cond = threading.Condition()
         self._acquire = client.register_script(_ACQUIRE)
+        #: A send's (or a lease's) slot is asked for on the thread's own connection.
+        self._direct = ThreadConnections(client)
         self._hold = client.register_script(_HOLD)
         self._penalize = client.register_script(_PENALIZE)
 
@@ -216,7 +219,12 @@ class RedisLimiter:
             lease_slots,
         ]
         asked_at = time.monotonic()
-        code, wait_us, slots, granted_interval_us = self._run(self._acquire, keys, args)
+        try:
+            code, wait_us, slots, granted_interval_us = self._direct.evalsha(
+                self._acquire, keys, args
+            )
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from None
         wait_s = int(wait_us) / 1_000_000
         if leased is not None and int(slots) > 1:
             first = asked_at + wait_s
@@ -270,13 +278,16 @@ class RedisLimiter:
         self._run(self._hold, [f"{_PREFIX}:{{{phone_id}}}:{kind}"], [seconds])
 
     def close(self) -> None:
-        """The Redis client belongs to the worker's services; nothing to close here."""
+        """Close the threads' connections; the Redis client belongs to the worker's services."""
+        self._direct.close()
 
     @staticmethod
     def _run(script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             return script(keys=keys, args=args)
         except redis.RedisError as exc:
-            raise LimiterUnavailable(
-                f"rate limiter unavailable (Redis: {type(exc).__name__})"
-            ) from None
+            raise _unavailable(exc) from None
+
+
+def _unavailable(exc: redis.RedisError) -> LimiterUnavailable:
+    return LimiterUnavailable(f"rate limiter unavailable (Redis: {type(exc).__name__})")

@@ -1,0 +1,111 @@
+"""The send path's per-thread Redis connections (worker.redis_direct) against a real Redis."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import redis
+
+from worker.redis_direct import ThreadConnections
+from worker.services import open_redis
+from worker.settings import Settings
+
+from .conftest import REDIS_URL
+
+
+@pytest.fixture
+def client() -> redis.Redis:
+    """The worker's own kind of client (kernel timeouts, decoded replies)."""
+    return open_redis(Settings(redis_url=REDIS_URL))
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def client_id(direct: ThreadConnections) -> int:
+    reply: int = direct.execute([("CLIENT", "ID")])[0]
+    return reply
+
+
+def test_commands_go_in_one_write_and_their_replies_come_back_in_order(
+    client: redis.Redis,
+) -> None:
+    direct = ThreadConnections(client)
+    replies = direct.execute([("SET", "d:a", "1"), ("INCR", "d:a"), ("GET", "d:a")])
+    assert replies == ["OK", 2, "2"]
+    direct.close()
+
+
+def test_a_refused_command_raises_after_every_reply_was_read(client: redis.Redis) -> None:
+    direct = ThreadConnections(client)
+    client.set("d:text", "not a number")
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        direct.execute([("INCR", "d:text"), ("SET", "d:after", "x")])
+    assert client.get("d:after") == "x"  # the command after the refused one ran
+    # The connection is still in step: the next call reads its own reply, not a stale one.
+    assert direct.execute([("GET", "d:after")]) == ["x"]
+    direct.close()
+
+
+def test_each_thread_has_its_own_connection_and_keeps_it(client: redis.Redis) -> None:
+    direct = ThreadConnections(client)
+    mine = client_id(direct)
+    assert client_id(direct) == mine
+    theirs: list[int] = []
+    thread = threading.Thread(target=lambda: theirs.append(client_id(direct)))
+    thread.start()
+    thread.join()
+    assert len(theirs) == 1
+    assert theirs[0] != mine
+    direct.close()
+
+
+def test_a_connection_closed_by_redis_is_replaced_and_the_call_goes_through(
+    client: redis.Redis,
+) -> None:
+    """What a Redis restart looks like to a worker thread: its old connection is closed."""
+    direct = ThreadConnections(client)
+    old = client_id(direct)
+    client.client_kill_filter(_id=old)
+    assert direct.execute([("SET", "d:k", "v")]) == ["OK"]
+    assert client_id(direct) != old
+    direct.close()
+
+
+def test_an_unreachable_redis_raises_connection_error(closed_port: int) -> None:
+    direct = ThreadConnections(open_redis(Settings(redis_url=f"redis://127.0.0.1:{closed_port}")))
+    with pytest.raises(redis.ConnectionError):
+        direct.execute([("PING",)])
+    direct.close()
+
+
+def test_a_script_redis_forgot_is_loaded_again(client: redis.Redis) -> None:
+    script = client.register_script("return ARGV[1] .. KEYS[1]")
+    direct = ThreadConnections(client)
+    assert direct.evalsha(script, ["k"], ["x-"]) == "x-k"
+    client.script_flush()
+    assert direct.evalsha(script, ["k"], ["y-"]) == "y-k"
+    direct.close()
+
+
+def test_close_closes_every_threads_connection_and_a_later_call_reconnects(
+    client: redis.Redis,
+) -> None:
+    direct = ThreadConnections(client)
+    ids: list[int] = [client_id(direct)]
+    thread = threading.Thread(target=lambda: ids.append(client_id(direct)))
+    thread.start()
+    thread.join()
+    direct.close()
+    open_ids = {int(c["id"]) for c in client.client_list()}
+    assert not open_ids & set(ids)
+    assert client_id(direct) not in ids
+    direct.close()

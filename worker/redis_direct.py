@@ -1,0 +1,109 @@
+"""Redis calls on the send path, on one connection per thread, without redis-py's per-call layers.
+
+Every job makes two Redis calls of its own (the ledger's claim and its record). Through
+``redis.Redis`` each takes a connection from the shared pool under a lock, polls the socket to
+check that nothing is waiting on it (a system call, where a worker thread may lose the
+interpreter lock and wait to get it back), and goes through the retry and telemetry wrappers;
+a pipeline adds its own. Here each thread keeps one connection of the same class and settings
+(timeouts kept by the kernel, health check, TLS, credentials) and writes its commands in one
+``send`` and reads their replies, nothing else.
+
+Failures are redis-py's own exceptions. A connection that fails is dropped; a call that failed
+on a connection already used before is tried once more on a new one (Redis may have restarted
+since: the first call on an old connection finds it closed), as redis-py's own retry would. A
+call that is tried again may have been carried out the first time: every call made here is
+safe to repeat (a claim by the same owner is renewed; a record writes the same value; an
+outcome event could be added twice, and events are delivered at least once anyway).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+__all__ = ["ThreadConnections"]
+
+Command = Sequence[Any]
+
+
+class ThreadConnections:
+    """One connection per thread to the Redis of ``client`` (same connection class and
+    settings as its pool); :meth:`close` closes them all."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        pool = client.connection_pool
+        self._connection_class = pool.connection_class
+        self._connection_kwargs = pool.connection_kwargs
+        self._local = threading.local()
+        self._opened: list[Any] = []  # redis-py connections (untyped)
+        self._lock = threading.Lock()
+        # An owner dropped without close() still closes its sockets, before the garbage
+        # collector finalizes them one by one (each would warn that it was left open).
+        weakref.finalize(self, _disconnect_all, self._opened)
+
+    def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, in order.
+
+        Raises:
+            redis.ResponseError: a command was refused (the first such error, after every
+                reply was read, so the connection stays in step).
+            redis.ConnectionError, redis.TimeoutError: Redis could not be reached or did not
+                answer (after one more try on a new connection if this one had been used).
+        """
+        for attempt in (1, 2):
+            connection = getattr(self._local, "connection", None)
+            if connection is None:
+                connection = self._connection_class(**self._connection_kwargs)
+                with self._lock:
+                    self._opened.append(connection)
+                self._local.connection = connection
+            used_before = connection._sock is not None
+            try:
+                connection.send_packed_command(connection.pack_commands(commands))
+                return self._replies(connection, len(commands))
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                connection.disconnect()
+                if attempt == 2 or not used_before:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a registered script by its hash, loading it first if Redis does not have it
+        (after a restart or a ``SCRIPT FLUSH``)."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            return self.execute([command])[0]
+        except redis.exceptions.NoScriptError:
+            script.sha = self._client.script_load(script.script)
+            return self.execute([("EVALSHA", script.sha, len(keys), *keys, *args)])[0]
+
+    def close(self) -> None:
+        """Close every thread's connection (a later call on a thread connects it again)."""
+        with self._lock:
+            opened = list(self._opened)
+        _disconnect_all(opened)
+
+    @staticmethod
+    def _replies(connection: Any, count: int) -> list[Any]:
+        replies: list[Any] = []
+        refused: redis.ResponseError | None = None
+        for _ in range(count):
+            try:
+                replies.append(connection.read_response())
+            except redis.ResponseError as exc:
+                refused = refused or exc
+                replies.append(exc)
+        if refused is not None:
+            raise refused
+        return replies
+
+
+def _disconnect_all(connections: list[Any]) -> None:
+    for connection in list(connections):
+        connection.disconnect()
