@@ -100,14 +100,22 @@ class Ledger:
     """The Redis ledger (see the module docstring). Every method raises
     :class:`RedisUnavailable` when Redis does not answer: the caller holds the job."""
 
-    def __init__(self, cache: redis.Redis, *, ttl_s: int, lease_s: float) -> None:
+    def __init__(
+        self,
+        cache: redis.Redis,
+        *,
+        ttl_s: int,
+        lease_s: float,
+        connections: ThreadConnections | None = None,
+    ) -> None:
         self.cache = cache
         self.ttl_s = ttl_s
         self.lease_ms = max(1, int(lease_s * 1000))
         self._claim = cache.register_script(_CLAIM)
         self._release = cache.register_script(_RELEASE)
-        #: The send path's two calls per job (claim, record) go on a connection per thread.
-        self._direct = ThreadConnections(cache)
+        #: The send path's two calls per job (claim, record) go on a connection per thread
+        #: (the worker shares one set with the limiter).
+        self._direct = connections or ThreadConnections(cache)
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}:"
 
     def claim(self, key: str, owner: str, *, take_over_uncertain: bool) -> Claim:

@@ -24,6 +24,7 @@ from .limits import (
 )
 from .observability.metrics import Metrics
 from .outbox import EventOutbox, OutboxRelay
+from .redis_direct import ThreadConnections
 from .settings import REDIS_TIMEOUT_S, Settings
 from .verloop.client import VerloopClient
 from .verloop.endpoints import resolve_endpoints
@@ -92,7 +93,9 @@ def open_verloop_client(
     )
 
 
-def open_limiter(settings: Settings, cache: redis.Redis) -> RateLimiter:
+def open_limiter(
+    settings: Settings, cache: redis.Redis, connections: ThreadConnections | None = None
+) -> RateLimiter:
     """The rate limiter settings ask for (Redis unless memory is chosen explicitly)."""
     policy = LimitPolicy(
         default_rate=settings.rate_limit_per_number,
@@ -104,7 +107,7 @@ def open_limiter(settings: Settings, cache: redis.Redis) -> RateLimiter:
     )
     if settings.rate_limit_backend == "memory":
         return MemoryLimiter(policy)
-    return RedisLimiter(cache, policy)
+    return RedisLimiter(cache, policy, connections)
 
 
 @dataclass
@@ -130,6 +133,8 @@ class Services:
         configured = settings.load_phone_tokens()
         verloop = open_verloop_client(settings, threads=threads, metrics=metrics)
         cache = open_redis(settings)
+        # One connection per worker thread, shared by the ledger and the limiter.
+        connections = ThreadConnections(cache)
         system = SystemToken(
             verloop,
             token=settings.verloop_system_token,
@@ -146,7 +151,7 @@ class Services:
             cache_ttl_s=settings.token_cache_ttl_s,
         )
         gate = SendGate(
-            open_limiter(settings, cache),
+            open_limiter(settings, cache, connections),
             GateSettings(
                 max_wait_s=settings.rate_limit_max_wait_s,
                 penalty_factor=settings.rate_limit_penalty_factor,
@@ -154,7 +159,12 @@ class Services:
                 quality_pause_s=settings.quality_pause_s,
             ),
         )
-        ledger = Ledger(cache, ttl_s=settings.ledger_ttl_s, lease_s=settings.ledger_lease)
+        ledger = Ledger(
+            cache,
+            ttl_s=settings.ledger_ttl_s,
+            lease_s=settings.ledger_lease,
+            connections=connections,
+        )
         campaigns = CampaignStore(cache, state_cache_s=settings.campaign_state_cache_s)
         outbox = (
             EventOutbox(cache)

@@ -155,7 +155,12 @@ class RedisLimiter:
     lease's sends at most ``LEASE_LATE_S`` late.
     """
 
-    def __init__(self, client: redis.Redis, policy: LimitPolicy) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        policy: LimitPolicy,
+        connections: ThreadConnections | None = None,
+    ) -> None:
         self.policy = policy
         self._client = client
         self._leases: dict[str, deque[float]] = {}
@@ -165,7 +170,7 @@ class RedisLimiter:
         self._leases_cond = threading.Condition()
         self._acquire = client.register_script(_ACQUIRE)
         #: A send's (or a lease's) slot is asked for on the thread's own connection.
-        self._direct = ThreadConnections(client)
+        self._direct = connections or ThreadConnections(client)
         self._hold = client.register_script(_HOLD)
         self._penalize = client.register_script(_PENALIZE)
 
