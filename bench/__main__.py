@@ -25,7 +25,7 @@ import httpx
 from pika.exceptions import AMQPError
 
 from . import campaign_enqueue, campaign_send, rate_limits, send_path
-from .common import RESULTS, Result, ensure_vhost, write_json
+from .common import RESULTS, Result, ensure_vhost, loop_seconds, write_json
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     send_path.NAME: send_path.run,
@@ -81,6 +81,11 @@ def main() -> None:
         f"{os.cpu_count()} cores, load average {load} before starting: anything else running "
         "shares the cores with the worker, and the figures move with it"
     )
+    loop_s = loop_seconds()
+    print(
+        f"interpreter speed: a 10M-step Python loop takes {loop_s:.2f} s on one core "
+        "(compare it before comparing figures across runs)"
+    )
     for name in selected:
         print(f"\n=== {name} ===", flush=True)
         began = time.monotonic()
@@ -100,7 +105,7 @@ def main() -> None:
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[3]]))
-    write_json("summary", {"benchmarks": selected, "results": results})
+    write_json("summary", {"benchmarks": selected, "loop_s": loop_s, "results": results})
     # A target not met is a finding, printed above; only a benchmark that could not run fails.
     sys.exit(1 if failed else 0)
 
