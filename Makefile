@@ -36,7 +36,7 @@ test: services tools  ## Run every test (real RabbitMQ, Redis and the simulator)
 test-unit: $(STAMP)  ## Run the tests that need no services
 	$(BIN)/pytest tests/unit
 
-lint: $(STAMP)  ## ruff (lint and format check) and mypy --strict on worker/
+lint: $(STAMP)  ## ruff (lint and format check) and mypy --strict on worker/ and bench/
 	$(BIN)/ruff check worker tests bench
 	$(BIN)/ruff format --check worker tests bench
 	$(BIN)/mypy

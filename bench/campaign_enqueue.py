@@ -138,8 +138,8 @@ def _dramatiq(path: Path, rows: int) -> dict[str, Any]:
     def send_message(**kwargs: Any) -> None:
         """Never run here: only enqueued."""
 
-    actor = dramatiq.actor(
-        send_message, broker=broker, actor_name="send_message", queue_name=CAMPAIGN_QUEUE
+    actor = dramatiq.actor(broker=broker, actor_name="send_message", queue_name=CAMPAIGN_QUEUE)(
+        send_message
     )
     spec = dataclasses.replace(SPEC, campaign_id="bench-dramatiq")
     sent = 0

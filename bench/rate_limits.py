@@ -499,7 +499,7 @@ def lanes(args: argparse.Namespace) -> list[Result]:
 def _lane_run(
     args: argparse.Namespace, limit: float, workers: list[tuple[list[str], str]]
 ) -> dict[str, Any]:
-    phone, sends = "lane-1", args.lane_sends
+    phone, sends = "lane-1", int(args.lane_sends)
     campaign_jobs, spacing = args.lane_campaign_jobs, args.lane_spacing_ms / 1000
     clear_redis()
     with simulator(LATENCY_MS, message_log_limit=campaign_jobs + sends + 1000) as sim:
