@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import threading
+from urllib.parse import urlsplit
 
 import pytest
 import redis
 
 from worker.redis_direct import ThreadConnections
-from worker.services import open_redis
+from worker.services import Services, open_redis
 from worker.settings import Settings
 
 from .conftest import REDIS_URL
@@ -109,3 +112,47 @@ def test_close_closes_every_threads_connection_and_a_later_call_reconnects(
     assert not open_ids & set(ids)
     assert client_id(direct) not in ids
     direct.close()
+
+
+def redis_sockets() -> int:
+    """This process's open TCP connections to the test Redis (from /proc)."""
+    port = urlsplit(REDIS_URL).port or 6379
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def test_the_ledger_and_the_limiter_share_one_connection_per_thread() -> None:
+    baseline = redis_sockets()
+    services = Services.open(Settings(redis_url=REDIS_URL), threads=2)
+    # Warm up on this thread: the scripts get loaded (through the client's pool).
+    assert services.ledger.claim("share:0", "a", take_over_uncertain=False).state == "claimed"
+    services.gate.limiter.acquire("share-phone", "+919800000000", "campaign")
+    before = redis_sockets()
+
+    def one_job() -> None:
+        assert services.ledger.claim("share:1", "b", take_over_uncertain=False).state == "claimed"
+        services.gate.limiter.acquire("share-phone", "+919800000001", "campaign")
+        services.ledger.mark_sent("share:1", "wamid.share")
+
+    thread = threading.Thread(target=one_job)
+    thread.start()
+    thread.join()
+    # The new thread's claim, slot and record took one connection between them.
+    assert redis_sockets() == before + 1
+    assert services.ledger.lookup("share:1").state == "sent"
+    services.close()
+    assert redis_sockets() <= baseline  # and closing them all leaves none behind
