@@ -262,19 +262,6 @@ def publish_backlog(backlogs: dict[str, list[bytes]], *, reset: bool = True) -> 
 
 
 # --- worker processes ----------------------------------------------------------------------------
-def loop_seconds(steps: int = 10_000_000) -> float:
-    """Seconds one core takes for an empty ``steps``-step Python loop, best of three: how fast
-    this machine runs the interpreter right now. Figures from runs whose loop times differ are
-    not comparable (a worker send is mostly interpreter work)."""
-    best = float("inf")
-    for _ in range(3):
-        began = time.perf_counter()
-        for _ in range(steps):
-            pass
-        best = min(best, time.perf_counter() - began)
-    return best
-
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -488,6 +475,20 @@ def cpu_between(first: CpuSample, last: CpuSample) -> dict[str, Any]:
         "redis": cpu_used(first.redis, last.redis) / elapsed,
         "machine_busy": busy,
     }
+
+
+# --- the machine ---------------------------------------------------------------------------------
+def loop_seconds(steps: int = 10_000_000) -> float:
+    """Seconds one core takes for an empty ``steps``-step Python loop, best of three: how fast
+    this machine runs the interpreter right now. Figures from runs whose loop times differ are
+    not comparable (a worker send is mostly interpreter work)."""
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        for _ in range(steps):
+            pass
+        best = min(best, time.perf_counter() - began)
+    return best
 
 
 # --- results -------------------------------------------------------------------------------------
