@@ -127,13 +127,16 @@ def tokens() -> None:
 def list_tokens(client_id: str | None, as_json: bool) -> None:
     """Numbers whose token is cached in Redis, and for how long still."""
     settings = current_settings()
+    cache = open_redis(settings)
     try:
-        entries = token_cache_entries(open_redis(settings), client_id)
+        entries = token_cache_entries(cache, client_id)
     except redis.RedisError as exc:
         url = mask_url(settings.redis_url.get_secret_value())
         raise click.ClickException(
             f"Redis does not answer at {url} ({type(exc).__name__})"
         ) from None
+    finally:
+        cache.close()
     if as_json:
         for entry in entries:
             click.echo(json.dumps(entry))

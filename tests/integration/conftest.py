@@ -74,7 +74,8 @@ def _services_answer() -> None:
             returncode=3,
         )
     try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2) as cache:
+            cache.ping()
     except redis.RedisError as exc:
         pytest.exit(
             f"Redis does not answer at {REDIS_URL} ({type(exc).__name__}). Start it with "
@@ -83,17 +84,33 @@ def _services_answer() -> None:
         )
 
 
+#: Redis clients made by tests through :func:`redis_client`, closed when the test ends.
+_test_redis_clients: list[redis.Redis] = []
+
+
+def redis_client(url: str = REDIS_URL, **kwargs: Any) -> redis.Redis:
+    """A Redis client for the running test, closed when it ends (its sockets must not be left
+    for the garbage collector, which warns, failing whichever test it happens to run in)."""
+    client = redis.Redis.from_url(url, **kwargs)
+    _test_redis_clients.append(client)
+    return client
+
+
 @pytest.fixture(autouse=True)
 def clean_state() -> Iterator[None]:
-    """Empty queues and token cache before each test; forget registered secrets after."""
+    """Empty queues and token cache before each test; forget registered secrets and close the
+    test's Redis clients after."""
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
     for queue in QUEUES:
         channel.queue_delete(queue)
     connection.close()
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    with redis.Redis.from_url(REDIS_URL) as cache:
+        cache.flushdb()
     yield
     forget_secrets()
+    while _test_redis_clients:
+        _test_redis_clients.pop().close()
     # Collect now, so a socket or connection a test leaks is reported by that test's teardown
     # rather than by whichever later test the garbage collector happens to run in.
     gc.collect()

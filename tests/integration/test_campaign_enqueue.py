@@ -21,7 +21,6 @@ from urllib.parse import unquote, urlsplit
 import dramatiq
 import pika
 import pytest
-import redis
 from click.testing import CliRunner
 
 from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
@@ -31,7 +30,7 @@ from worker.campaigns.store import CampaignStore
 from worker.jobs import CAMPAIGN_QUEUE, parse_job
 from worker.producer import queue_arguments
 
-from .conftest import AMQP_URL, REDIS_URL
+from .conftest import AMQP_URL, REDIS_URL, redis_client
 
 ROOT = Path(__file__).resolve().parents[2]
 PHONES = ("phone-a", "phone-b", "phone-c")
@@ -62,7 +61,7 @@ def spec(campaign_id: str = "camp-it", template: str = "diwali_offer") -> Campai
 
 
 def store() -> CampaignStore:
-    return CampaignStore(redis.Redis.from_url(REDIS_URL, decode_responses=True))
+    return CampaignStore(redis_client(REDIS_URL, decode_responses=True))
 
 
 def expected_kwargs(n: int, campaign_id: str = "camp-it") -> dict[str, Any]:
@@ -292,8 +291,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import redis
-    from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
+        from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
     from worker.campaigns.reader import CampaignSpec
     from worker.campaigns.store import CampaignStore
 
@@ -302,7 +300,7 @@ CHILD = textwrap.dedent(
         Path(path),
         CampaignSpec("camp-it", "acme", tuple(phones.split(",")), "diwali_offer", "en_US", 2),
         amqp_url=amqp_url,
-        store=CampaignStore(redis.Redis.from_url(redis_url, decode_responses=True)),
+        store=CampaignStore(redis_client(redis_url, decode_responses=True)),
         batch_size=int(sys.argv[5]),
         progress=lambda b, r: time.sleep(0.05),  # slow enough to be killed half-way
     )
@@ -320,7 +318,7 @@ def test_killed_mid_file_then_resumed_enqueues_every_row(tmp_path: Path) -> None
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     try:
         deadline = time.monotonic() + 60
         while int(cache.hget("verloop:campaign:camp-it", "rows_done") or 0) < 2000:
@@ -440,7 +438,7 @@ def test_ctrl_c_waits_for_confirms_so_a_resume_publishes_nothing_twice(tmp_path:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stderr=subprocess.DEVNULL,
     )
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     try:
         deadline = time.monotonic() + 60
         while int(cache.hget("verloop:campaign:camp-it", "rows_done") or 0) < 1000:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from click.testing import CliRunner
 
 from worker.app import WorkerApp
@@ -27,6 +26,7 @@ from .conftest import (
     Simulator,
     dead_letters,
     queue_depth,
+    redis_client,
     wait_for_progress,
     wait_until,
     worker_process,
@@ -48,7 +48,7 @@ def template(name: str = "spring_sale") -> dict[str, Any]:
 
 @pytest.fixture
 def store() -> CampaignStore:
-    return CampaignStore(redis.Redis.from_url(REDIS_URL, decode_responses=True))
+    return CampaignStore(redis_client(REDIS_URL, decode_responses=True))
 
 
 def enqueue(producer: Producer, campaign_id: str, count: int, phone_id: str = "phone-1") -> None:

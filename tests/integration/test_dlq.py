@@ -12,7 +12,6 @@ from typing import Any
 
 import pika
 import pytest
-import redis
 from click.testing import CliRunner, Result
 
 from worker.app import WorkerApp, create_app
@@ -21,7 +20,7 @@ from worker.ledger import Ledger
 from worker.producer import Producer, encode_job
 from worker.settings import Settings
 
-from .conftest import AMQP_URL, REDIS_URL, Simulator, queue_depth, wait_until
+from .conftest import AMQP_URL, REDIS_URL, Simulator, queue_depth, redis_client, wait_until
 
 TO_A = "+919876543210"
 TO_B = "+919876543211"
@@ -250,7 +249,7 @@ def test_replay_with_set_fixes_a_bad_template_name(
 def test_replay_never_resends_what_the_ledger_says_was_sent(
     simulator: Simulator, letters: dict[str, str]
 ) -> None:
-    ledger = Ledger(redis.Redis.from_url(REDIS_URL, decode_responses=True), ttl_s=3600, lease_s=60)
+    ledger = Ledger(redis_client(REDIS_URL, decode_responses=True), ttl_s=3600, lease_s=60)
     ledger.mark_sent("key:acme:otp-4711", "wamid.sent-before")
 
     kept = run("replay", "--id", letters["failed"])
@@ -269,9 +268,7 @@ def test_replay_never_resends_what_the_ledger_says_was_sent(
 def test_an_outcome_unknown_send_is_replayed_only_when_asked(
     simulator: Simulator, letters: dict[str, str]
 ) -> None:
-    ledger = Ledger(
-        redis.Redis.from_url(REDIS_URL, decode_responses=True), ttl_s=3600, lease_s=0.001
-    )
+    ledger = Ledger(redis_client(REDIS_URL, decode_responses=True), ttl_s=3600, lease_s=0.001)
     key = "key:acme:otp-4711"
     assert ledger.claim(key, "a-worker-that-died", take_over_uncertain=False).state == "claimed"
     assert ledger.lookup(key).state == "pending"

@@ -10,13 +10,20 @@ from typing import Any
 
 import pika
 import pytest
-import redis
 
 from worker.app import WorkerApp
 from worker.jobs import SEND_QUEUE
 from worker.producer import Producer, encode_job
 
-from .conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, queue_depth, wait_until
+from .conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    Simulator,
+    dead_letters,
+    queue_depth,
+    redis_client,
+    wait_until,
+)
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 EXCHANGE = "verloop.events"
@@ -149,7 +156,7 @@ def test_a_redelivered_job_without_a_key_is_not_sent_again(
 def _stale_claim(key: str) -> None:
     """A claim whose worker died mid-call: its lease ended a minute ago."""
     past_ms = int((time.time() - 60) * 1000)
-    redis.Redis.from_url(REDIS_URL).set(f"verloop:ledger:{key}", f"p:{past_ms}:host:1:2:x")
+    redis_client(REDIS_URL).set(f"verloop:ledger:{key}", f"p:{past_ms}:host:1:2:x")
 
 
 def test_a_campaign_job_whose_earlier_delivery_died_mid_call_is_dead_lettered_not_resent(
@@ -184,7 +191,7 @@ def test_a_transactional_job_whose_earlier_delivery_died_mid_call_is_resent(
     send(producer, idempotency_key="otp-9")
     [record] = wait_until(simulator.messages)
     assert record["idempotency_key"] == "otp-9"
-    entry = redis.Redis.from_url(REDIS_URL).get("verloop:ledger:key:acme:otp-9")
+    entry = redis_client(REDIS_URL).get("verloop:ledger:key:acme:otp-9")
     assert entry == b"s:" + record["id"].encode()
 
 
@@ -195,7 +202,7 @@ def test_a_delivery_that_finds_a_live_claim_waits_for_it_without_using_a_retry(
     events: Events,
 ) -> None:
     """Another worker is sending this very job: wait for its lease, then find it sent."""
-    cache = redis.Redis.from_url(REDIS_URL)
+    cache = redis_client(REDIS_URL)
     start_worker()  # first: on a slow machine starting it may take longer than a short lease
     ends_ms = int((time.time() + 2.0) * 1000)
     cache.set("verloop:ledger:key:acme:otp-10", f"p:{ends_ms}:other-host:1:2:y")

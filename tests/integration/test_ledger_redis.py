@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import time
 
-import redis
-
 from worker.ledger import Ledger
 
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, redis_client
 
 
 def ledger(lease_s: float = 5.0) -> Ledger:
-    return Ledger(redis.Redis.from_url(REDIS_URL), ttl_s=3600, lease_s=lease_s)
+    return Ledger(redis_client(REDIS_URL), ttl_s=3600, lease_s=lease_s)
 
 
 def test_a_fresh_key_is_claimed_and_a_second_delivery_finds_it_busy() -> None:
@@ -71,5 +69,5 @@ def test_entries_expire_after_the_ledger_ttl() -> None:
     book = ledger()
     book.claim("k7", "thread-a", take_over_uncertain=False)
     book.mark_sent("k7", "wamid.7")
-    ttl = redis.Redis.from_url(REDIS_URL).ttl("verloop:ledger:k7")
+    ttl = redis_client(REDIS_URL).ttl("verloop:ledger:k7")
     assert 3500 < ttl <= 3600

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from click.testing import CliRunner
 
 from worker.app import WorkerApp
 from worker.cli import cli
 
-from .conftest import AMQP_URL, REDIS_URL, Simulator
+from .conftest import AMQP_URL, REDIS_URL, Simulator, redis_client
 
 ENV = {"AMQP_URL": AMQP_URL, "REDIS_URL": REDIS_URL}
 
@@ -42,7 +41,7 @@ def test_tokens_refresh_for_a_client_refreshes_every_number_and_prints_no_token(
     assert result.exit_code == 0, result.output
     assert "acme/phone-1: refreshed" in result.output
     assert "acme/phone-2: refreshed" in result.output
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     keys = sorted(cache.scan_iter("verloop:phone-token:acme:*"))
     assert keys == ["verloop:phone-token:acme:phone-1", "verloop:phone-token:acme:phone-2"]
     listed = run("tokens", "list", "--client-id", "acme")

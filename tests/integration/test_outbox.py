@@ -23,6 +23,7 @@ from .conftest import (
     dead_letters,
     free_port,
     queue_depth,
+    redis_client,
     wait_until,
 )
 from .test_ledger_and_events import Events, send
@@ -77,7 +78,7 @@ def test_an_event_rabbitmq_refuses_waits_in_the_outbox_and_goes_out_once_it_can(
         logged = "".join(output)
         assert SANDBOX_PASSWORD not in logged  # the relay's error names no secret
         assert simulator.server.system_user_token not in logged
-        cache = redis.Redis.from_url(REDIS_URL)
+        cache = redis_client(REDIS_URL)
         assert _outbox_length(cache) == 1
         assert queue_depth(SEND_QUEUE) == 0
         assert dead_letters() == []
@@ -106,7 +107,7 @@ def test_an_event_rabbitmq_refuses_waits_in_the_outbox_and_goes_out_once_it_can(
 def test_events_a_dead_relay_took_are_published_by_another() -> None:
     """A relay that took a batch and died never confirmed it: another relay takes the batch
     over once it has been idle long enough, publishes it, and empties the outbox."""
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     outbox = EventOutbox(cache)
     for n in range(5):
         outbox.add(_fields(n), {"to": f"+9198765432{n:02d}"})
@@ -138,7 +139,7 @@ def test_events_a_dead_relay_took_are_published_by_another() -> None:
 def test_the_consumers_of_relays_that_exited_are_forgotten() -> None:
     """Each process's relay joins the group under its own name: those of exited processes
     (nothing pending, long silent) are dropped; one still holding a batch is kept."""
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     outbox = EventOutbox(cache)
     cache.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     cache.xreadgroup(GROUP, "exited:1", {STREAM: ">"}, count=10)  # read nothing, then exited
@@ -163,7 +164,7 @@ def test_an_outbox_entry_that_is_not_an_event_is_dropped_and_the_rest_still_go_o
 ) -> None:
     """An entry without routing key or body (written by hand, say) cannot block the stream:
     it is dropped with its id in the log, and the events around it are published."""
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     outbox = EventOutbox(cache)
     outbox.add(_fields(1), None)
     bad_id = cache.xadd(STREAM, {"note": "not an event"})
@@ -184,7 +185,7 @@ def test_an_outbox_entry_that_is_not_an_event_is_dropped_and_the_rest_still_go_o
 
 def test_a_relay_whose_stream_was_deleted_makes_it_again() -> None:
     """FLUSHDB or DEL under a running relay: it re-creates its group and goes on."""
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     relay = OutboxRelay(cache, AMQP_URL, EXCHANGE, consumer="alive:5")
     subscriber = Events("send.#")
     try:
@@ -232,7 +233,7 @@ def test_after_a_small_batch_the_relay_lingers_so_the_next_carries_many_events()
     """Each batch costs a read, a commit and an acknowledgement whatever its size. After one
     event alone, the relay waits its linger time: the five events added meanwhile go out
     together in one batch, not one by one."""
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     outbox = EventOutbox(cache)
     batches: list[tuple[int, bool]] = []
     subscriber = Events("send.#")

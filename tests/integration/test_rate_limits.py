@@ -16,7 +16,6 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
-import redis
 
 from worker.app import WorkerApp
 from worker.deadletters import DEAD_LETTER_HEADER
@@ -29,6 +28,7 @@ from .conftest import (
     Simulator,
     dead_letters,
     queue_depth,
+    redis_client,
     wait_until,
     worker_process,
 )
@@ -160,7 +160,7 @@ def test_two_worker_processes_sharing_redis_hold_a_number_to_its_limit(
 
 def account_lead_s() -> float:
     """How far ahead of now the account-wide bucket is reserved, in seconds."""
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     try:
         seconds, micros = cache.time()
         tat = float(cache.get("verloop:rl:account:tat") or 0)
@@ -324,7 +324,7 @@ def test_a_429_slows_the_number_down_for_a_while(
     send(producer, 0)
     wait_until(simulator.messages)
     assert simulator.send_requests() == 2
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     try:
         assert float(cache.get("verloop:rl:{phone-1}:penalty") or 1) == 0.5
         assert 0 < cache.pttl("verloop:rl:{phone-1}:penalty") <= 20_000
@@ -343,7 +343,7 @@ def test_a_429_slows_the_number_down_for_a_while(
 
 # --- backends -------------------------------------------------------------------------------------
 def limiter_keys() -> list[str]:
-    cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    cache = redis_client(REDIS_URL, decode_responses=True)
     try:
         return sorted(cache.keys("verloop:rl:*"))
     finally:
@@ -375,7 +375,7 @@ def test_the_redis_backend_is_the_default(
     send(producer, 0)
     wait_until(simulator.messages)
     assert limiter_keys() == ["verloop:rl:{phone-1}:tat"]
-    cache = redis.Redis.from_url(REDIS_URL)
+    cache = redis_client(REDIS_URL)
     try:
         assert cache.pttl("verloop:rl:{phone-1}:tat") > 0
     finally:

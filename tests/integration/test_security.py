@@ -36,6 +36,7 @@ from .conftest import (
     dead_letters,
     free_port,
     queue_depth,
+    redis_client,
     wait_until,
     worker_env,
     worker_process,
@@ -130,7 +131,7 @@ def tls_redis(certificates: Certificates) -> Iterator[TlsRedis]:
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     server = TlsRedis(port, certificates.ca)
-    client = redis.Redis.from_url(server.url(), socket_connect_timeout=0.5)
+    client = redis_client(server.url(), socket_connect_timeout=0.5)
     try:
 
         def answers() -> bool:
@@ -190,7 +191,7 @@ def test_the_limiter_and_token_cache_live_in_the_tls_redis(
     start_worker(redis_url=tls_redis.url())
     producer.send_message(client_id="acme", phone_id="phone-1", to="+919876543210", message=TEXT)
     wait_until(simulator.messages)
-    client = redis.Redis.from_url(tls_redis.url(), decode_responses=True)
+    client = redis_client(tls_redis.url(), decode_responses=True)
     try:
         keys = set(client.keys("verloop:*"))
     finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -17,8 +19,14 @@ from .store import OUTCOME_COUNTERS, CampaignState, CampaignStatus, CampaignStor
 __all__ = ["campaign"]
 
 
-def _store() -> CampaignStore:
-    return CampaignStore(open_redis(current_settings()))
+@contextmanager
+def _store() -> Iterator[CampaignStore]:
+    """The campaign store, its Redis client closed when the command is done with it."""
+    cache = open_redis(current_settings())
+    try:
+        yield CampaignStore(cache)
+    finally:
+        cache.close()
 
 
 def _fail(exc: Exception) -> None:
@@ -94,7 +102,8 @@ def _eta_text(seconds: float | None, state: str) -> str:
 def status(campaign_id: str, as_json: bool) -> None:
     """Show a campaign's progress: counts by outcome, current rate and ETA."""
     try:
-        info = _describe(_store().get(campaign_id))
+        with _store() as store:
+            info = _describe(store.get(campaign_id))
     except (ConfigurationError, RedisUnavailable) as exc:
         _fail(exc)
         return
@@ -123,7 +132,8 @@ def status(campaign_id: str, as_json: bool) -> None:
 
 def _change_state(campaign_id: str, state: CampaignState, verb: str) -> None:
     try:
-        previous = _store().set_state(campaign_id, state)
+        with _store() as store:
+            previous = store.set_state(campaign_id, state)
     except (ConfigurationError, RedisUnavailable) as exc:
         _fail(exc)
         return
@@ -163,7 +173,8 @@ def cancel(campaign_id: str, yes: bool) -> None:
 def list_campaigns(limit: int, as_json: bool) -> None:
     """List campaigns, newest first."""
     try:
-        infos = [_describe(status) for status in _store().list(limit)]
+        with _store() as store:
+            infos = [_describe(status) for status in store.list(limit)]
     except RedisUnavailable as exc:
         _fail(exc)
         return
