@@ -291,7 +291,8 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-        from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
+    import redis
+    from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
     from worker.campaigns.reader import CampaignSpec
     from worker.campaigns.store import CampaignStore
 
@@ -300,7 +301,7 @@ CHILD = textwrap.dedent(
         Path(path),
         CampaignSpec("camp-it", "acme", tuple(phones.split(",")), "diwali_offer", "en_US", 2),
         amqp_url=amqp_url,
-        store=CampaignStore(redis_client(redis_url, decode_responses=True)),
+        store=CampaignStore(redis.Redis.from_url(redis_url, decode_responses=True)),
         batch_size=int(sys.argv[5]),
         progress=lambda b, r: time.sleep(0.05),  # slow enough to be killed half-way
     )
