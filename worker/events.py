@@ -9,6 +9,8 @@ with ``<outcome>`` one of ``sent``, ``dead_lettered``, ``suppressed``, ``cancell
 ``done``, ``dead_lettered`` (management). Dots inside identifiers become ``_`` so every part
 stays one routing-key word. Bind ``send.#`` for everything, ``send.dead_lettered.#`` for
 failures, ``send.*.acme.#`` for one client, ``send.*.*.*.spring-sale`` for one campaign.
+An identifier longer than :data:`MAX_WORD_CHARS` appears as its first characters, ``~`` and a
+hash of the whole (so a key stays within AMQP's 255 bytes); the body carries it in full.
 
 The body is JSON (see :func:`build_event`). How an event reaches the exchange (through the
 Redis outbox, or directly from the worker thread) is in :mod:`worker.outbox` and
@@ -17,6 +19,8 @@ Redis outbox, or directly from the worker thread) is in :mod:`worker.outbox` and
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -24,9 +28,23 @@ from typing import Any, Final
 import orjson
 import pika
 
-__all__ = ["EVENT_VERSION", "build_event", "declare_exchange", "publish_event", "routing_key"]
+__all__ = [
+    "EVENT_VERSION",
+    "MAX_WORD_CHARS",
+    "build_event",
+    "declare_exchange",
+    "publish_event",
+    "routing_key",
+]
 
 EVENT_VERSION: Final = 1
+#: The longest identifier a routing key carries as it is (three of them, with the fixed words,
+#: stay well within AMQP's 255-byte limit on routing keys).
+MAX_WORD_CHARS: Final = 64
+_DIGEST_CHARS: Final = 12
+#: Anything but these becomes ``_`` in a routing-key word (``.``, ``*`` and ``#`` mean
+#: something to topic bindings).
+_NOT_WORD = re.compile(r"[^A-Za-z0-9_:@-]")
 
 #: Fields of the job's log record copied into its event when present.
 _FROM_RECORD: Final = (
@@ -53,7 +71,11 @@ _FROM_RECORD: Final = (
 
 def _word(value: Any) -> str:
     text = str(value) if value not in (None, "") else "none"
-    return text.replace(".", "_").replace("*", "_").replace("#", "_")
+    word = _NOT_WORD.sub("_", text)
+    if len(word) > MAX_WORD_CHARS:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        word = f"{word[: MAX_WORD_CHARS - _DIGEST_CHARS - 1]}~{digest[:_DIGEST_CHARS]}"
+    return word
 
 
 def routing_key(fields: Mapping[str, Any]) -> str:

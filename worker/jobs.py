@@ -8,10 +8,12 @@ these models (``verloop-worker schema``), so producers in any language can valid
 
 from __future__ import annotations
 
-import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -27,8 +29,10 @@ from .phones import normalize_e164
 __all__ = [
     "ACTOR_QUEUES",
     "CAMPAIGN_QUEUE",
+    "ID_PATTERN",
     "JOB_MODELS",
     "MANAGE_QUEUE",
+    "MAX_JSON_DEPTH",
     "MAX_METADATA_BYTES",
     "SEND_QUEUE",
     "TEXT_MAX_CHARS",
@@ -36,6 +40,7 @@ __all__ = [
     "ListClientsJob",
     "RefreshPhoneTokenJob",
     "SendMessageJob",
+    "check_json_limits",
     "describe_validation_error",
     "jobs_json_schema",
     "parse_job",
@@ -54,9 +59,38 @@ TEXT_MAX_CHARS = 4096
 CAPTION_MAX_CHARS = 1024
 #: ``metadata`` is echoed in every log line of the job, so it is kept small.
 MAX_METADATA_BYTES = 4096
+#: How deeply a job's kwargs may nest (objects and arrays). A Cloud API message needs a few
+#: levels; the log line's and the event's encoder stops at 254.
+MAX_JSON_DEPTH = 32
+#: The integers the log line's and the event's encoder (orjson) can write.
+_INT_RANGE = (-(2**63), 2**64 - 1)
 
-_ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
-Identifier = Annotated[str, Field(pattern=_ID_PATTERN, description="Verloop identifier")]
+ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
+Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="Verloop identifier")]
+
+#: An idempotency key travels as an HTTP header (``Idempotency-Key``): printable ASCII only,
+#: no leading or trailing space.
+_KEY_PATTERN = r"^[!-~]([ -~]{0,198}[!-~])?$"
+_KEY = re.compile(_KEY_PATTERN)
+
+
+def _header_safe(value: str) -> str:
+    if not _KEY.match(value):
+        raise ValueError(
+            "must be 1-200 printable ASCII characters without leading or trailing spaces "
+            "(it is sent to Verloop as an HTTP header)"
+        )
+    return value
+
+
+IdempotencyKey = Annotated[
+    str,
+    AfterValidator(_header_safe),
+    Field(
+        description="Makes re-sends of this job harmless; sent as the Idempotency-Key header",
+        json_schema_extra={"pattern": _KEY_PATTERN, "minLength": 1, "maxLength": 200},
+    ),
+]
 E164 = Annotated[
     str,
     AfterValidator(normalize_e164),
@@ -196,7 +230,8 @@ Message = Annotated[
 
 
 def _small_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is not None and len(json.dumps(value, default=str)) > MAX_METADATA_BYTES:
+    # Measured with the encoder the log line and the event use (parse_job has made sure it can).
+    if value is not None and len(orjson.dumps(value)) > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return value
 
@@ -216,7 +251,7 @@ class SendMessageJob(_Strict):
     phone_id: Identifier
     to: E164
     message: Message
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: IdempotencyKey | None = None
     #: Set on campaign sends: the campaign's pause/cancel/window apply, its progress counts the
     #: job, and (without an idempotency_key) each recipient is messaged once per campaign.
     campaign_id: Identifier | None = None
@@ -306,6 +341,60 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(parts)
 
 
+def check_json_limits(value: Any, where: str = "") -> None:
+    """Make sure ``value`` can go everywhere a job's values go (the log line and the event are
+    written by orjson; Verloop gets JSON).
+
+    Raises:
+        ValueError: naming the first place that nests more than :data:`MAX_JSON_DEPTH` levels,
+            holds an integer outside 64 bits, a number that is not finite, a string that is not
+            text (a lone surrogate) or a value that is not JSON. Values are not echoed.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, str):
+            _check_text(node, path)
+        elif isinstance(node, dict | list | tuple):
+            if depth >= MAX_JSON_DEPTH:
+                raise ValueError(f"{_short(path)}: nested more than {MAX_JSON_DEPTH} levels deep")
+            if isinstance(node, dict):
+                for key, item in node.items():
+                    if not isinstance(key, str):
+                        raise ValueError(f"{_short(path)}: object keys must be strings")
+                    _check_text(key, path)
+                    stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+            else:
+                stack.extend((item, f"{path}.{i}", depth + 1) for i, item in enumerate(node))
+        elif node is None or isinstance(node, bool):
+            continue
+        elif isinstance(node, int):
+            if not _INT_RANGE[0] <= node <= _INT_RANGE[1]:
+                raise ValueError(
+                    f"{path}: an integer of {len(str(abs(node)))} digits does not fit in 64 bits; "
+                    "send it as a string"
+                )
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                raise ValueError(f"{path}: {node} is not a JSON number")
+        else:
+            raise ValueError(f"{path}: a {type(node).__name__} is not a JSON value")
+
+
+def _short(path: str) -> str:
+    return path[:60] + "..." if len(path) > 63 else path or "job"
+
+
+def _check_text(text: str, path: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{_short(path)}: has a lone UTF-16 surrogate, which is not text"
+            ) from None
+
+
 def parse_job(actor_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Job:
     """Validate a job's arguments against its actor's model.
 
@@ -317,6 +406,10 @@ def parse_job(actor_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -
         raise InvalidJob(f"unknown actor {actor_name!r}; known actors: {', '.join(JOB_MODELS)}")
     if args:
         raise InvalidJob(f"{actor_name} takes keyword arguments only; got {len(args)} positional")
+    try:
+        check_json_limits(kwargs)
+    except ValueError as exc:
+        raise InvalidJob(f"invalid {actor_name} job: {exc}") from None
     try:
         return model.model_validate(dict(kwargs))
     except ValidationError as exc:

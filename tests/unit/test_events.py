@@ -48,3 +48,26 @@ def test_the_event_carries_the_job_s_fields_and_the_unmasked_recipient() -> None
     assert event["verloop_message_id"] == "wamid.1"
     assert event["metadata"] == {"order": 1}
     assert "duration_ms" not in event  # log-only fields stay in the log
+
+
+def test_a_routing_key_stays_within_amqp_s_255_bytes_whatever_the_ids() -> None:
+    """Three 128-character ids (the longest valid ones) and even non-ASCII ones: each long
+    word is cut and tagged with a hash of the whole, so the key stays short and distinct."""
+    long_ids = {"client_id": "c" * 128, "phone_id": "p" * 128, "campaign_id": "k" * 128}
+    key = routing_key({"actor": "send_message", "outcome": "dead_lettered", **long_ids})
+    assert len(key.encode()) <= 255
+    assert len(key.split(".")) == 5
+    other = routing_key(
+        {"actor": "send_message", "outcome": "dead_lettered", **long_ids, "client_id": "c" * 127}
+    )
+    assert other != key
+    odd = routing_key({"actor": "send_message", "outcome": "sent", "client_id": "é" * 128})
+    assert odd.isascii()
+    assert len(odd.encode()) <= 255
+
+
+def test_a_short_identifier_is_kept_as_it_is() -> None:
+    key = routing_key(
+        {"actor": "send_message", "outcome": "sent", "client_id": "a" * 64, "phone_id": "p-1"}
+    )
+    assert key == f"send.sent.{'a' * 64}.p-1.none"

@@ -290,3 +290,65 @@ def test_a_job_is_frozen() -> None:
     job = parse_job("send_message", (), send_kwargs())
     with pytest.raises(ValueError, match="frozen"):
         job.to = "+14155550123"  # type: ignore[misc]
+
+
+# --- values that must travel: log line, event, HTTP header ---------------------------------------
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ({"order": 2**64}, "metadata.order: an integer of 20 digits does not fit in 64 bits"),
+        ({"order": -(2**63) - 1}, "metadata.order: an integer of 19 digits"),
+        ({"x": float("inf")}, "metadata.x: inf is not a JSON number"),
+        ({"x": "\ud800"}, "metadata.x: has a lone UTF-16 surrogate"),
+        ({"\udfff": 1}, "metadata: has a lone UTF-16 surrogate"),
+        ({"x": b"bytes"}, "metadata.x: a bytes is not a JSON value"),
+    ],
+)
+def test_metadata_the_event_encoder_cannot_write_is_invalid(
+    metadata: dict[str, Any], reason: str
+) -> None:
+    """These used to be accepted, sent, then fail the outcome event after Verloop took the
+    message (and the job was retried: the recipient messaged again)."""
+    with pytest.raises(InvalidJob) as info:
+        parse_job("send_message", [], send_kwargs(metadata=metadata))
+    assert reason in str(info.value)
+
+
+def test_the_largest_64_bit_integers_are_valid() -> None:
+    job = parse_job("send_message", [], send_kwargs(metadata={"a": 2**64 - 1, "b": -(2**63)}))
+    assert job.metadata == {"a": 2**64 - 1, "b": -(2**63)}
+
+
+def test_kwargs_nested_deeper_than_the_limit_are_invalid_wherever_they_nest() -> None:
+    from worker.jobs import MAX_JSON_DEPTH
+
+    deep: Any = 1
+    for _ in range(MAX_JSON_DEPTH):
+        deep = [deep]
+    for kwargs in (
+        send_kwargs(metadata={"a": deep}),
+        send_kwargs(
+            message={
+                "type": "interactive",
+                "interactive": {"type": "button", "action": {"buttons": deep}},
+            }
+        ),
+    ):
+        with pytest.raises(InvalidJob, match="nested more than"):
+            parse_job("send_message", [], kwargs)
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["a\r\nX-Injected: 1", "ключ", "tab\there", " leading", "trailing ", "x" * 201, ""],
+)
+def test_an_idempotency_key_that_cannot_be_an_http_header_is_invalid(key: str) -> None:
+    """It used to be accepted, then fail as a header and be retried as transient."""
+    with pytest.raises(InvalidJob, match="idempotency_key"):
+        parse_job("send_message", [], send_kwargs(idempotency_key=key))
+
+
+def test_an_idempotency_key_of_printable_ascii_with_inner_spaces_is_valid() -> None:
+    job = parse_job("send_message", [], send_kwargs(idempotency_key="order 42/shipped:v2"))
+    assert isinstance(job, SendMessageJob)
+    assert job.idempotency_key == "order 42/shipped:v2"
