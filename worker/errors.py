@@ -15,6 +15,8 @@ above the boundary catches only these::
         ├── PermanentFailure    Verloop refused it for good: dead-letter at once, never retry
         ├── TokenInvalid        Verloop rejected the token: refresh it once, then permanent
         └── TransientFailure    may work later: retry with backoff (honouring retry_after)
+            └── OutcomeUnknown  the request was written but no answer came back: a send may
+                                have been delivered (UNCERTAIN_SEND_POLICY decides)
 
 Messages never contain a token or a password: they are built from field names, HTTP statuses and
 Verloop's own error text, never from request headers.
@@ -31,6 +33,7 @@ __all__ = [
     "FailureDetails",
     "InvalidJob",
     "JobFailure",
+    "OutcomeUnknown",
     "PermanentFailure",
     "RedisUnavailable",
     "TokenInvalid",
@@ -131,3 +134,9 @@ class TransientFailure(JobFailure):
     """A failure that may clear up: timeouts, connect errors, 5xx, 429, transient codes."""
 
     retryable = True
+
+
+class OutcomeUnknown(TransientFailure):
+    """The request reached the network but no answer came back (a read timeout, a connection
+    dropped mid-response): Verloop may have acted on it. Harmless to retry for a read; for a
+    send, ``UNCERTAIN_SEND_POLICY`` decides."""

@@ -9,7 +9,13 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.errors import ConfigurationError, JobFailure, PermanentFailure, TransientFailure
+from worker.errors import (
+    ConfigurationError,
+    JobFailure,
+    OutcomeUnknown,
+    PermanentFailure,
+    TransientFailure,
+)
 from worker.settings import EndpointOverride
 from worker.verloop.client import VerloopClient
 from worker.verloop.endpoints import resolve_endpoints
@@ -252,15 +258,40 @@ def test_a_connect_timeout_raises_a_transient_failure_saying_it_timed_out(
         client.send_message(PHONE_TOKEN, SEND_BODY)
     assert "ConnectTimeout" in str(info.value)
     assert info.value.__cause__ is None
+    assert not isinstance(info.value, OutcomeUnknown)
 
 
-@pytest.mark.parametrize("kind", [httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError])
-def test_a_connection_error_raises_a_transient_failure(
+@pytest.mark.parametrize(
+    "kind",
+    [
+        httpx.ConnectError,
+        httpx.ConnectTimeout,
+        httpx.PoolTimeout,
+        httpx.WriteError,
+        httpx.WriteTimeout,
+        httpx.LocalProtocolError,
+    ],
+)
+def test_a_request_that_never_reached_verloop_is_a_plain_transient_failure(
     closing: list[VerloopClient], kind: type[httpx.TransportError]
 ) -> None:
-    """Connect and protocol errors become TransientFailure saying Verloop was not reached."""
+    """Failures before the request was written whole: Verloop cannot have acted on it, so a
+    retry is safe (not an unknown outcome)."""
     client, _ = client_for(closing, raise_error(kind))
     with pytest.raises(TransientFailure, match="could not reach Verloop") as info:
+        client.send_message(PHONE_TOKEN, SEND_BODY)
+    assert not isinstance(info.value, OutcomeUnknown)
+    assert kind.__name__ in str(info.value)
+
+
+@pytest.mark.parametrize("kind", [httpx.ReadError, httpx.ReadTimeout, httpx.RemoteProtocolError])
+def test_a_request_sent_without_an_answer_is_an_unknown_outcome(
+    closing: list[VerloopClient], kind: type[httpx.TransportError]
+) -> None:
+    """A read timeout or a connection dropped before the answer: the request was written, so
+    Verloop may have sent the message; the failure says so."""
+    client, _ = client_for(closing, raise_error(kind))
+    with pytest.raises(OutcomeUnknown, match="after the request was sent") as info:
         client.send_message(PHONE_TOKEN, SEND_BODY)
     assert kind.__name__ in str(info.value)
 
@@ -356,3 +387,60 @@ def test_no_failure_text_contains_the_token_or_password_used(
     for text in texts:
         for secret in (SYSTEM_TOKEN, PHONE_TOKEN, PASSWORD):
             assert secret not in text
+
+
+# --- answers that are hostile or cut short -----------------------------------------------------
+class _Chunks(httpx.SyncByteStream):
+    """A response body streamed in chunks, optionally failing after them."""
+
+    def __init__(self, chunks: list[bytes], then: type[httpx.TransportError] | None = None):
+        self.chunks = chunks
+        self.then = then
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.sent += len(chunk)
+            yield chunk
+        if self.then is not None:
+            raise self.then("connection dropped mid-body")
+
+
+def test_an_accepted_send_whose_answer_is_cut_short_is_still_sent(
+    closing: list[VerloopClient],
+) -> None:
+    """The status line said 200: the message went out even if the body never arrived whole."""
+    stream = _Chunks([b'{"messages": [{"id": "wam'], then=httpx.ReadError)
+    client, _ = client_for(closing, lambda request: httpx.Response(200, stream=stream))
+    result = client.send_message(PHONE_TOKEN, SEND_BODY)
+    assert result.http_status == 200
+    assert result.message_id is None
+
+
+def test_an_answer_is_read_up_to_a_bound_and_no_further(closing: list[VerloopClient]) -> None:
+    """A 2xx answer of endless bytes is not read into memory: reading stops at the bound and
+    the send counts as accepted."""
+    from worker.verloop.client import MAX_RESPONSE_BYTES
+
+    stream = _Chunks([b" " * 65536] * (4 * MAX_RESPONSE_BYTES // 65536))
+    client, _ = client_for(closing, lambda request: httpx.Response(200, stream=stream))
+    result = client.send_message(PHONE_TOKEN, SEND_BODY)
+    assert result.http_status == 200
+    assert stream.sent <= MAX_RESPONSE_BYTES + 65536
+
+
+@pytest.mark.parametrize("status", [200, 400, 503])
+def test_an_answer_nested_thousands_deep_is_classified_by_its_status(
+    closing: list[VerloopClient], status: int
+) -> None:
+    """A body nested far deeper than any real answer neither crashes the client nor turns an
+    accepted send into a failure (it used to raise RecursionError, handled as a failed send)."""
+    deep = b'{"a":' * 5000 + b"1" + b"}" * 5000
+    client, _ = client_for(closing, answer_raw(deep, status=status))
+    if status == 200:
+        assert client.send_message(PHONE_TOKEN, SEND_BODY).message_id is None
+        return
+    expected = PermanentFailure if status == 400 else TransientFailure
+    with pytest.raises(expected) as info:
+        client.send_message(PHONE_TOKEN, SEND_BODY)
+    assert info.value.details.http_status == status

@@ -1,19 +1,20 @@
 """Turn a failed Verloop response into one of our errors: transient, permanent or bad token.
 
-Verloop publishes no status codes or error bodies (VERLOOP_API.md), so we classify by the HTTP
-status first, and let a recognised code anywhere in a JSON body take precedence: Meta's WhatsApp
-error codes (``{"error": {"code": 131056, "message": ...}}``) and Twirp codes
+Verloop publishes no status codes or error bodies (see docs/verloop-api.md), so we classify by
+the HTTP status first, and let a recognised code anywhere in a JSON body take precedence: Meta's
+WhatsApp error codes (``{"error": {"code": 131056, "message": ...}}``) and Twirp codes
 (``{"code": "unavailable", "msg": ...}``), which Verloop uses for its Campaign API.
 """
 
 from __future__ import annotations
 
 import email.utils
-import json
 import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+import orjson
 
 from ..errors import JobFailure, PermanentFailure, TokenInvalid, TransientFailure
 from ..observability.logging import scrub_text
@@ -63,14 +64,24 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(when.timestamp() - (now if now is not None else time.time()), 0.0)
 
 
-def _walk(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value)
+#: Error codes sit near the top of an error body; deeper levels are not searched.
+_MAX_SEARCH_DEPTH = 8
+
+
+def _walk(body: Any) -> Iterator[dict[str, Any]]:
+    """Every object in ``body``, breadth first, down to :data:`_MAX_SEARCH_DEPTH` levels."""
+    level = [body]
+    for _ in range(_MAX_SEARCH_DEPTH):
+        deeper: list[Any] = []
+        for node in level:
+            if isinstance(node, dict):
+                yield node
+                deeper.extend(node.values())
+            elif isinstance(node, list):
+                deeper.extend(node)
+        if not deeper:
+            return
+        level = deeper
 
 
 def _find_code_and_message(body: Any) -> tuple[int | str | None, str | None]:
@@ -98,8 +109,8 @@ def classify_response(
 ) -> JobFailure:
     """The error to raise for a non-2xx Verloop response to the call named ``what``."""
     try:
-        body: Any = json.loads(content) if content else None
-    except ValueError:
+        body: Any = orjson.loads(content) if content else None
+    except ValueError:  # not JSON, or nested beyond any real error body
         body = None
     code, message = _find_code_and_message(body)
     if code == status:

@@ -13,14 +13,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 
-from ..errors import PermanentFailure, TransientFailure
+from ..errors import OutcomeUnknown, PermanentFailure, TransientFailure
 from .classify import classify_response
 from .endpoints import Endpoint, pick
 
-__all__ = ["SendResult", "VerloopClient"]
+__all__ = ["MAX_RESPONSE_BYTES", "SendResult", "VerloopClient"]
 
 _HEADERS = {"User-Agent": "verloop-worker/0.1", "Accept": "application/json"}
+#: Verloop's answers are small JSON objects: more than this is not read (what was read is kept).
+MAX_RESPONSE_BYTES = 1024 * 1024
+#: Failures that mean the request never reached Verloop whole: sending it again is safe. Any
+#: other transport failure (a read timeout, a connection dropped before the answer) came after
+#: the request was written, and Verloop may have acted on it.
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.WriteError,
+    httpx.WriteTimeout,
+    httpx.LocalProtocolError,
+    httpx.UnsupportedProtocol,
+    httpx.ProxyError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,30 +153,33 @@ class VerloopClient:
         started = time.perf_counter()
         try:
             response = self._transport.handle_request(request)
-            try:
-                response.read()
-            finally:
-                response.close()
-        except httpx.TimeoutException as exc:
-            self._observed(name, "timeout", "", started)
-            raise TransientFailure(f"{name} timed out ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
-            self._observed(name, "error", "", started)
+        except _NOT_SENT as exc:
+            self._observed(name, _failure_status(exc), "", started)
+            what = "timed out before" if isinstance(exc, httpx.TimeoutException) else "failed in"
             raise TransientFailure(
-                f"{name} could not reach Verloop ({type(exc).__name__})"
+                f"{name} could not reach Verloop: {what} sending the request ({type(exc).__name__})"
             ) from None
-        if not response.is_success:
-            failure = classify_response(
-                response.status_code, response.content, response.headers, what=name
-            )
-            self._observed(name, str(response.status_code), failure.details.code or "", started)
-            raise failure
-        self._observed(name, str(response.status_code), "", started)
+        except httpx.TransportError as exc:
+            self._observed(name, _failure_status(exc), "", started)
+            what = "timed out waiting for" if isinstance(exc, httpx.TimeoutException) else "lost"
+            raise OutcomeUnknown(
+                f"{name} {what} Verloop's answer after the request was sent ({type(exc).__name__})"
+            ) from None
         try:
-            body = response.json() if response.content else None
+            content = _read_bounded(response)
+        finally:
+            response.close()
+        status = response.status_code
+        if not response.is_success:
+            failure = classify_response(status, content, response.headers, what=name)
+            self._observed(name, str(status), failure.details.code or "", started)
+            raise failure
+        self._observed(name, str(status), "", started)
+        try:
+            body = orjson.loads(content) if content else None
         except ValueError:
             body = None  # callers that need a value say so; a send is accepted regardless
-        return _Answer(response.status_code, body)
+        return _Answer(status, body)
 
     def _observed(self, name: str, status: str, code: str, started: float) -> None:
         if self._observe is not None:
@@ -176,3 +195,28 @@ class VerloopClient:
                 http_status=answer.status,
             )
         return value
+
+
+def _read_bounded(response: httpx.Response) -> bytes:
+    """The answer's body, at most :data:`MAX_RESPONSE_BYTES` of it. A body cut short (the
+    connection dropped while it came) is what arrived: the status has been answered already."""
+    try:
+        return response.content[:MAX_RESPONSE_BYTES]  # in memory already (a test transport's)
+    except httpx.ResponseNotRead:
+        pass
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_raw():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= MAX_RESPONSE_BYTES:
+                break
+    except httpx.TransportError:
+        pass
+    return b"".join(chunks)[:MAX_RESPONSE_BYTES]
+
+
+def _failure_status(exc: httpx.TransportError) -> str:
+    """The ``status`` label of a call that got no answer."""
+    return "timeout" if isinstance(exc, httpx.TimeoutException) else "error"
