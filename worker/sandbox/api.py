@@ -231,6 +231,16 @@ class _Api:
             counters.duplicates += 1
         counters.sent += 1
         counters.by_phone[phone_id] += 1
+        if scripted is not None and scripted.after_accept is not None:
+            # Sent, and the sender does not learn it: the ambiguous outcome. A hang answers
+            # 504 after timeout_s, long after a client's read timeout (set timeout_s so).
+            counters.injected_timeouts += 1
+            if scripted.after_accept == "drop" and request.transport is not None:
+                request.transport.abort()
+            else:
+                await self._sandbox.hang()
+            body, headers = default_error(504)
+            return self._reply(504, body, headers)
         return self._reply(
             200,
             {

@@ -246,10 +246,15 @@ class ScriptedResponse:
     delay_ms: float = 0.0
     timeout: bool = False
     """Hang ``Faults.timeout_s`` seconds, then answer 504 (``status`` is ignored)."""
+    after_accept: str | None = None
+    """Accept and record the send, then never answer it: ``"hang"`` (until ``timeout_s``, a
+    client's read timeout) or ``"drop"`` (close the connection). The sender cannot know."""
 
     def __post_init__(self) -> None:
         """Validate the entry."""
         _status("status", self.status, low=200)
+        if self.after_accept not in (None, "hang", "drop"):
+            raise FaultConfigError(f"after_accept must be hang or drop, got {self.after_accept!r}")
         _integer("count", self.count, minimum=1)
         _number("delay_ms", self.delay_ms)
         if not isinstance(self.timeout, bool):
@@ -268,7 +273,9 @@ class ScriptedResponse:
         obj = _object("script entry", data)
         _reject_unknown("script entry", obj, cls.__dataclass_fields__)
         if "status" not in obj and obj.get("timeout") is not True:
-            raise FaultConfigError("script entry needs a status (or timeout: true)")
+            if obj.get("after_accept") is None:
+                raise FaultConfigError("script entry needs a status (or timeout: true)")
+            obj = {**obj, "status": 200}
         try:
             return cls(**obj)  # type: ignore[arg-type]  # values are validated in __post_init__
         except TypeError as exc:
@@ -289,6 +296,7 @@ class ScriptedResponse:
             "to": self.to,
             "delay_ms": self.delay_ms,
             "timeout": self.timeout,
+            "after_accept": self.after_accept,
         }
 
 
