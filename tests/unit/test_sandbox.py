@@ -308,6 +308,26 @@ def test_scripted_timeout_hangs_longer_than_the_client_waits(client: httpx.Clien
     assert send(client, token).status_code == 200
 
 
+@pytest.mark.parametrize("after_accept", ["hang", "drop"])
+def test_a_send_accepted_then_never_answered_is_recorded(
+    client: httpx.Client, after_accept: str
+) -> None:
+    """The ambiguous outcome: the message is recorded as sent, and the client gets no answer
+    (its read times out, or the connection is dropped)."""
+    token = phone_token(client)
+    set_faults(client, timeout_s=2.0)
+    client.post("/admin/script", json={"responses": [{"after_accept": after_accept}]})
+    with pytest.raises((httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError)):
+        client.post(
+            f"{BASE}/send_message",
+            json={**TEXT, "to": TO, "text": {"body": "hi"}},
+            headers={"Authorization": token},
+            timeout=0.5,
+        )
+    assert len(client.get("/admin/messages").json()["messages"]) == 1
+    assert send(client, token).status_code == 200
+
+
 def test_random_timeouts_answer_504_after_timeout_s(client: httpx.Client) -> None:
     """With timeout_rate 1 a send waits timeout_s and then gets 504."""
     token = phone_token(client)
@@ -324,6 +344,9 @@ def test_invalid_script_entries_are_rejected(client: httpx.Client) -> None:
     response = client.post("/admin/script", json={"responses": [{"count": 2}]})
     assert response.status_code == 400
     assert "status" in response.json()["error"]
+    odd = client.post("/admin/script", json={"responses": [{"after_accept": "explode"}]})
+    assert odd.status_code == 400
+    assert "after_accept must be hang or drop" in odd.json()["error"]
     assert client.get("/admin/script").json()["pending"] == 0
 
 
