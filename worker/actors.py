@@ -2,17 +2,20 @@
 
 ``send_message``:
   1. validate the job (:func:`worker.jobs.parse_job`)  → invalid: dead letter, no retry
-  2. a campaign job: its campaign's state and window   → cancelled: acknowledged, not sent;
+  2. its ``options.eta`` not reached yet                → re-delayed, no retry used
+  3. a campaign job: its campaign's state and window   → cancelled: acknowledged, not sent;
                                                           paused / outside window: re-delayed
-  3. find the phone token (file → memory → Redis → Verloop)
-  4. claim the job's ledger entry (:mod:`worker.ledger`) → already sent: acknowledged as
-                                                          ``suppressed``, not sent again
+  4. find the phone token (file → memory → Redis → Verloop)
   5. wait for the number's slot (:mod:`worker.limits`)  → too far: re-delayed, no retry used
-  6. call Verloop's send endpoint                       → classified failure: retry or dead letter;
-                                                          rate-limit answers teach the limiter
-  7. record the send in the ledger, with its campaign's progress and its outcome event
-     (:mod:`worker.outbox`), in one round trip
-  8. on a rejected token: refresh it once and send again; rejected again: dead letter
+  6. claim the job's ledger entry (:mod:`worker.ledger`) → already sent: acknowledged as
+                                                          ``suppressed``, not sent again
+  7. call Verloop's send endpoint                       → clear failure: claim released, retry
+                                                          or dead letter; no answer: the claim is
+                                                          uncertain (UNCERTAIN_SEND_POLICY)
+  8. record the send in the ledger, with its campaign's progress and its outcome event
+     (:mod:`worker.outbox`), in one round trip; nothing after Verloop's acceptance can turn
+     the job into a retry
+  9. on a rejected token: refresh it once and send again; rejected again: dead letter
 
 Failures are raised, not handled here: :mod:`worker.outcomes` retries or dead-letters them, and
 writes the job's one log line and outcome event, to which each step adds its fields.
@@ -20,6 +23,8 @@ writes the job's one log line and outcome event, to which each step adds its fie
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -29,9 +34,18 @@ import dramatiq
 import structlog
 
 from .campaigns.window import seconds_until_open
-from .errors import Deferred, JobFailure, PermanentFailure, RedisUnavailable, TokenInvalid
+from .errors import (
+    Deferred,
+    JobFailure,
+    OutcomeUnknown,
+    PermanentFailure,
+    RedisUnavailable,
+    TokenInvalid,
+    TransientFailure,
+)
 from .jobs import (
     ACTOR_QUEUES,
+    ID_PATTERN,
     Job,
     ListClientsJob,
     RefreshClientTokensJob,
@@ -41,7 +55,7 @@ from .jobs import (
 )
 from .ledger import Ledger
 from .limits import Lane
-from .limits.gate import held_while_redis_is_down
+from .limits.gate import HOLD_REASON, held_while_redis_is_down
 from .outcomes import JobRecord, current_job
 from .phones import mask_phone
 from .services import Lifecycle, Services
@@ -49,6 +63,10 @@ from .settings import Settings
 from .verloop.clients import client_phones
 
 _log = structlog.get_logger()
+
+#: A job due within this long of now runs now (a delay round trip would take about as long).
+SCHEDULE_SLACK_S = 0.05
+_IDENTIFIER = re.compile(ID_PATTERN)
 
 __all__ = ["list_clients", "refresh_phone_token", "register_actors", "send_message"]
 
@@ -116,22 +134,28 @@ def _paced_send(
     services: Services, token: str, job: SendMessageJob, lane: Lane, record: JobRecord
 ) -> None:
     """One call to Verloop in the number's next slot, unless the ledger says it was sent
-    (then the outcome is ``suppressed``). The ledger claim is released if the call fails, kept
-    as ``sent`` if not."""
+    (then the outcome is ``suppressed``). The ledger claim is released if the call clearly
+    failed, marked uncertain if its outcome is unknown, and recorded as sent if it went out."""
     # The slot first: a job re-delayed for its slot, or held while Redis is down, has not
     # claimed anything, so no claim of a call that never started can look uncertain later.
-    waited = services.gate.admit(job.phone_id, job.to, lane)
-    if waited > 0.0005:
-        record.bind(limit_wait_ms=round(waited * 1000, 1))
+    slot = services.gate.admit(job.phone_id, job.to, lane)
+    if slot.waited_s > 0.0005:
+        record.bind(limit_wait_ms=round(slot.waited_s * 1000, 1))
     key = job.ledger_key(record.fields["message_id"])
     owner = f"{threading.get_ident()}:{record.fields['message_id']}"
     ledger = services.ledger
     claim = ledger.claim(
-        key, owner, take_over_uncertain=_takes_over_uncertain(services.settings, lane)
+        key,
+        owner,
+        take_over_uncertain=_takes_over_uncertain(services.settings, lane),
+        holds=slot.holds,
     )
     if claim.state == "sent":
         record.bind(outcome="suppressed", verloop_message_id=claim.detail or None)
         return
+    if claim.state == "held":
+        # The slot came from a lease, and this recipient (or the number) is on hold.
+        raise Deferred(claim.retry_in_s, HOLD_REASON, kind="recipient_cooling")
     if claim.state == "busy":
         # Usually the other delivery is done in a moment: look again soon, not at lease end.
         raise Deferred(
@@ -140,44 +164,95 @@ def _paced_send(
             kind="in_flight",
         )
     if claim.state == "uncertain":
-        raise PermanentFailure(
-            "outcome unknown: a worker stopped while this job was being sent to Verloop, so it "
-            "may have been delivered; if it was not, replay it with "
-            "`verloop-worker dlq replay --resend-uncertain`"
-        )
+        raise _outcome_unknown("an earlier delivery of this job")
     if claim.after_uncertain:
         record.bind(resent_after_uncertain=True)
     try:
         result = services.verloop.send_message(
             token, job.request_body(), idempotency_key=job.idempotency_key
         )
-    except BaseException as exc:
+    except (TokenInvalid, PermanentFailure) as exc:
+        # Verloop answered, and did not send it.
         _release(ledger, key, owner)
-        if isinstance(exc, JobFailure) and not isinstance(exc, TokenInvalid):
+        if not isinstance(exc, TokenInvalid):
             services.gate.react(job.phone_id, job.to, lane, exc)
+        raise
+    except OutcomeUnknown as exc:
+        _mark_uncertain(ledger, key, owner)
+        record.bind(outcome_unknown=exc.details.reason)
+        if _takes_over_uncertain(services.settings, lane):
+            raise  # retried; the retry finds the uncertain claim and takes it over
+        raise _outcome_unknown("this delivery") from None
+    except TransientFailure as exc:
+        # Verloop was not reached, or answered and did not send it (5xx, 429...).
+        _release(ledger, key, owner)
+        services.gate.react(job.phone_id, job.to, lane, exc)
+        raise
+    except BaseException:
+        # Not foreseen (a bug, an interruption): the request may have been written.
+        _mark_uncertain(ledger, key, owner)
         raise
     record.bind(
         outcome="sent", verloop_message_id=result.message_id, http_status=result.http_status
     )
-    campaign_id = job.campaign_id
+    _record_sent(services, key, result.message_id, job.campaign_id, record)
+
+
+def _outcome_unknown(whose: str) -> PermanentFailure:
+    return PermanentFailure(
+        f"outcome unknown: {whose} reached Verloop and no answer came back (or its worker "
+        "stopped mid-call), so it may have been delivered; if it was not, replay it with "
+        "`verloop-worker dlq replay --resend-uncertain`"
+    )
+
+
+def _record_sent(
+    services: Services, key: str, message_id: str | None, campaign_id: str | None, record: JobRecord
+) -> None:
+    """Write down a message Verloop accepted: the ledger entry first, with its campaign's
+    progress and its outcome event in the same round trip.
+
+    Never raises: the message is sent, and nothing here may turn that into a retry (a resend).
+    Whatever fails is logged and counted, and the rest still happens.
+    """
+    also: list[tuple[Any, ...]] = []
+    steps: list[str] = []
+    if campaign_id is not None:
+        commands = services.campaigns.outcome_commands(campaign_id, "sent")
+        also += commands
+        steps += ["campaign"] * len(commands)
     outbox = services.outbox
-
-    def with_the_send(pipe: Any) -> None:
-        if campaign_id is not None:
-            services.campaigns.count_outcome_in(pipe, campaign_id, "sent")
-        if outbox is not None:
-            outbox.add_in(pipe, record.fields, record.extra)
-
+    if outbox is not None:
+        try:
+            also.append(outbox.command(record.fields, record.extra))
+            steps.append("event")
+        except Exception:  # noqa: BLE001 - an event that cannot be built must not undo the send
+            _after_send_failed(record, "event", "the outcome event could not be encoded")
+            record.event_queued = True  # nothing more to try: the reporter must not retry it
     try:
-        # The ledger entry, the campaign's progress and the outcome event in one round trip.
-        ledger.mark_sent(key, result.message_id, also=with_the_send)
-        record.campaign_counted = campaign_id is not None
-        record.event_queued = outbox is not None
+        replies = services.ledger.mark_sent(key, message_id, also=also)
     except RedisUnavailable:
         # Sent, but not written down: acknowledging is right (sending again is not). A later
         # redelivery of this job would find the claim and treat it as an uncertain outcome.
         record.bind(ledger="not_recorded")
-        _log.error("a sent message could not be recorded in the ledger: Redis did not answer")
+        _after_send_failed(record, "ledger", "a sent message could not be recorded in the ledger")
+        return
+    except Exception:  # noqa: BLE001 - same: logged, never a resend
+        record.bind(ledger="not_recorded")
+        _after_send_failed(record, "ledger", "recording a sent message failed")
+        return
+    failed = {
+        step for step, reply in zip(steps, replies, strict=True) if isinstance(reply, Exception)
+    }
+    record.campaign_counted = campaign_id is not None and "campaign" not in failed
+    record.event_queued = record.event_queued or ("event" in steps and "event" not in failed)
+    for step in sorted(failed):
+        _after_send_failed(record, step, f"Redis refused the sent message's {step} update")
+
+
+def _after_send_failed(record: JobRecord, step: str, what: str) -> None:
+    record.after_send_failures.append(step)
+    _log.error(what + "; the message was sent and is not sent again", step=step)
 
 
 def _release(ledger: Ledger, key: str, owner: str) -> None:
@@ -186,6 +261,14 @@ def _release(ledger: Ledger, key: str, owner: str) -> None:
     except RedisUnavailable:
         # The claim's lease runs out by itself; until then another delivery waits for it.
         _log.warning("could not release a ledger claim: Redis did not answer")
+
+
+def _mark_uncertain(ledger: Ledger, key: str, owner: str) -> None:
+    try:
+        ledger.mark_uncertain(key, owner)
+    except RedisUnavailable:
+        # The claim's lease runs out by itself, which makes it uncertain just the same.
+        _log.warning("could not mark a ledger claim uncertain: Redis did not answer")
 
 
 def list_clients(services: Services, job: ListClientsJob, record: JobRecord) -> None:
@@ -259,14 +342,30 @@ def _describe(record: JobRecord, job: Job) -> None:
 
 
 def _describe_unvalidated(record: JobRecord, kwargs: dict[str, Any]) -> None:
-    """Name the job in its log line even if it turns out to be invalid."""
+    """Name the job in its log line and event even if it turns out to be invalid: the ids that
+    are well-formed (an id that is not goes nowhere; the dead letter's reason names it)."""
     for key in ("client_id", "phone_id"):
         value = kwargs.get(key)
-        if isinstance(value, str):
-            record.bind(**{key: value[:128]})
+        if isinstance(value, str) and _IDENTIFIER.match(value):
+            record.bind(**{key: value})
     to = kwargs.get("to")
-    if isinstance(to, str):
+    if isinstance(to, str) and to.isascii() and to.isprintable():
         record.bind(to=mask_phone(to[:32]))
+
+
+def _wait_for_schedule(record: JobRecord) -> None:
+    """A job whose ``options.eta`` has not come yet goes back to wait for it, in hops through
+    the delay queue (each under RabbitMQ's consumer timeout), without using a retry."""
+    if record.not_before_ms is None:
+        return
+    wait_s = record.not_before_ms / 1000 - time.time()
+    if wait_s > SCHEDULE_SLACK_S:
+        when = dt.datetime.fromtimestamp(record.not_before_ms / 1000, dt.UTC)
+        raise Deferred(
+            wait_s,
+            f"scheduled for {when.isoformat(timespec='seconds')} (options.eta)",
+            kind="scheduled",
+        )
 
 
 def register_actors(
@@ -280,6 +379,7 @@ def register_actors(
             _describe_unvalidated(record, kwargs)
             job = parse_job(name, args, kwargs)
             _describe(record, job)
+            _wait_for_schedule(record)
             handler(lifecycle.services, job, record)
 
         run.__name__ = name

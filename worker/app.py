@@ -6,14 +6,17 @@ once in every worker process. Settings are read there, at the entry point, not a
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import dramatiq
 from dramatiq.middleware import Middleware
 
 from .actors import register_actors
 from .broker import VerloopBroker, build_broker
+from .health import HEALTH_DIR_ENV, ThreadWatch
 from .jobs import CAMPAIGN_QUEUE, JOB_MODELS
 from .observability.logging import DirectStream, configure_logging
 from .observability.metrics import Metrics
@@ -51,6 +54,12 @@ def create_app(settings: Settings) -> WorkerApp:
         metrics = Metrics(rate_for=settings.rate_for)
         middleware.append(Prometheus())
     lifecycle = Lifecycle(settings, metrics)
+    health = os.environ.get(HEALTH_DIR_ENV)
+    watch = ThreadWatch(
+        stuck_after_s=settings.job_stuck_after_s,
+        metrics=metrics,
+        directory=Path(health) if health else None,
+    )
     outcomes = JobOutcomes(
         RetryPolicy(
             max_retries=settings.retry_max_retries,
@@ -66,7 +75,8 @@ def create_app(settings: Settings) -> WorkerApp:
         known_actors=frozenset(JOB_MODELS),
         low_priority_queues=frozenset({CAMPAIGN_QUEUE}),
         events_exchange=settings.outcome_exchange,
-        middleware=[*middleware, lifecycle, outcomes],
+        max_delay_s=settings.max_job_delay_s,
+        middleware=[*middleware, watch, lifecycle, outcomes],
     )
     actors = register_actors(broker, lifecycle)
     # Campaign sends use the send_message actor from their own queue (its own lane).

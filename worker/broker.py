@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import threading
 import time
@@ -30,10 +31,11 @@ import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import q_name
 from dramatiq.encoder import JSONEncoder
-from dramatiq.middleware import Middleware, TimeLimit
+from dramatiq.middleware import Middleware
 
 from .errors import InvalidJob
 from .events import declare_exchange
+from .settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["UNDECODABLE_ACTOR", "VerloopBroker", "WireEncoder", "build_broker", "raw_body_of"]
 
@@ -44,6 +46,24 @@ UNDECODABLE_ACTOR = "verloop.undecodable"
 _ENVELOPE_FIELDS = frozenset(
     {"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"}
 )
+
+#: The options a job may carry, with their JSON types. A producer may set ``eta`` (when to run
+#: the job, Unix milliseconds); the rest is the worker's own bookkeeping on the copies it
+#: enqueues again (a retry's count and last error, deferrals, the job's schedule), read back as
+#: is when those copies come round. Any other option (dramatiq's ``throws``, ``time_limit``,
+#: ``max_retries``, callbacks...) would let a job change how the worker treats it: refused.
+_OPTION_TYPES: dict[str, tuple[type[Any], ...]] = {
+    "eta": (int, float),
+    "not_before": (int,),
+    "retries": (int,),
+    "deferrals": (int,),
+    "last_error": (str,),
+}
+#: Bounds of the bookkeeping counters and text.
+_MAX_COUNTER = 1_000_000
+_MAX_LAST_ERROR_CHARS = 1000
+#: What a message id may be: it becomes an AMQP property and part of a Redis key.
+_MESSAGE_ID = re.compile(r"[!-~]{1,128}")
 
 
 class _ConsumingQueue(threading.local):
@@ -62,11 +82,18 @@ class WireEncoder(JSONEncoder):
     in any language can publish the minimal ``{"actor_name": ..., "kwargs": {...}}``.
     """
 
-    def __init__(self, max_bytes: int, known_actors: frozenset[str] | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        known_actors: frozenset[str] | None = None,
+        *,
+        max_delay_s: float = 7 * 86_400,
+    ) -> None:
         self.max_bytes = max_bytes
         # Unknown actor names are turned away here, so no label or log line ever carries a
         # name a producer made up (metric labels stay bounded), and the body is kept as sent.
         self.known_actors = known_actors
+        self.max_delay_ms = int(max_delay_s * 1000)
 
     def decode(self, data: bytes) -> dict[str, Any]:
         queue = _consuming.name
@@ -93,7 +120,9 @@ class WireEncoder(JSONEncoder):
             raise ValueError(f"body is {len(data)} bytes; the limit is {self.max_bytes}")
         try:
             text = data.decode("utf-8")
-            envelope = json.loads(text, parse_constant=_not_a_json_number)
+            envelope = json.loads(
+                text, parse_constant=_not_a_json_number, parse_float=_finite_number
+            )
         except UnicodeDecodeError:
             raise ValueError("body is not UTF-8 text") from None
         except json.JSONDecodeError as exc:
@@ -128,7 +157,53 @@ class WireEncoder(JSONEncoder):
             raise ValueError("actor_name is empty")
         if self.known_actors is not None and envelope["actor_name"] not in self.known_actors:
             raise ValueError(f"unknown actor {envelope['actor_name'][:100]!r}")
+        if not _MESSAGE_ID.fullmatch(envelope["message_id"]):
+            raise ValueError("message_id must be 1-128 printable ASCII characters")
+        if not 0 <= envelope["message_timestamp"] < 2**63:
+            raise ValueError("message_timestamp must be Unix milliseconds")
+        self._check_options(envelope["options"], queue)
         return envelope
+
+    def _check_options(self, options: dict[str, Any], queue: str) -> None:
+        """Refuse options a job may not set, and keep a scheduled job off a main queue's
+        prefetch (see :data:`_OPTION_TYPES`)."""
+        unknown = sorted(set(options) - set(_OPTION_TYPES))
+        if unknown:
+            raise ValueError(
+                f"option(s) {', '.join(map(repr, unknown[:5]))} not accepted: a job may set "
+                "only options.eta (Unix milliseconds)"
+            )
+        now_ms = int(time.time() * 1000)
+        value: Any
+        for name, value in options.items():
+            kinds = _OPTION_TYPES[name]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                kind = "number" if float in kinds else _JSON_TYPE_NAMES[kinds[0]]
+                raise ValueError(f"options.{name} must be a JSON {kind}")
+            if name in ("retries", "deferrals") and not 0 <= value <= _MAX_COUNTER:
+                raise ValueError(f"options.{name} must be between 0 and {_MAX_COUNTER}")
+            if name == "last_error" and len(value) > _MAX_LAST_ERROR_CHARS:
+                raise ValueError(f"options.last_error is over {_MAX_LAST_ERROR_CHARS} characters")
+            if name in ("eta", "not_before"):
+                if not math.isfinite(value) or value - now_ms > self.max_delay_ms:
+                    raise ValueError(
+                        f"options.{name} is more than {self.max_delay_ms / 86_400_000:g} days "
+                        "ahead (MAX_JOB_DELAY_S)"
+                    )
+                options[name] = int(value)
+        eta = options.get("eta")
+        if queue == q_name(queue):
+            # A main queue's consumer holds a job with an eta in memory until then, in one of
+            # the queue's few prefetch slots: enough of them would stop the queue. The job runs
+            # now instead, and waits for its time through the delay queue (see worker.actors).
+            options.pop("eta", None)
+            if eta is not None and eta > now_ms:
+                options["not_before"] = max(eta, options.get("not_before", 0))
+        elif eta is not None and eta - now_ms > MAX_SINGLE_DELAY_S * 1000:
+            # On a delay queue a job is held unacknowledged until its eta: past RabbitMQ's
+            # consumer timeout the channel would be closed. It comes back in hops instead.
+            options["not_before"] = max(eta, options.get("not_before", 0))
+            options["eta"] = now_ms + MAX_SINGLE_DELAY_S * 1000
 
 
 #: A ``\\uD800``-``\\uDFFF`` escape: only bodies that have one need the lone-surrogate check.
@@ -138,6 +213,13 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 def _not_a_json_number(name: str) -> Any:
     # Python's json module reads NaN and Infinity; JSON has no such numbers.
     raise ValueError(f"body is not JSON ({name} is not a JSON number)")
+
+
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a JSON number no encoder can write back
+        raise ValueError(f"body has a number too large for a double ({text[:40]})")
+    return value
 
 
 def _has_lone_surrogate(envelope: Any) -> bool:
@@ -272,21 +354,22 @@ def build_broker(
     middleware: list[Middleware],
     low_priority_queues: frozenset[str] = frozenset(),
     events_exchange: str = "",
-    time_limit_ms: int = 5 * 60 * 1000,
+    max_delay_s: float = 7 * 86_400,
 ) -> VerloopBroker:
     """Build the broker, set it as dramatiq's global one, and return it.
 
-    Dramatiq's default retry, callback and pipeline middleware are left out on purpose: retries
-    and dead letters are ours (:mod:`worker.outcomes`), and callbacks would let a job's options
-    start arbitrary actors.
+    Dramatiq's default middleware is left out on purpose: retries and dead letters are ours
+    (:mod:`worker.outcomes`); callbacks and pipelines would let a job's options start arbitrary
+    actors; its time limit interrupts a thread wherever it is, a send halfway included (every
+    wait inside a job has a timeout of its own, and :mod:`worker.health` reports a stuck one).
     """
-    dramatiq.set_encoder(WireEncoder(max_job_bytes, known_actors))
+    dramatiq.set_encoder(WireEncoder(max_job_bytes, known_actors, max_delay_s=max_delay_s))
     broker = VerloopBroker(
         low_priority_queues=low_priority_queues,
         events_exchange=events_exchange,
         url=amqp_url,
         confirm_delivery=True,
-        middleware=[_TrackConsumingQueue(), TimeLimit(time_limit=time_limit_ms), *middleware],
+        middleware=[_TrackConsumingQueue(), *middleware],
     )
     dramatiq.set_broker(broker)
     return broker

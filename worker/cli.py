@@ -27,6 +27,7 @@ from .campaigns.cli import campaign
 from .cli_settings import SettingsContext
 from .dlq_cli import dlq
 from .errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
+from .health import HEALTH_DIR_ENV, health_dir, read_health
 from .jobs import SEND_QUEUE, jobs_json_schema
 from .management_cli import clients, tokens
 from .observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text
@@ -145,6 +146,7 @@ def run(
             _enqueue_demo(settings, demo)
         if settings.metrics_port:
             os.environ.update(_metrics_environment(settings))
+        os.environ[HEALTH_DIR_ENV] = str(_fresh_health_dir(settings))
         args = [
             "worker.app:boot",
             "--processes",
@@ -179,6 +181,15 @@ def _metrics_environment(settings: Settings) -> dict[str, str]:
         "dramatiq_prom_host": settings.metrics_bind,
         "dramatiq_prom_port": str(settings.metrics_port),
     }
+
+
+def _fresh_health_dir(settings: Settings) -> Path:
+    """The instance's health folder (see worker.health), emptied of an earlier run's files."""
+    directory = health_dir(settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.json"):
+        stale.unlink()
+    return directory
 
 
 def _supervise(command: list[str]) -> int:
@@ -381,10 +392,18 @@ def sandbox(simulator_args: tuple[str, ...]) -> None:
 # --- check ----------------------------------------------------------------------------------------
 @cli.command(short_help="Check RabbitMQ, Redis and Verloop auth.")
 @click.option("--services-only", is_flag=True, help="Check RabbitMQ and Redis, not Verloop.")
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Check instead that this host's `run` (same METRICS_PORT) has all its worker threads, "
+    "none stuck in a job: a liveness probe.",
+)
 @pass_context
-def check(obj: SettingsContext, services_only: bool) -> None:
+def check(obj: SettingsContext, services_only: bool, live: bool) -> None:
     """Check that RabbitMQ, Redis and Verloop authentication work; exit 0 if all do, else 1."""
     settings = obj.settings()
+    if live:
+        _check_live(settings)
     problems = False
     for name, url, problem in _check_services(settings):
         if problem is None:
@@ -400,6 +419,18 @@ def check(obj: SettingsContext, services_only: bool) -> None:
     else:
         click.secho(f"✗ Verloop: {verloop_problem}", fg="red")
     sys.exit(1 if problems or verloop_problem else 0)
+
+
+def _check_live(settings: Settings) -> None:
+    directory = health_dir(settings)
+    reporting, problems = read_health(directory)
+    if reporting == 0 and not problems:
+        problems = [f"no worker process reports in {directory} (is `verloop-worker run` running?)"]
+    for problem in problems:
+        click.secho(f"✗ {problem}", fg="red")
+    if not problems:
+        click.secho(f"✓ {reporting} worker process(es) with all their threads", fg="green")
+    sys.exit(1 if problems else 0)
 
 
 def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:

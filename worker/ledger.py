@@ -14,20 +14,23 @@ Entries (``verloop:ledger:<job's key>``, see :meth:`worker.jobs.SendMessageJob.l
   that finds a live lease is re-delayed until the lease ends (no retry used): by then the first
   one has either sent (→ suppressed) or released the claim (→ sends).
 
-The window that remains: a worker that dies *during* the HTTP call leaves a claim whose lease
-runs out with nobody having recorded the answer. Verloop may or may not have delivered the
-message. The next delivery finds that ``uncertain`` entry, and ``UNCERTAIN_SEND_POLICY`` decides:
-resend it (at least once) or dead-letter it with the reason ``outcome unknown`` for an operator
-(at most once). ``by_lane``, the default, resends transactional jobs and dead-letters campaign
-jobs. A call that times out while the worker lives is retried like any transient failure, with
-the same ``Idempotency-Key`` header.
+An ``uncertain`` entry is a claim whose call may or may not have reached Verloop: its worker
+died during the HTTP call (the lease runs out with nobody having recorded the answer), or the
+call was written and no answer came back (a read timeout, a connection dropped mid-response:
+the worker marks the claim uncertain at once). The next delivery that finds it follows
+``UNCERTAIN_SEND_POLICY``: resend it (at least once) or dead-letter it with the reason
+``outcome unknown`` for an operator (at most once). ``by_lane``, the default, resends
+transactional jobs and dead-letters campaign jobs.
+
+A claim may also name *holds*: keys whose existence holds the send for their remaining time
+(the limiter's per-recipient and per-number holds, for a slot that did not check them).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -41,13 +44,18 @@ __all__ = ["Claim", "Ledger", "LedgerEntry"]
 
 _PREFIX: Final = "verloop:ledger:"
 
-# KEYS[1] entry; ARGV: lease_ms, ttl_s, owner, take_over_uncertain (1/0). The owner's own claim
-# is renewed (a send retried in the same delivery after a token refresh).
-# Returns {state, detail}: claimed | sent <message id> | busy <ms left> | uncertain <entry>.
+# KEYS[1] entry, KEYS[2..] holds; ARGV: lease_ms, ttl_s, owner, take_over_uncertain (1/0). The
+# owner's own claim is renewed (a send retried in the same delivery after a token refresh).
+# Returns {state, detail}: claimed | sent <message id> | busy <ms left> | uncertain <entry> |
+# held <ms left>.
 _CLAIM: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  local left = redis.call('PTTL', KEYS[i])
+  if left > 0 then return {'held', tostring(left)} end
+end
 local v = redis.call('GET', KEYS[1])
 if v then
   if string.sub(v, 1, 2) == 's:' then return {'sent', string.sub(v, 3)} end
@@ -60,6 +68,17 @@ end
 redis.call('SET', KEYS[1], 'p:' .. tostring(now + lease) .. ':' .. ARGV[3], 'EX', ARGV[2])
 if v then return {'claimed', 'after_uncertain'} end
 return {'claimed', ''}
+"""
+
+# KEYS[1] entry; ARGV: owner, ttl_s. This owner's claim, if still there, becomes uncertain at
+# once (its lease ends now): the call's outcome is not known.
+_UNCERTAIN: Final = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 2) == 'p:' and string.match(v, '^p:%d+:(.*)$') == ARGV[1] then
+  redis.call('SET', KEYS[1], 'p:0:' .. ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+return 0
 """
 
 # KEYS[1] entry; ARGV: owner. Deletes the entry only if this owner's claim is still there.
@@ -77,11 +96,12 @@ class Claim:
     """What :meth:`Ledger.claim` found.
 
     ``state``: ``claimed`` (go ahead and send), ``sent`` (``detail`` is Verloop's message id),
-    ``busy`` (``retry_in_s`` until the other claim's lease ends) or ``uncertain`` (an earlier
-    claim's worker died mid-call). ``after_uncertain`` marks a claim taken over from one.
+    ``busy`` (``retry_in_s`` until the other claim's lease ends), ``uncertain`` (an earlier
+    call's outcome is unknown) or ``held`` (a hold key holds the send for ``retry_in_s``;
+    nothing was claimed). ``after_uncertain`` marks a claim taken over from an uncertain one.
     """
 
-    state: Literal["claimed", "sent", "busy", "uncertain"]
+    state: Literal["claimed", "sent", "busy", "uncertain", "held"]
     detail: str = ""
     retry_in_s: float = 0.0
     after_uncertain: bool = False
@@ -113,24 +133,28 @@ class Ledger:
         self.lease_ms = max(1, int(lease_s * 1000))
         self._claim = cache.register_script(_CLAIM)
         self._release = cache.register_script(_RELEASE)
+        self._uncertain = cache.register_script(_UNCERTAIN)
         #: The send path's two calls per job (claim, record) go on a connection per thread
         #: (the worker shares one set with the limiter).
         self._direct = connections or ThreadConnections(cache)
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}:"
 
-    def claim(self, key: str, owner: str, *, take_over_uncertain: bool) -> Claim:
-        """Claim ``key`` for one call to Verloop by ``owner`` (e.g. the dramatiq message id)."""
+    def claim(
+        self, key: str, owner: str, *, take_over_uncertain: bool, holds: Sequence[str] = ()
+    ) -> Claim:
+        """Claim ``key`` for one call to Verloop by ``owner`` (e.g. the dramatiq message id),
+        unless one of the ``holds`` keys exists."""
         try:
             state, detail = self._direct.evalsha(
                 self._claim,
-                [_PREFIX + key],
+                [_PREFIX + key, *holds],
                 [self.lease_ms, self.ttl_s, self._owner_prefix + owner, int(take_over_uncertain)],
             )
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
         state, detail = as_text(state), as_text(detail)
-        if state == "busy":
-            return Claim("busy", retry_in_s=int(detail) / 1000)
+        if state in ("busy", "held"):
+            return Claim(state, retry_in_s=int(detail) / 1000)  # type: ignore[arg-type]
         if state == "claimed":
             return Claim("claimed", after_uncertain=detail == "after_uncertain")
         if state == "sent":
@@ -138,18 +162,28 @@ class Ledger:
         return Claim("uncertain", detail=detail)
 
     def mark_sent(
-        self, key: str, message_id: str | None, *, also: Callable[[Any], None] | None = None
-    ) -> None:
-        """Record that Verloop accepted the job's message; ``also`` may queue more commands on
-        the same pipeline (sent with the record, in one round trip)."""
+        self, key: str, message_id: str | None, *, also: Sequence[Sequence[Any]] = ()
+    ) -> list[Any]:
+        """Record that Verloop accepted the job's message; the commands ``also`` go with the
+        record, in one round trip. Returns their replies (a refused one's is its error).
+
+        Raises:
+            RedisUnavailable: the record was not written (the others may not have been either).
+        """
+        record = ("SET", _PREFIX + key, "s:" + (message_id or ""), "EX", self.ttl_s)
         try:
-            pipe = self.cache.pipeline(transaction=False)
-            pipe.set(_PREFIX + key, "s:" + (message_id or ""), ex=self.ttl_s)
-            if also is not None:
-                also(pipe)
-            # The pipeline only collects the commands; they go on this thread's connection.
-            self._direct.execute([args for args, _ in pipe.command_stack])
-            pipe.reset()
+            replies = self._direct.execute([record, *also], raise_refusals=False)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
+        if isinstance(replies[0], redis.RedisError):
+            raise RedisUnavailable(f"idempotency ledger: {type(replies[0]).__name__}")
+        return replies[1:]
+
+    def mark_uncertain(self, key: str, owner: str) -> None:
+        """This owner's call went out and no answer came back: its claim becomes uncertain now
+        (what a later delivery does with it is ``UNCERTAIN_SEND_POLICY``'s choice)."""
+        try:
+            self._uncertain(keys=[_PREFIX + key], args=[self._owner_prefix + owner, self.ttl_s])
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
 

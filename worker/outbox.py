@@ -16,6 +16,13 @@ CPU on a busy 2-core machine (``bench/send_path.py``). Instead:
 3. Entries a relay took but never confirmed (its process died, RabbitMQ refused them) stay in
    the group's pending list: the relay retries its own after ``EVENTS_RELAY_RETRY_S``, and takes
    over another consumer's once they have been idle ``EVENTS_RELAY_RECLAIM_S``.
+4. An entry that can never be published (its routing key or a property too long for AMQP, no
+   routing key or body) would hold back its whole batch, and every batch after it, forever: it
+   is *parked* instead, moved to the stream ``verloop:events:parked`` with the reason, counted
+   and logged, and the relay goes on.
+
+The outbox is bounded: past ``EVENTS_OUTBOX_MAX_LEN`` entries Redis drops the oldest. The
+relays keep it near zero; the length is exported, and an alert fires long before the bound.
 
 If Redis does not answer when an event is added, the event is published directly on the worker
 thread's channel instead (the ``direct`` path, also chosen with ``EVENTS_DELIVERY=direct``).
@@ -28,9 +35,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from itertools import chain
 from typing import Any, Final
 
 import orjson
@@ -43,10 +52,25 @@ from .errors import RedisUnavailable
 from .events import build_event, declare_exchange, routing_key
 from .redis_text import as_text
 
-__all__ = ["GROUP", "STREAM", "EventOutbox", "OutboxRelay"]
+__all__ = ["GROUP", "PARKED_STREAM", "PARK_KINDS", "STREAM", "EventOutbox", "OutboxRelay"]
 
 STREAM: Final = "verloop:events:outbox"
 GROUP: Final = "relay"
+#: Where entries that cannot be published go, with their reason (see the module docstring).
+PARKED_STREAM: Final = "verloop:events:parked"
+#: The parked stream keeps about this many entries (the newest).
+PARKED_MAX_LEN: Final = 10_000
+#: AMQP's limit on a routing key and on the short-string properties.
+_SHORT_STRING_BYTES: Final = 255
+#: What publishing an entry raises when the entry itself is at fault (not the connection):
+#: pika's ShortStringTooLong is an AMQPError, so it is listed before the outage handling sees it.
+_ENTRY_FAULTS = (
+    pika.exceptions.ShortStringTooLong,
+    ValueError,
+    TypeError,
+    UnicodeError,
+    struct.error,
+)
 
 _log = structlog.get_logger()
 
@@ -67,24 +91,52 @@ def _entry(fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[A
 class EventOutbox:
     """Adds events to the outbox stream (see the module docstring)."""
 
-    def __init__(self, cache: redis.Redis, *, stream: str = STREAM) -> None:
+    def __init__(
+        self, cache: redis.Redis, *, stream: str = STREAM, max_len: int = 1_000_000
+    ) -> None:
         self.cache = cache
         self.stream = stream
+        self.max_len = max_len
 
-    def add_in(self, pipe: Any, fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> None:
-        """Queue the event on ``pipe``, a pipeline the caller executes."""
-        pipe.xadd(self.stream, _entry(fields, extra))
+    def command(
+        self, fields: Mapping[str, Any], extra: Mapping[str, Any] | None
+    ) -> tuple[Any, ...]:
+        """The Redis command that adds the event, for a caller that sends it with others.
+
+        Raises:
+            TypeError, ValueError: the event cannot be encoded (the caller logs it and goes on).
+        """
+        entry = _entry(fields, extra)
+        return ("XADD", self.stream, "MAXLEN", "~", self.max_len, "*", *chain(*entry.items()))
 
     def add(self, fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> None:
         """Add the event now.
 
         Raises:
             RedisUnavailable: Redis did not answer; the caller publishes directly.
+            TypeError, ValueError: the event cannot be encoded.
         """
+        entry = _entry(fields, extra)
         try:
-            self.cache.xadd(self.stream, _entry(fields, extra))
+            self.cache.xadd(self.stream, entry, maxlen=self.max_len, approximate=True)
         except redis.RedisError as exc:
             raise RedisUnavailable(f"events outbox: {type(exc).__name__}") from None
+
+
+#: Why entries are parked, as metrics count them.
+PARK_KINDS: Final = ("not_an_event", "too_long", "unencodable")
+
+
+def _unpublishable(fields: Mapping[Any, Any]) -> tuple[str, str] | None:
+    """(kind, reason) of an outbox entry that can never be published, or None."""
+    key, body = fields.get("k"), fields.get("b")
+    if not key or body is None:
+        return "not_an_event", "no routing key or body"
+    for name, field in (("routing key", "k"), ("message id", "m"), ("event type", "t")):
+        size = len(as_text(fields.get(field, "")).encode("utf-8", "surrogatepass"))
+        if size > _SHORT_STRING_BYTES:
+            return "too_long", f"{name} longer than AMQP's {_SHORT_STRING_BYTES} bytes"
+    return None
 
 
 class OutboxRelay:
@@ -109,7 +161,9 @@ class OutboxRelay:
         retry_s: float = 1.0,
         reclaim_s: float = 30.0,
         forget_after_s: float = 3600.0,
-        on_published: Any = None,
+        on_published: Callable[[int, bool], None] | None = None,
+        on_parked: Callable[[str], None] | None = None,
+        on_length: Callable[[int], None] | None = None,
     ) -> None:
         self.cache = cache
         self.amqp_url = amqp_url
@@ -127,6 +181,10 @@ class OutboxRelay:
         self.forget_after_s = forget_after_s
         #: Called with (count, ok) after each batch: the metrics hook.
         self.on_published = on_published
+        #: Called with the kind (one of :data:`PARK_KINDS`) of each parked entry.
+        self.on_parked = on_parked
+        #: Called with the outbox's length now and then (every housekeeping round).
+        self.on_length = on_length
         self._connection: Any = None
         self._channel: Any = None
         self._group_ready = False
@@ -198,6 +256,8 @@ class OutboxRelay:
             if self._reclaim():
                 self._own_pending = True
             self._forget_gone_consumers()
+            if self.on_length is not None:
+                self.on_length(int(self.cache.xlen(self.stream)))
         try:
             if self._own_pending:
                 entries = self._read("0", block_ms=None)
@@ -215,12 +275,23 @@ class OutboxRelay:
             if self._connection is not None and self._connection.is_open:
                 self._connection.process_data_events(time_limit=0)  # heartbeats while idle
             return 0
-        published = self._publish(entries)
+        published, parked = self._publish(entries)
         ids = [entry_id for entry_id, _ in entries]
         pipe = self.cache.pipeline(transaction=False)
+        for entry_id, fields, (_, reason) in parked:
+            # Kept for a person to look at (XRANGE verloop:events:parked - +), not retried.
+            kept: dict[Any, Any] = dict(fields)
+            kept.update(entry=entry_id, reason=reason, parked_at=f"{time.time():.3f}")
+            pipe.xadd(PARKED_STREAM, kept, maxlen=PARKED_MAX_LEN, approximate=True)
         pipe.xack(self.stream, self.group, *ids)
         pipe.xdel(self.stream, *ids)
         pipe.execute()
+        for entry_id, _, (kind, reason) in parked:
+            _log.error(
+                "outcome event parked: it cannot be published", entry=entry_id, reason=reason
+            )
+            if self.on_parked is not None:
+                self.on_parked(kind)
         if self.on_published is not None:
             self.on_published(published, True)
         return published
@@ -271,34 +342,44 @@ class OutboxRelay:
             if name != self.consumer and pending == 0 and idle_ms > self.forget_after_s * 1000:
                 self.cache.xgroup_delconsumer(self.stream, self.group, name)
 
-    def _publish(self, entries: list[tuple[str, dict[str, str] | None]]) -> int:
-        """Publish the entries in one transaction; returns how many were events."""
+    def _publish(
+        self, entries: list[tuple[str, dict[str, str] | None]]
+    ) -> tuple[int, list[tuple[str, dict[str, str], tuple[str, str]]]]:
+        """Publish the entries in one transaction; returns how many were published, and the
+        entries parked instead (id, fields, (kind, reason))."""
         channel = self._open_channel()
         published = 0
+        parked: list[tuple[str, dict[str, str], tuple[str, str]]] = []
         for entry_id, fields in entries:
             if fields is None:
                 continue  # deleted after it was taken: it was published already
-            key, body = fields.get("k"), fields.get("b")
-            if not key or body is None:
-                # Not ours to publish (written by hand?): dropped, with its id in the log.
-                _log.error("outbox entry without routing key or body dropped", entry=entry_id)
-                continue
-            timestamp = fields.get("a", "")
-            channel.basic_publish(
-                self.exchange,
-                as_text(key),
-                as_text(body).encode(),
-                pika.BasicProperties(
-                    content_type="application/json",
-                    delivery_mode=2,
-                    timestamp=int(timestamp) if str(timestamp).isdigit() else None,
-                    type=as_text(fields.get("t", "")) or None,
-                    message_id=as_text(fields.get("m", "")) or None,
-                ),
-            )
-            published += 1
+            why = _unpublishable(fields)
+            if why is None:
+                try:
+                    self._publish_one(channel, fields)
+                    published += 1
+                    continue
+                except _ENTRY_FAULTS as exc:
+                    # Refused before anything was sent: the channel is still good.
+                    why = "unencodable", f"{type(exc).__name__}: {str(exc)[:200]}"
+            parked.append((entry_id, {as_text(k): as_text(v) for k, v in fields.items()}, why))
         channel.tx_commit()
-        return published
+        return published, parked
+
+    def _publish_one(self, channel: Any, fields: Mapping[str, Any]) -> None:
+        timestamp = fields.get("a", "")
+        channel.basic_publish(
+            self.exchange,
+            as_text(fields["k"]),
+            as_text(fields["b"]).encode(),
+            pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                timestamp=int(timestamp) if str(timestamp).isdigit() else None,
+                type=as_text(fields.get("t", "")) or None,
+                message_id=as_text(fields.get("m", "")) or None,
+            ),
+        )
 
     def _open_channel(self) -> Any:
         if self._channel is not None and self._channel.is_open:

@@ -11,7 +11,9 @@ This middleware replaces dramatiq's ``Retries`` so that every failure is classif
 
 The original delivery is acknowledged only once its retry or dead letter is confirmed by
 RabbitMQ; if that publish fails the delivery is rejected instead, which still puts it in the
-dead-letter queue (without our header), so nothing is lost.
+dead-letter queue (without our header), so nothing is lost. The same holds for anything this
+middleware did not foresee: a delivery is never acknowledged unless its job finished or its
+retry or dead letter is safe, and nothing raised here reaches dramatiq's worker thread.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ __all__ = ["FINAL_OUTCOMES", "JobOutcomes", "JobRecord", "OnFinal", "RetryPolicy
 
 #: Outcomes after which a job is gone from the queues for good (each gets an outcome event).
 FINAL_OUTCOMES = frozenset({"sent", "suppressed", "cancelled", "done", "dead_lettered"})
+#: Outcomes after which the job is safe: finished, or a copy of it is on RabbitMQ.
+_KEPT = FINAL_OUTCOMES | {"retrying", "deferred"}
 #: Called with (broker, message, record) once a job's outcome is final.
 OnFinal = Callable[[Any, Any, "JobRecord"], None]
 
@@ -61,6 +65,10 @@ class JobRecord:
     campaign_counted: bool = False
     #: The outcome event was added to the outbox with the send (see ``worker.outbox``).
     event_queued: bool = False
+    #: Steps after a send was accepted that failed (logged and counted, never a resend).
+    after_send_failures: list[str] = field(default_factory=list)
+    #: ``options.eta`` of a job whose time has not come yet (Unix ms; see ``worker.broker``).
+    not_before_ms: int | None = None
 
     def bind(self, **values: Any) -> None:
         """Add fields to the job's log line."""
@@ -114,6 +122,7 @@ class JobOutcomes(Middleware):
     def before_process_message(self, broker: Any, message: Any) -> None:
         attempt = _retries_so_far(message.options) + 1
         queue = q_name(message.queue_name)
+        not_before = message.options.get("not_before")
         _current.set(
             JobRecord(
                 fields={
@@ -122,7 +131,8 @@ class JobOutcomes(Middleware):
                     "queue": queue,
                     "lane": "campaign" if queue == CAMPAIGN_QUEUE else "transactional",
                     "attempt": attempt,
-                }
+                },
+                not_before_ms=not_before if isinstance(not_before, int) else None,
             )
         )
 
@@ -136,6 +146,18 @@ class JobOutcomes(Middleware):
     ) -> None:
         record = current_job()
         _current.set(None)
+        try:
+            self._settle(broker, message, record, exception)
+        except BaseException:  # noqa: BLE001 - nothing may escape into dramatiq's worker thread
+            # What happened to the job is unknown here: reject the delivery (RabbitMQ
+            # dead-letters it) rather than let it be acknowledged with nothing kept.
+            if record.fields.get("outcome") not in _KEPT:
+                message.fail()
+            _log.exception("settling a job failed", message_id=message.message_id)
+
+    def _settle(
+        self, broker: Any, message: Any, record: JobRecord, exception: BaseException | None
+    ) -> None:
         if exception is None:
             record.fields.setdefault("outcome", "done")
             self._finish(broker, message, record)
@@ -253,7 +275,20 @@ class JobOutcomes(Middleware):
         fields = {k: v for k, v in record.fields.items() if v is not None}
         seconds = time.perf_counter() - record.started
         fields["duration_ms"] = round(seconds * 1000, 1)
+        if record.after_send_failures:
+            fields["after_send_failures"] = record.after_send_failures
         if self.metrics is not None:
-            self.metrics.observe_job(fields, seconds)
+            try:
+                self.metrics.observe_job(fields, seconds)
+                for step in record.after_send_failures:
+                    self.metrics.observe_after_send_failure(step)
+            except Exception:  # noqa: BLE001 - a metric must not change a job's outcome
+                _log.exception("counting a job in metrics failed")
         fields["logger"] = _LOGGER_NAME
-        getattr(_log, level)("job", exc_info=exc_info, **fields)
+        try:
+            getattr(_log, level)("job", exc_info=exc_info, **fields)
+        except Exception as exc:  # noqa: BLE001 - the job's outcome stands whatever its line does
+            # Validation keeps a job's fields encodable; should one still not be, the line is
+            # written without the producer's part of it.
+            fields.pop("metadata", None)
+            _log.error("job", log_error=type(exc).__name__, **fields)

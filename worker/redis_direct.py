@@ -47,8 +47,9 @@ class ThreadConnections:
         # collector finalizes them one by one (each would warn that it was left open).
         weakref.finalize(self, _disconnect_all, self._opened)
 
-    def execute(self, commands: Sequence[Command]) -> list[Any]:
-        """Send ``commands`` in one write; their replies, in order.
+    def execute(self, commands: Sequence[Command], *, raise_refusals: bool = True) -> list[Any]:
+        """Send ``commands`` in one write; their replies, in order (with ``raise_refusals``
+        false, a refused command's reply is its ``redis.ResponseError``).
 
         Raises:
             redis.ResponseError: a command was refused (the first such error, after every
@@ -66,7 +67,7 @@ class ThreadConnections:
             used_before = connection._sock is not None
             try:
                 connection.send_packed_command(connection.pack_commands(commands))
-                return self._replies(connection, len(commands))
+                return self._replies(connection, len(commands), raise_refusals)
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 connection.disconnect()
                 if attempt == 2 or not used_before:
@@ -90,7 +91,7 @@ class ThreadConnections:
         _disconnect_all(opened)
 
     @staticmethod
-    def _replies(connection: Any, count: int) -> list[Any]:
+    def _replies(connection: Any, count: int, raise_refusals: bool) -> list[Any]:
         replies: list[Any] = []
         refused: redis.ResponseError | None = None
         for _ in range(count):
@@ -99,7 +100,7 @@ class ThreadConnections:
             except redis.ResponseError as exc:
                 refused = refused or exc
                 replies.append(exc)
-        if refused is not None:
+        if refused is not None and raise_refusals:
             raise refused
         return replies
 

@@ -167,7 +167,7 @@ class Services:
         )
         campaigns = CampaignStore(cache, state_cache_s=settings.campaign_state_cache_s)
         outbox = (
-            EventOutbox(cache)
+            EventOutbox(cache, max_len=settings.events_outbox_max_len)
             if settings.outcome_exchange and settings.events_delivery == "outbox"
             else None
         )
@@ -212,7 +212,11 @@ class Lifecycle(Middleware):
                 retry_s=settings.events_relay_retry_s,
                 reclaim_s=settings.events_relay_reclaim_s,
                 on_published=self.metrics.observe_relay if self.metrics is not None else None,
+                on_parked=self.metrics.observe_parked if self.metrics is not None else None,
+                on_length=self.metrics.observe_outbox_length if self.metrics is not None else None,
             )
+            if self.metrics is not None:
+                self.metrics.outbox_max_length.set(settings.events_outbox_max_len)
             self._relay.start()
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:

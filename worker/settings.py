@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     # --- jobs --------------------------------------------------------------------------------
     #: Bodies larger than this are dead-lettered unread.
     max_job_bytes: int = Field(default=256 * 1024, ge=1024)
+    #: A job's ``options.eta`` may be at most this far ahead; further is an invalid job.
+    max_job_delay_s: int = Field(default=7 * 86_400, ge=60, le=90 * 86_400)
 
     # --- idempotency, campaigns, events -------------------------------------------------------
     #: How long the ledger remembers a send (longer than dead letters live: 7 days).
@@ -167,6 +169,9 @@ class Settings(BaseSettings):
     #: A batch another relay took and left unconfirmed this long is taken over (its process
     #: died, or lost RabbitMQ).
     events_relay_reclaim_s: float = Field(default=30.0, ge=1, le=3600)
+    #: The outbox stream keeps at most about this many events: past it, the oldest are dropped
+    #: (an alert fires at half of it; the relays normally keep it near zero).
+    events_outbox_max_len: int = Field(default=1_000_000, ge=1000)
 
     @property
     def outcome_exchange(self) -> str:
@@ -179,6 +184,9 @@ class Settings(BaseSettings):
     #: Where worker processes keep their metrics files (a per-port folder is made inside).
     metrics_dir: Path | None = None
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    #: A job still running after this long is reported as stuck (metrics, `check --live`);
+    #: every wait inside a job has its own, much shorter, timeout.
+    job_stuck_after_s: float = Field(default=600.0, ge=10)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -12,7 +12,7 @@ import redis
 
 from worker.app import WorkerApp
 from worker.jobs import SEND_QUEUE
-from worker.outbox import GROUP, STREAM, EventOutbox, OutboxRelay
+from worker.outbox import GROUP, PARKED_STREAM, STREAM, EventOutbox, OutboxRelay
 from worker.producer import Producer, encode_job
 
 from .conftest import (
@@ -159,11 +159,11 @@ def test_the_consumers_of_relays_that_exited_are_forgotten() -> None:
         relay.stop(timeout_s=0)
 
 
-def test_an_outbox_entry_that_is_not_an_event_is_dropped_and_the_rest_still_go_out(
+def test_an_outbox_entry_that_is_not_an_event_is_parked_and_the_rest_still_go_out(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """An entry without routing key or body (written by hand, say) cannot block the stream:
-    it is dropped with its id in the log, and the events around it are published."""
+    it is parked with its id in the log, and the events around it are published."""
     cache = redis_client(REDIS_URL, decode_responses=True)
     outbox = EventOutbox(cache)
     outbox.add(_fields(1), None)
@@ -173,11 +173,13 @@ def test_an_outbox_entry_that_is_not_an_event_is_dropped_and_the_rest_still_go_o
     relay = OutboxRelay(cache, AMQP_URL, EXCHANGE, consumer="alive:4")
     try:
         assert relay.run_once() == 0  # its own pending entries first: none yet
-        assert relay.run_once() == 2  # all three taken: two published, one dropped
+        assert relay.run_once() == 2  # all three taken: two published, one parked
         events = subscriber.wait_for(2)
         assert sorted(e["message_id"] for _, e in events) == ["m-1", "m-2"]
         assert _outbox_length(cache) == 0
         assert f"entry={bad_id}" in capsys.readouterr().out
+        [(_, parked)] = cache.xrange(PARKED_STREAM)
+        assert (parked["note"], parked["reason"]) == ("not an event", "no routing key or body")
     finally:
         relay.stop(timeout_s=0)
         subscriber.close()

@@ -214,3 +214,119 @@ def test_an_escaped_surrogate_pair_is_text_and_passes() -> None:
     decoded = WireEncoder(MAX_BYTES).decode(body)
     assert decoded["actor_name"] == "send_message"
     assert decoded["kwargs"]["metadata"]["m"] == "\U0001f600"
+
+
+# --- options: only what a producer may set -------------------------------------------------------
+def _with_options(**options: Any) -> bytes:
+    return dumps({"actor_name": "send_message", "kwargs": KWARGS, "options": options})
+
+
+@pytest.mark.usefixtures("consuming")
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        # dramatiq reads these: a job must not change how the worker treats it
+        ({"throws": 1}, "'throws' not accepted"),
+        ({"time_limit": 1}, "'time_limit' not accepted"),
+        ({"max_retries": 1000}, "'max_retries' not accepted"),
+        ({"broker_priority": 2**70}, "'broker_priority' not accepted"),
+        ({"on_success": "list_clients"}, "'on_success' not accepted"),
+        ({"pipe_target": {"actor_name": "x"}}, "'pipe_target' not accepted"),
+        ({"notify_shutdown": True}, "'notify_shutdown' not accepted"),
+        # the worker's own bookkeeping, of the wrong type or out of bounds
+        ({"retries": -1}, "options.retries must be between"),
+        ({"retries": True}, "options.retries must be a JSON integer"),
+        ({"retries": 10**12}, "options.retries must be between"),
+        ({"deferrals": "3"}, "options.deferrals must be a JSON integer"),
+        ({"last_error": "x" * 1001}, "options.last_error is over"),
+        ({"eta": "tomorrow"}, "options.eta must be a JSON number"),
+        ({"eta": int(time.time() * 1000) + 365 * 86_400_000}, "days ahead (MAX_JOB_DELAY_S)"),
+        ({"not_before": int(time.time() * 1000) + 30 * 86_400_000}, "days ahead"),
+    ],
+)
+def test_options_a_producer_may_not_set_make_the_job_invalid(
+    encoder: WireEncoder, options: dict[str, Any], reason: str
+) -> None:
+    """Only options.eta (and the worker's own counters, well-typed) pass; the reason names the
+    option, so the producer can fix it."""
+    decoded = encoder.decode(_with_options(**options))
+    assert decoded["actor_name"] == UNDECODABLE_ACTOR
+    assert reason in decoded["kwargs"]["reason"]
+
+
+@pytest.mark.usefixtures("consuming")
+def test_the_worker_s_own_bookkeeping_passes() -> None:
+    """A retried or deferred copy carries retries, deferrals and last_error: they stay."""
+    options = {"retries": 2, "deferrals": 5, "last_error": "send timed out"}
+    decoded = WireEncoder(MAX_BYTES).decode(_with_options(**options))
+    assert decoded["options"] == options
+
+
+@pytest.mark.usefixtures("consuming")
+def test_a_future_eta_on_a_main_queue_becomes_the_job_s_schedule_not_a_held_delivery() -> None:
+    """dramatiq would keep the delivery in memory until its eta, in one of the queue's few
+    prefetch slots: the eta moves to not_before, which the actor honours through the delay
+    queue."""
+    eta = int(time.time() * 1000) + 86_400_000
+    decoded = WireEncoder(MAX_BYTES).decode(_with_options(eta=eta))
+    assert "eta" not in decoded["options"]
+    assert decoded["options"]["not_before"] == eta
+
+
+@pytest.mark.usefixtures("consuming")
+def test_a_past_eta_on_a_main_queue_is_dropped() -> None:
+    decoded = WireEncoder(MAX_BYTES).decode(_with_options(eta=1000.5))
+    assert decoded["options"] == {}
+
+
+def test_a_delay_queue_eta_beyond_the_consumer_timeout_comes_back_in_hops() -> None:
+    """On a delay queue the delivery is held until its eta: an eta past RabbitMQ's consumer
+    timeout is cut to a hop, and the real time kept as not_before."""
+    from worker.settings import MAX_SINGLE_DELAY_S
+
+    broker._consuming.name = QUEUE + ".DQ"
+    try:
+        eta = int(time.time() * 1000) + 3 * 86_400_000
+        body = dumps(
+            {
+                "queue_name": QUEUE + ".DQ",
+                "actor_name": "send_message",
+                "kwargs": KWARGS,
+                "options": {"eta": eta},
+            }
+        )
+        decoded = WireEncoder(MAX_BYTES).decode(body)
+    finally:
+        broker._consuming.name = None
+    assert decoded["options"]["not_before"] == eta
+    hop = decoded["options"]["eta"] - int(time.time() * 1000)
+    assert 0 < hop <= MAX_SINGLE_DELAY_S * 1000
+
+
+@pytest.mark.usefixtures("consuming")
+@pytest.mark.parametrize(
+    ("message_id", "reason"),
+    [
+        ("x" * 129, "message_id must be 1-128 printable ASCII"),
+        ("id with spaces", "message_id must be"),
+        ("é", "message_id must be"),
+        ("a\r\nb", "message_id must be"),
+    ],
+)
+def test_a_message_id_that_cannot_be_an_amqp_property_or_key_is_refused(
+    encoder: WireEncoder, message_id: str, reason: str
+) -> None:
+    decoded = encoder.decode(
+        dumps({"actor_name": "send_message", "kwargs": KWARGS, "message_id": message_id})
+    )
+    assert decoded["actor_name"] == UNDECODABLE_ACTOR
+    assert reason in decoded["kwargs"]["reason"]
+
+
+@pytest.mark.usefixtures("consuming")
+def test_a_number_too_large_for_a_double_is_refused(encoder: WireEncoder) -> None:
+    """1e400 reads as infinity, which no encoder writes back."""
+    body = b'{"actor_name": "send_message", "kwargs": {"metadata": {"x": 1e400}}}'
+    decoded = encoder.decode(body)
+    assert decoded["actor_name"] == UNDECODABLE_ACTOR
+    assert "too large" in decoded["kwargs"]["reason"]

@@ -180,26 +180,29 @@ class CampaignStore:
         """Count one job's final outcome (and, for sends, the current rate)."""
         try:
             pipe = self.cache.pipeline(transaction=False)
-            self.count_outcome_in(pipe, campaign_id, outcome, extra)
+            for command in self.outcome_commands(campaign_id, outcome, extra):
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
             pipe.execute()
         except redis.RedisError as exc:
             raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
 
     @staticmethod
-    def count_outcome_in(
-        pipe: Any, campaign_id: str, outcome: str, extra: str | None = None
-    ) -> None:
-        """Queue :meth:`count_outcome`'s commands on a pipeline the caller executes (a send
-        records its ledger entry and its campaign progress in one round trip)."""
+    def outcome_commands(
+        campaign_id: str, outcome: str, extra: str | None = None
+    ) -> tuple[tuple[Any, ...], ...]:
+        """:meth:`count_outcome`'s Redis commands, for a caller that sends them with others (a
+        send records its ledger entry and its campaign progress in one round trip)."""
         if outcome not in OUTCOME_COUNTERS:
-            return
+            return ()
         key = _PREFIX + campaign_id
-        pipe.hincrby(key, outcome, 1)
-        if extra:
-            pipe.hincrby(key, f"{outcome}:{extra}", 1)
         bucket_key = f"{key}:rate:{int(time.time()) // _RATE_BUCKET_S}"
-        pipe.incr(bucket_key)
-        pipe.expire(bucket_key, _RATE_BUCKET_S * (_RATE_WINDOW_BUCKETS + 2))
+        by_kind = (("HINCRBY", key, f"{outcome}:{extra}", 1),) if extra else ()
+        return (
+            ("HINCRBY", key, outcome, 1),
+            *by_kind,
+            ("INCR", bucket_key),
+            ("EXPIRE", bucket_key, _RATE_BUCKET_S * (_RATE_WINDOW_BUCKETS + 2)),
+        )
 
     def _hset(self, campaign_id: str, **values: Any) -> None:
         try:

@@ -20,7 +20,7 @@ from ..settings import MAX_SINGLE_DELAY_S
 from .pacing import Lane, RateLimiter, Verdict
 from .redis_limiter import LimiterUnavailable
 
-__all__ = ["GateSettings", "SendGate", "held_while_redis_is_down"]
+__all__ = ["HOLD_REASON", "Admission", "GateSettings", "SendGate", "held_while_redis_is_down"]
 
 _log = structlog.get_logger()
 
@@ -38,6 +38,9 @@ _REASONS = {
     Verdict.CAMPAIGN_PAUSED: "campaign sends paused on this number for quality (131048)",
 }
 
+
+#: Why a send with a leased slot waits after all (see :class:`Admission`).
+HOLD_REASON = "held: the recipient (131056) or the number (131057) is on hold"
 
 #: The fixed names deferrals are counted under in metrics.
 _KINDS = {
@@ -58,6 +61,15 @@ def held_while_redis_is_down(exc: RedisUnavailable, kind: str) -> Deferred:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """A send's slot: how long it waited for it, and the hold keys the send must still check
+    (the slot came from a lease, see :class:`worker.limits.pacing.Decision`)."""
+
+    waited_s: float
+    holds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class GateSettings:
     """The reaction knobs, from settings."""
 
@@ -74,8 +86,8 @@ class SendGate:
         self.limiter = limiter
         self.settings = settings
 
-    def admit(self, phone_id: str, recipient: str, lane: Lane) -> float:
-        """Wait for a slot; return the seconds waited.
+    def admit(self, phone_id: str, recipient: str, lane: Lane) -> Admission:
+        """Wait for a slot.
 
         Raises:
             Deferred: the slot is further than the bound, the recipient or number is held, or
@@ -91,7 +103,7 @@ class SendGate:
             if decision.verdict is Verdict.GO:
                 if decision.wait_s > 0:
                     time.sleep(decision.wait_s)
-                return time.monotonic() - started
+                return Admission(time.monotonic() - started, decision.holds)
             now = time.monotonic()
             if decision.verdict is Verdict.WAIT and now + decision.wait_s <= deadline:
                 # Campaign sends take only free slots: look again when one should be free.

@@ -57,10 +57,15 @@ class Verdict(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """A verdict and how long it says to wait, in seconds."""
+    """A verdict and how long it says to wait, in seconds.
+
+    ``holds``: Redis keys of holds this slot was not checked against (it came from a lease);
+    the send checks them itself before calling Verloop (see :meth:`worker.ledger.Ledger.claim`).
+    """
 
     verdict: Verdict
     wait_s: float
+    holds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

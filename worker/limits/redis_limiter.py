@@ -180,7 +180,10 @@ class RedisLimiter:
             return self._ask(phone_id, recipient, lane, rate, 1)
         slot, lease_slots = self._leased_slot(phone_id, rate)
         if slot is not None:
-            return Decision(Verdict.GO, max(0.0, slot - time.monotonic()))
+            # Taken without a round trip, so without looking at this recipient's and this
+            # number's holds: the send looks at them in its next one.
+            holds = (_pair_key(phone_id, recipient), f"{_number_key(phone_id)}:pause")
+            return Decision(Verdict.GO, max(0.0, slot - time.monotonic()), holds)
         # This thread is the one fetching the number's next lease (see _leased_slot).
         leased: list[float] = []
         try:
@@ -204,11 +207,11 @@ class RedisLimiter:
         """One round trip: this send's decision; slots leased beyond it go to ``leased``."""
         interval_us = 1_000_000 / rate
         account_us = 1_000_000 / self.policy.account_rate if self.policy.account_rate else 0
-        base = f"{_PREFIX}:{{{phone_id}}}"
+        base = _number_key(phone_id)
         keys = [
             f"{base}:tat",
             f"{_PREFIX}:account:tat",
-            f"{base}:pair:{recipient}",
+            _pair_key(phone_id, recipient),
             f"{base}:pause",
             f"{base}:quality-pause",
             f"{base}:penalty",
@@ -271,16 +274,16 @@ class RedisLimiter:
     def penalize(self, phone_id: str, factor: float, seconds: float) -> None:
         self._run(
             self._penalize,
-            [f"{_PREFIX}:{{{phone_id}}}:penalty"],
+            [f"{_number_key(phone_id)}:penalty"],
             [factor, seconds, MIN_PENALTY_FACTOR],
         )
 
     def cool_recipient(self, phone_id: str, recipient: str, seconds: float) -> None:
-        self._run(self._hold, [f"{_PREFIX}:{{{phone_id}}}:pair:{recipient}"], [seconds])
+        self._run(self._hold, [_pair_key(phone_id, recipient)], [seconds])
 
     def pause(self, phone_id: str, seconds: float, *, campaign_only: bool) -> None:
         kind = "quality-pause" if campaign_only else "pause"
-        self._run(self._hold, [f"{_PREFIX}:{{{phone_id}}}:{kind}"], [seconds])
+        self._run(self._hold, [f"{_number_key(phone_id)}:{kind}"], [seconds])
 
     def close(self) -> None:
         """Close the threads' connections; the Redis client belongs to the worker's services."""
@@ -292,6 +295,14 @@ class RedisLimiter:
             return script(keys=keys, args=args)
         except redis.RedisError as exc:
             raise _unavailable(exc) from None
+
+
+def _number_key(phone_id: str) -> str:
+    return f"{_PREFIX}:{{{phone_id}}}"
+
+
+def _pair_key(phone_id: str, recipient: str) -> str:
+    return f"{_number_key(phone_id)}:pair:{recipient}"
 
 
 def _unavailable(exc: redis.RedisError) -> LimiterUnavailable:

@@ -29,6 +29,15 @@ verloop_api_requests_total                 endpoint, status (HTTP status, timeou
 verloop_api_request_duration_seconds       endpoint
 verloop_token_lookups_total                source (file, memory, redis, verloop)
 verloop_token_refreshes_total              (a phone token was rejected and fetched again)
+verloop_after_send_failures_total          step (ledger, campaign, event): a write after
+                                           Verloop accepted a message failed (never a resend)
+verloop_events_relayed_total               result (published, failed)
+verloop_events_parked_total                kind (not_an_event, too_long, unencodable): outbox
+                                           entries that can never be published
+verloop_events_outbox_length               entries waiting in the outbox stream
+verloop_events_outbox_max_length           the outbox's bound (EVENTS_OUTBOX_MAX_LEN)
+verloop_worker_threads                     state (expected, alive, dead, stuck)
+verloop_worker_thread_deaths_total         worker threads that died
 =========================================  ====================================================
 """
 
@@ -39,11 +48,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..outbox import PARK_KINDS
+
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
+
+#: The writes after an accepted send (see ``worker.actors``).
+AFTER_SEND_STEPS = ("ledger", "campaign", "event")
 
 _FINAL_CAMPAIGN_OUTCOMES = frozenset({"sent", "dead_lettered", "suppressed", "cancelled"})
 
@@ -157,6 +171,52 @@ class Metrics:
             registry=registry,
         )
 
+        self.after_send_failures = Counter(
+            "verloop_after_send_failures_total",
+            "Writes after Verloop accepted a message that failed (ledger record, campaign "
+            "progress, outcome event); the message is never sent again for them.",
+            ["step"],
+            registry=registry,
+        )
+        self.events_parked = Counter(
+            "verloop_events_parked_total",
+            "Outbox entries that can never be published, moved to verloop:events:parked.",
+            ["kind"],
+            registry=registry,
+        )
+        self.outbox_length = Gauge(
+            "verloop_events_outbox_length",
+            "Outcome events waiting in the outbox stream (read by the relays now and then).",
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.outbox_max_length = Gauge(
+            "verloop_events_outbox_max_length",
+            "The outbox stream's bound (EVENTS_OUTBOX_MAX_LEN): past it the oldest are dropped.",
+            multiprocess_mode="max",
+            registry=registry,
+        )
+        self.worker_threads = Gauge(
+            "verloop_worker_threads",
+            "Worker threads by state: expected (configured), alive, dead (died; the process "
+            "must be restarted) and stuck (in one job longer than JOB_STUCK_AFTER_S).",
+            ["state"],
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.thread_deaths = Counter(
+            "verloop_worker_thread_deaths_total",
+            "Worker threads that died (a bug: the process runs with fewer threads until it is "
+            "restarted).",
+            registry=registry,
+        )
+
+        # Series whose labels are known exist from the start, so the first one counts.
+        for step in AFTER_SEND_STEPS:
+            self._child(self.after_send_failures, step)
+        for kind in PARK_KINDS:
+            self._child(self.events_parked, kind)
+
     def _child(self, metric: Any, *labels: str) -> Any:
         # prometheus-client's labels() validates and locks on every call; a job touches several
         # metrics, so the labelled children are kept here (their label sets are bounded).
@@ -170,6 +230,24 @@ class Metrics:
         """One call to Verloop (the client calls this)."""
         self._child(self.api_requests, endpoint, status, code).inc()
         self._child(self.api_latency, endpoint).observe(seconds)
+
+    def observe_after_send_failure(self, step: str) -> None:
+        """A write after an accepted send failed (``step``: ledger, campaign, event)."""
+        self._child(self.after_send_failures, step).inc()
+
+    def observe_parked(self, kind: str) -> None:
+        """The relay parked an outbox entry that cannot be published (``kind``: one of
+        ``worker.outbox.PARK_KINDS``)."""
+        self._child(self.events_parked, kind).inc()
+
+    def observe_outbox_length(self, length: int) -> None:
+        self.outbox_length.set(length)
+
+    def observe_threads(self, expected: int, alive: int, dead: int, stuck: int) -> None:
+        """The worker threads of this process, as the thread watch saw them."""
+        counts = {"expected": expected, "alive": alive, "dead": dead, "stuck": stuck}
+        for state, count in counts.items():
+            self._child(self.worker_threads, state).set(count)
 
     def observe_relay(self, count: int, ok: bool) -> None:
         """One batch of the events relay: ``count`` events published, or a failed attempt."""
