@@ -30,7 +30,7 @@ from .errors import ConfigurationError
 
 __all__ = ["DEFAULT_BASE_URL", "EndpointOverride", "Settings"]
 
-#: Verloop's production host; the API prefix is added by the client (see VERLOOP_API.md).
+#: Verloop's production host; the API prefix is added by the client (docs/verloop-api.md).
 DEFAULT_BASE_URL = "https://partners.verloop.io"
 
 #: RabbitMQ closes a channel whose delivery stays unacked for 30 minutes (its default

@@ -539,7 +539,8 @@ def test_k8s_deployment_is_hardened_and_stops_gracefully() -> None:
     assert mounts.get("/tmp") in empty_dirs  # noqa: S108 - the container's own /tmp
     check = ["verloop-worker", "check", "--services-only"]
     assert container["readinessProbe"]["exec"]["command"] == check
-    assert container["livenessProbe"]
+    liveness = ["verloop-worker", "check", "--live"]
+    assert container["livenessProbe"]["exec"]["command"] == liveness
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]
     assert container["args"][0] == "run"

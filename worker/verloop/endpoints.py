@@ -1,6 +1,6 @@
 """The one table of Verloop endpoints the worker calls.
 
-Each entry says whether Verloop documents it or we model it (see ``shared/VERLOOP_API.md``), and
+Each entry says whether Verloop documents it or we model it (see ``docs/verloop-api.md``), and
 every path, method and response key can be corrected from settings (``VERLOOP_ENDPOINTS``)
 without a code change, e.g. ``{"send": {"path": "/messages/send"}}``.
 """
