@@ -53,7 +53,7 @@ from .jobs import (
     SendMessageJob,
     parse_job,
 )
-from .ledger import Ledger
+from .ledger import Ledger, LedgerKey
 from .limits import Lane
 from .limits.gate import HOLD_REASON, held_while_redis_is_down
 from .outcomes import JobRecord, current_job
@@ -207,7 +207,11 @@ def _outcome_unknown(whose: str) -> PermanentFailure:
 
 
 def _record_sent(
-    services: Services, key: str, message_id: str | None, campaign_id: str | None, record: JobRecord
+    services: Services,
+    key: LedgerKey,
+    message_id: str | None,
+    campaign_id: str | None,
+    record: JobRecord,
 ) -> None:
     """Write down a message Verloop accepted: the ledger entry first, with its campaign's
     progress and its outcome event in the same round trip.
@@ -255,7 +259,7 @@ def _after_send_failed(record: JobRecord, step: str, what: str) -> None:
     _log.error(what + "; the message was sent and is not sent again", step=step)
 
 
-def _release(ledger: Ledger, key: str, owner: str) -> None:
+def _release(ledger: Ledger, key: LedgerKey, owner: str) -> None:
     try:
         ledger.release(key, owner)
     except RedisUnavailable:
@@ -263,7 +267,7 @@ def _release(ledger: Ledger, key: str, owner: str) -> None:
         _log.warning("could not release a ledger claim: Redis did not answer")
 
 
-def _mark_uncertain(ledger: Ledger, key: str, owner: str) -> None:
+def _mark_uncertain(ledger: Ledger, key: LedgerKey, owner: str) -> None:
     try:
         ledger.mark_uncertain(key, owner)
     except RedisUnavailable:

@@ -24,7 +24,9 @@ from pydantic import (
 )
 
 from .errors import InvalidJob
+from .ledger import LedgerKey
 from .phones import normalize_e164
+from .redis_keys import join_parts
 
 __all__ = [
     "ACTOR_QUEUES",
@@ -257,14 +259,22 @@ class SendMessageJob(_Strict):
     campaign_id: Identifier | None = None
     metadata: Metadata = None
 
-    def ledger_key(self, message_id: str) -> str:
-        """The idempotency ledger entry of this job: the producer's key, else one derived from
-        the campaign and recipient, else the dramatiq message id (a redelivery keeps it)."""
+    def ledger_key(self, message_id: str) -> LedgerKey:
+        """The idempotency ledger entry of this job: the producer's key (per client), else one
+        derived from the campaign and recipient (per client), else the dramatiq message id (a
+        redelivery keeps it). Ids are length-prefixed (:mod:`worker.redis_keys`); the colon-joined
+        key of earlier versions is kept as the legacy key, honoured until its entries expire."""
         if self.idempotency_key is not None:
-            return f"key:{self.client_id}:{self.idempotency_key}"
+            return LedgerKey(
+                "key:" + join_parts(self.client_id, self.idempotency_key),
+                f"key:{self.client_id}:{self.idempotency_key}",
+            )
         if self.campaign_id is not None:
-            return f"campaign:{self.campaign_id}:{self.to}"
-        return f"message:{message_id}"
+            return LedgerKey(
+                "campaign:" + join_parts(self.client_id, self.campaign_id, self.to),
+                f"campaign:{self.campaign_id}:{self.to}",
+            )
+        return LedgerKey(f"message:{message_id}")
 
     def request_body(self) -> dict[str, Any]:
         """The body of the (modeled) send call: the Cloud API message object."""

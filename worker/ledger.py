@@ -6,7 +6,9 @@ its ledger entry in Redis (one atomic script, Redis's own clock); after Verloop 
 the entry records the message id. A later delivery of the same job finds that and is
 acknowledged as ``suppressed`` without calling Verloop.
 
-Entries (``verloop:ledger:<job's key>``, see :meth:`worker.jobs.SendMessageJob.ledger_key`):
+Entries (``verloop:ledger:<job's key>``, see :meth:`worker.jobs.SendMessageJob.ledger_key`;
+ids in a key are length-prefixed, :mod:`worker.redis_keys`; an entry under the key an earlier
+version gave the job is still honoured until it expires):
 
 * ``s:<verloop message id>``: sent. Kept ``LEDGER_TTL_S`` (30 days by default, longer than dead
   letters live, so a replayed dead letter is still checked).
@@ -40,23 +42,26 @@ from .errors import RedisUnavailable
 from .redis_direct import ThreadConnections
 from .redis_text import as_text
 
-__all__ = ["Claim", "Ledger", "LedgerEntry"]
+__all__ = ["Claim", "Ledger", "LedgerEntry", "LedgerKey"]
 
 _PREFIX: Final = "verloop:ledger:"
 
-# KEYS[1] entry, KEYS[2..] holds; ARGV: lease_ms, ttl_s, owner, take_over_uncertain (1/0). The
-# owner's own claim is renewed (a send retried in the same delivery after a token refresh).
+# KEYS[1] entry, KEYS[2] its legacy key (or the entry again), KEYS[3..] holds; ARGV: lease_ms,
+# ttl_s, owner, take_over_uncertain (1/0). The owner's own claim is renewed (a send retried in
+# the same delivery after a token refresh). An entry only under the legacy key counts as if it
+# were the entry; the claim is written under the entry's key.
 # Returns {state, detail}: claimed | sent <message id> | busy <ms left> | uncertain <entry> |
 # held <ms left>.
 _CLAIM: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local left = redis.call('PTTL', KEYS[i])
   if left > 0 then return {'held', tostring(left)} end
 end
 local v = redis.call('GET', KEYS[1])
+if not v and KEYS[2] ~= KEYS[1] then v = redis.call('GET', KEYS[2]) end
 if v then
   if string.sub(v, 1, 2) == 's:' then return {'sent', string.sub(v, 3)} end
   local ends, owner = string.match(v, '^p:(%d+):(.*)$')
@@ -79,6 +84,19 @@ if v and string.sub(v, 1, 2) == 'p:' and string.match(v, '^p:%d+:(.*)$') == ARGV
   return 1
 end
 return 0
+"""
+
+# KEYS: an entry and its legacy key. Deletes a claim whose lease has ended (a live claim, or a
+# record of a send, is never deleted). Returns how many were deleted.
+_FORGET: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dropped = 0
+for i = 1, #KEYS do
+  local ends = string.match(redis.call('GET', KEYS[i]) or '', '^p:(%d+):')
+  if ends and tonumber(ends) <= now then dropped = dropped + redis.call('DEL', KEYS[i]) end
+end
+return dropped
 """
 
 # KEYS[1] entry; ARGV: owner. Deletes the entry only if this owner's claim is still there.
@@ -108,6 +126,20 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerKey:
+    """A job's ledger entry (``name``), and the key an earlier version gave it (``legacy``), whose
+    entries are honoured until they expire (``LEDGER_TTL_S``)."""
+
+    name: str
+    legacy: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """Both keys in Redis, the entry's first."""
+        return [_PREFIX + self.name, _PREFIX + (self.legacy or self.name)]
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerEntry:
     """One ledger entry, as the dead-letter tooling reads it."""
 
@@ -134,20 +166,21 @@ class Ledger:
         self._claim = cache.register_script(_CLAIM)
         self._release = cache.register_script(_RELEASE)
         self._uncertain = cache.register_script(_UNCERTAIN)
+        self._forget = cache.register_script(_FORGET)
         #: The send path's two calls per job (claim, record) go on a connection per thread
         #: (the worker shares one set with the limiter).
         self._direct = connections or ThreadConnections(cache)
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}:"
 
     def claim(
-        self, key: str, owner: str, *, take_over_uncertain: bool, holds: Sequence[str] = ()
+        self, key: LedgerKey, owner: str, *, take_over_uncertain: bool, holds: Sequence[str] = ()
     ) -> Claim:
         """Claim ``key`` for one call to Verloop by ``owner`` (e.g. the dramatiq message id),
         unless one of the ``holds`` keys exists."""
         try:
             state, detail = self._direct.evalsha(
                 self._claim,
-                [_PREFIX + key, *holds],
+                [*key.names, *holds],
                 [self.lease_ms, self.ttl_s, self._owner_prefix + owner, int(take_over_uncertain)],
             )
         except redis.RedisError as exc:
@@ -162,7 +195,7 @@ class Ledger:
         return Claim("uncertain", detail=detail)
 
     def mark_sent(
-        self, key: str, message_id: str | None, *, also: Sequence[Sequence[Any]] = ()
+        self, key: LedgerKey, message_id: str | None, *, also: Sequence[Sequence[Any]] = ()
     ) -> list[Any]:
         """Record that Verloop accepted the job's message; the commands ``also`` go with the
         record, in one round trip. Returns their replies (a refused one's is its error).
@@ -170,7 +203,7 @@ class Ledger:
         Raises:
             RedisUnavailable: the record was not written (the others may not have been either).
         """
-        record = ("SET", _PREFIX + key, "s:" + (message_id or ""), "EX", self.ttl_s)
+        record = ("SET", _PREFIX + key.name, "s:" + (message_id or ""), "EX", self.ttl_s)
         try:
             replies = self._direct.execute([record, *also], raise_refusals=False)
         except redis.RedisError as exc:
@@ -179,11 +212,13 @@ class Ledger:
             raise RedisUnavailable(f"idempotency ledger: {type(replies[0]).__name__}")
         return replies[1:]
 
-    def mark_uncertain(self, key: str, owner: str) -> None:
+    def mark_uncertain(self, key: LedgerKey, owner: str) -> None:
         """This owner's call went out and no answer came back: its claim becomes uncertain now
         (what a later delivery does with it is ``UNCERTAIN_SEND_POLICY``'s choice)."""
         try:
-            self._uncertain(keys=[_PREFIX + key], args=[self._owner_prefix + owner, self.ttl_s])
+            self._uncertain(
+                keys=[_PREFIX + key.name], args=[self._owner_prefix + owner, self.ttl_s]
+            )
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
 
@@ -191,35 +226,31 @@ class Ledger:
         """Close the connections of the send path's calls (the client is the caller's)."""
         self._direct.close()
 
-    def release(self, key: str, owner: str) -> None:
+    def release(self, key: LedgerKey, owner: str) -> None:
         """Give up this owner's claim after a failed call, so a retry may send."""
         try:
-            self._release(keys=[_PREFIX + key], args=[self._owner_prefix + owner])
+            self._release(keys=[_PREFIX + key.name], args=[self._owner_prefix + owner])
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
 
-    def lookup(self, key: str) -> LedgerEntry:
+    def lookup(self, key: LedgerKey) -> LedgerEntry:
         """What the ledger knows of ``key`` (for dead-letter replay and the CLI)."""
         try:
-            value = self.cache.get(_PREFIX + key)
+            values = self.cache.mget(key.names)
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
-        if value is None:
-            return LedgerEntry(key, "absent")
-        text = as_text(value)
-        if text.startswith("s:"):
-            return LedgerEntry(key, "sent", text[2:] or None)
-        return LedgerEntry(key, "pending")
+        texts = [as_text(v) for v in values if v is not None]
+        sent = next((t for t in texts if t.startswith("s:")), None)
+        if sent is not None:
+            return LedgerEntry(key.name, "sent", sent[2:] or None)
+        return LedgerEntry(key.name, "pending" if texts else "absent")
 
-    def forget_pending(self, key: str) -> bool:
-        """Drop an unfinished claim (an operator chose to resend an ``outcome unknown`` job).
-        A ``sent`` entry is never dropped. Returns whether something was dropped."""
+    def forget_pending(self, key: LedgerKey) -> bool:
+        """Drop an unfinished claim whose lease has ended (an operator chose to resend an
+        ``outcome unknown`` job), in one atomic step: a claim still in its lease, or a record
+        of a send (even one written a moment ago), is never dropped. Returns whether something
+        was dropped."""
         try:
-            value = self.cache.get(_PREFIX + key)
-            if value is None:
-                return False
-            if not as_text(value).startswith("p:"):
-                return False
-            return bool(self.cache.delete(_PREFIX + key))
+            return bool(self._forget(keys=key.names))
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None

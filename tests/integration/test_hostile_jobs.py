@@ -20,10 +20,11 @@ from worker.app import WorkerApp, create_app
 from worker.cli import cli
 from worker.deadletters import DEAD_LETTER_HEADER
 from worker.health import HEALTH_DIR_ENV, ThreadWatch
-from worker.ledger import Ledger
+from worker.ledger import Ledger, LedgerKey
 from worker.limits import LimitPolicy, RedisLimiter, Verdict
 from worker.outbox import PARKED_STREAM, STREAM, OutboxRelay
 from worker.producer import Producer
+from worker.redis_keys import join_parts
 from worker.settings import Settings
 
 from .conftest import (
@@ -112,7 +113,8 @@ def test_after_verloop_accepted_a_message_a_refused_outbox_write_never_sends_it_
     assert key == "send.sent.acme.phone-1.none"
     [record] = simulator.messages()
     assert event["verloop_message_id"] == record["id"]
-    assert cache.get("verloop:ledger:key:acme:after-send-1") == b"s:" + record["id"].encode()
+    recorded = cache.get("verloop:ledger:key:4:acme:12:after-send-1")
+    assert recorded == b"s:" + record["id"].encode()
     time.sleep(1.0)
     assert len(simulator.messages()) == 1
     assert queue_depth("verloop.send") == 0
@@ -159,7 +161,7 @@ def test_a_campaign_send_with_no_answer_is_dead_lettered_as_outcome_unknown_not_
     wait_until(lambda: dead_letters("verloop.campaign"))
     assert len(simulator.messages()) == 1
     entry = Ledger(redis_client(REDIS_URL), ttl_s=3600, lease_s=10).lookup(
-        "campaign:ambiguous:+919876543210"
+        LedgerKey("campaign:" + join_parts("acme", "ambiguous", "+919876543210"))
     )
     assert entry.state == "pending"
 
@@ -421,11 +423,12 @@ def test_a_leased_slot_still_honours_the_recipient_s_hold() -> None:
         assert decision is not None
         assert decision.holds, "the limiter never leased a slot"
         assert decision.verdict is Verdict.GO
-        claim = ledger.claim("key:acme:held", "me", take_over_uncertain=False, holds=decision.holds)
+        held_key, free_key = LedgerKey("key:acme:held"), LedgerKey("key:acme:free")
+        claim = ledger.claim(held_key, "me", take_over_uncertain=False, holds=decision.holds)
         assert claim.state == "held"
         assert 3.0 < claim.retry_in_s <= 5.0
         free = ledger.claim(
-            "key:acme:free",
+            free_key,
             "me",
             take_over_uncertain=False,
             holds=limiter.acquire("phone-1", other, "transactional").holds,

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
+from worker.ledger import LedgerKey
 from worker.redis_direct import ThreadConnections
 from worker.services import Services, open_redis
 from worker.settings import Settings
@@ -139,20 +140,26 @@ def test_the_ledger_and_the_limiter_share_one_connection_per_thread() -> None:
     baseline = redis_sockets()
     services = Services.open(Settings(redis_url=REDIS_URL), threads=2)
     # Warm up on this thread: the scripts get loaded (through the client's pool).
-    assert services.ledger.claim("share:0", "a", take_over_uncertain=False).state == "claimed"
+    assert (
+        services.ledger.claim(LedgerKey("share:0"), "a", take_over_uncertain=False).state
+        == "claimed"
+    )
     services.gate.limiter.acquire("share-phone", "+919800000000", "campaign")
     before = redis_sockets()
 
     def one_job() -> None:
-        assert services.ledger.claim("share:1", "b", take_over_uncertain=False).state == "claimed"
+        assert (
+            services.ledger.claim(LedgerKey("share:1"), "b", take_over_uncertain=False).state
+            == "claimed"
+        )
         services.gate.limiter.acquire("share-phone", "+919800000001", "campaign")
-        services.ledger.mark_sent("share:1", "wamid.share")
+        services.ledger.mark_sent(LedgerKey("share:1"), "wamid.share")
 
     thread = threading.Thread(target=one_job)
     thread.start()
     thread.join()
     # The new thread's claim, slot and record took one connection between them.
     assert redis_sockets() == before + 1
-    assert services.ledger.lookup("share:1").state == "sent"
+    assert services.ledger.lookup(LedgerKey("share:1")).state == "sent"
     services.close()
     assert redis_sockets() <= baseline  # and closing them all leaves none behind

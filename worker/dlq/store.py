@@ -15,7 +15,7 @@ from dramatiq.common import xq_name
 
 from ..errors import EnqueueError, InvalidJob
 from ..jobs import SendMessageJob, parse_job
-from ..ledger import Ledger
+from ..ledger import Ledger, LedgerKey
 from ..observability.logging import scrub_text
 from ..phones import mask_phone
 from ..producer import Producer
@@ -325,7 +325,7 @@ class DeadLetterStore:
             key = original.ledger_key(message_id)
             if key not in keys:
                 keys.append(key)
-        pending: list[str] = []
+        pending: list[LedgerKey] = []
         for key in keys:
             found = ledger.lookup(key)
             if found.state == "sent":
