@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import redis
 
-from worker.campaigns.store import CampaignStore
+from worker.campaigns.store import CampaignRef, CampaignStore
 from worker.producer import encode_job
 
 from .common import (
@@ -92,11 +92,13 @@ def run(args: argparse.Namespace) -> list[Result]:
     )
     clear_redis()
     store = CampaignStore(redis.Redis.from_url(REDIS_URL, decode_responses=True))
-    store.create(CAMPAIGN, {"client_id": CLIENT_ID, "template": "spring_sale"})
+    store.create(
+        CampaignRef(CLIENT_ID, CAMPAIGN), {"client_id": CLIENT_ID, "template": "spring_sale"}
+    )
     started = time.monotonic()
     publish_backlog({"verloop.campaign": [_job(n) for n in range(total)]})
-    store.checkpoint(CAMPAIGN, rows_done=total, enqueued=total, rejected=0)
-    store.finish_enqueue(CAMPAIGN, total_rows=total)
+    store.checkpoint(CampaignRef(CLIENT_ID, CAMPAIGN), rows_done=total, enqueued=total, rejected=0)
+    store.finish_enqueue(CampaignRef(CLIENT_ID, CAMPAIGN), total_rows=total)
     print(f"  backlog of {total} jobs published in {time.monotonic() - started:.1f} s", flush=True)
 
     with simulator(LATENCY_MS, message_log_limit=total + 1000) as sim:
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             clear_queues()
         http.close()
 
-    status = store.get(CAMPAIGN)
+    status = store.get(CampaignRef(CLIENT_ID, CAMPAIGN))
     received = Counter(r["to"] for phone in PHONES for r in records[phone])
     duplicates = sum(count - 1 for count in received.values() if count > 1)
     lost = total - len(received)
@@ -191,5 +193,5 @@ def run(args: argparse.Namespace) -> list[Result]:
 
 
 def _settled(store: CampaignStore) -> int:
-    status = store.get(CAMPAIGN)
+    status = store.get(CampaignRef(CLIENT_ID, CAMPAIGN))
     return status.count("sent") + status.count("dead_lettered")

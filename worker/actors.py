@@ -33,6 +33,7 @@ from typing import Any
 import dramatiq
 import structlog
 
+from .campaigns.store import CampaignRef
 from .campaigns.window import seconds_until_open
 from .errors import (
     Deferred,
@@ -75,7 +76,9 @@ def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> 
     """Send one WhatsApp message (see the module docstring for the steps)."""
     lane: Lane = "campaign" if record.fields.get("lane") == "campaign" else "transactional"
     try:
-        if job.campaign_id is not None and not _campaign_allows(services, job.campaign_id, record):
+        if job.campaign_id is not None and not _campaign_allows(
+            services, CampaignRef(job.client_id, job.campaign_id), record
+        ):
             return
         tokens = services.phone_tokens
         token, source = tokens.get(job.client_id, job.phone_id)
@@ -98,13 +101,13 @@ def send_message(services: Services, job: SendMessageJob, record: JobRecord) -> 
         raise held_while_redis_is_down(exc, "redis_unavailable") from None
 
 
-def _campaign_allows(services: Services, campaign_id: str, record: JobRecord) -> bool:
+def _campaign_allows(services: Services, campaign: CampaignRef, record: JobRecord) -> bool:
     """Whether a campaign job may be sent now; False if its campaign was cancelled.
 
     Raises:
         Deferred: the campaign is paused, has not started, or is outside its send window.
     """
-    state, window, start_at = services.campaigns.gate(campaign_id)
+    state, window, start_at = services.campaigns.gate(campaign)
     if state == "cancelled":
         record.bind(outcome="cancelled")
         return False
@@ -195,7 +198,8 @@ def _paced_send(
     record.bind(
         outcome="sent", verloop_message_id=result.message_id, http_status=result.http_status
     )
-    _record_sent(services, key, result.message_id, job.campaign_id, record)
+    campaign = None if job.campaign_id is None else CampaignRef(job.client_id, job.campaign_id)
+    _record_sent(services, key, result.message_id, campaign, record)
 
 
 def _outcome_unknown(whose: str) -> PermanentFailure:
@@ -210,7 +214,7 @@ def _record_sent(
     services: Services,
     key: LedgerKey,
     message_id: str | None,
-    campaign_id: str | None,
+    campaign: CampaignRef | None,
     record: JobRecord,
 ) -> None:
     """Write down a message Verloop accepted: the ledger entry first, with its campaign's
@@ -221,8 +225,8 @@ def _record_sent(
     """
     also: list[tuple[Any, ...]] = []
     steps: list[str] = []
-    if campaign_id is not None:
-        commands = services.campaigns.outcome_commands(campaign_id, "sent")
+    if campaign is not None:
+        commands = services.campaigns.outcome_commands(campaign, "sent")
         also += commands
         steps += ["campaign"] * len(commands)
     outbox = services.outbox
@@ -248,7 +252,7 @@ def _record_sent(
     failed = {
         step for step, reply in zip(steps, replies, strict=True) if isinstance(reply, Exception)
     }
-    record.campaign_counted = campaign_id is not None and "campaign" not in failed
+    record.campaign_counted = campaign is not None and "campaign" not in failed
     record.event_queued = record.event_queued or ("event" in steps and "event" not in failed)
     for step in sorted(failed):
         _after_send_failed(record, step, f"Redis refused the sent message's {step} update")

@@ -8,6 +8,7 @@ import pika.exceptions
 import structlog
 from dramatiq.errors import BrokerConnectionError
 
+from .campaigns.store import CampaignRef
 from .errors import RedisUnavailable
 from .events import declare_exchange, publish_event
 from .outcomes import JobRecord
@@ -34,11 +35,13 @@ class OutcomeReporter:
 
     def __call__(self, broker: Any, message: Any, record: JobRecord) -> None:
         fields = record.fields
-        campaign_id = fields.get("campaign_id")
-        if campaign_id and not record.campaign_counted:
+        campaign_id, client_id = fields.get("campaign_id"), fields.get("client_id")
+        if campaign_id and client_id and not record.campaign_counted:
             try:
                 self.lifecycle.services.campaigns.count_outcome(
-                    campaign_id, fields["outcome"], fields.get("dead_letter")
+                    CampaignRef(client_id, campaign_id),
+                    fields["outcome"],
+                    fields.get("dead_letter"),
                 )
             except RedisUnavailable:
                 record.bind(campaign_counted=False)

@@ -165,7 +165,11 @@ class Services:
             lease_s=settings.ledger_lease,
             connections=connections,
         )
-        campaigns = CampaignStore(cache, state_cache_s=settings.campaign_state_cache_s)
+        campaigns = CampaignStore(
+            cache,
+            state_cache_s=settings.campaign_state_cache_s,
+            unknown_ttl_s=settings.ledger_ttl_s,
+        )
         outbox = (
             EventOutbox(cache, max_len=settings.events_outbox_max_len)
             if settings.outcome_exchange and settings.events_delivery == "outbox"

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
 from worker.campaigns.reader import CampaignSpec
 from worker.campaigns.start_command import start
-from worker.campaigns.store import CampaignStore
+from worker.campaigns.store import CampaignRef, CampaignStore
 from worker.jobs import CAMPAIGN_QUEUE, parse_job
 from worker.producer import queue_arguments
 
@@ -159,7 +159,7 @@ def test_every_row_is_on_the_queue_once_with_the_right_job(tmp_path: Path) -> No
     parse_job(message.actor_name, message.args, message.kwargs)
     assert len({envelope["message_id"] for _, envelope in messages}) == 3000
 
-    fields = store().get("camp-it").fields
+    fields = store().get(CampaignRef("acme", "camp-it")).fields
     assert fields["rows_done"] == fields["enqueued"] == fields["total_rows"] == "3000"
     assert fields["rejected"] == "0"
     assert "enqueue_finished" in fields
@@ -221,7 +221,7 @@ def test_bad_rows_go_to_the_rejects_file_with_their_reason(tmp_path: Path) -> No
 
     sent = sorted(envelope["kwargs"]["to"] for _, envelope in drain())
     assert sent == ["+919876543210", "+919876543215"]
-    fields = store().get("mixed").fields
+    fields = store().get(CampaignRef("acme", "mixed")).fields
     assert (fields["rows_done"], fields["enqueued"], fields["rejected"]) == ("11", "2", "8")
 
 
@@ -274,7 +274,7 @@ def test_schedule_is_stored_and_a_finished_campaign_is_not_enqueued_again(
     assert campaign.fields["window_end"] == "21:00"
     assert campaign.fields["timezone"] == "Asia/Kolkata"
     assert float(campaign.fields["start_at"]) == 1796095800.0  # 09:00 IST is 03:30 UTC
-    assert store().gate(campaign.campaign_id)[1] == ("09:00", "21:00", "Asia/Kolkata")
+    assert store().gate(campaign.ref)[1] == ("09:00", "21:00", "Asia/Kolkata")
 
     again = run_cli(*args, "--no-progress")  # same file and template: the same campaign
     assert again.exit_code == 0
@@ -322,7 +322,7 @@ def test_killed_mid_file_then_resumed_enqueues_every_row(tmp_path: Path) -> None
     cache = redis_client(REDIS_URL, decode_responses=True)
     try:
         deadline = time.monotonic() + 60
-        while int(cache.hget("verloop:campaign:camp-it", "rows_done") or 0) < 2000:
+        while int(cache.hget(CampaignRef("acme", "camp-it").key, "rows_done") or 0) < 2000:
             assert child.poll() is None, "the enqueuer exited before it was killed"
             assert time.monotonic() < deadline, "no checkpoint in 60 s"
             time.sleep(0.01)
@@ -332,7 +332,7 @@ def test_killed_mid_file_then_resumed_enqueues_every_row(tmp_path: Path) -> None
         if child.poll() is None:
             child.kill()
             child.wait()
-    fields = store().get("camp-it").fields
+    fields = store().get(CampaignRef("acme", "camp-it")).fields
     assert "enqueue_finished" not in fields
     checkpoint = int(fields["rows_done"])
     assert 2000 <= checkpoint < total
@@ -348,7 +348,7 @@ def test_killed_mid_file_then_resumed_enqueues_every_row(tmp_path: Path) -> None
     duplicated = sum(counts.values()) - len(counts)
     assert duplicated <= batch  # at most one batch published twice
 
-    fields = store().get("camp-it").fields
+    fields = store().get(CampaignRef("acme", "camp-it")).fields
     assert fields["enqueued"] == str(len(good))
     assert fields["rejected"] == str(len(bad))
     assert fields["rows_done"] == fields["total_rows"] == str(total)
@@ -421,7 +421,7 @@ def test_a_nack_fails_the_run_and_the_checkpoint_stays_before_it(
     with pytest.raises(CampaignEnqueueError, match=r"refused \(nack\) row\(s\) 101\b") as info:
         enqueue_campaign(path, spec(), amqp_url=AMQP_URL, store=store(), batch_size=50)
     assert "run the same command again to resume" in str(info.value)
-    fields = store().get("camp-it").fields
+    fields = store().get(CampaignRef("acme", "camp-it")).fields
     assert int(fields["rows_done"]) <= 100  # never past a row RabbitMQ did not take
     assert "enqueue_finished" not in fields
     on_queue = {envelope["kwargs"]["to"] for _, envelope in drain()}
@@ -442,7 +442,7 @@ def test_ctrl_c_waits_for_confirms_so_a_resume_publishes_nothing_twice(tmp_path:
     cache = redis_client(REDIS_URL, decode_responses=True)
     try:
         deadline = time.monotonic() + 60
-        while int(cache.hget("verloop:campaign:camp-it", "rows_done") or 0) < 1000:
+        while int(cache.hget(CampaignRef("acme", "camp-it").key, "rows_done") or 0) < 1000:
             assert child.poll() is None, "the enqueuer exited before Ctrl-C"
             assert time.monotonic() < deadline, "no checkpoint in 60 s"
             time.sleep(0.01)
@@ -452,7 +452,7 @@ def test_ctrl_c_waits_for_confirms_so_a_resume_publishes_nothing_twice(tmp_path:
         if child.poll() is None:
             child.kill()
             child.wait()
-    fields = store().get("camp-it").fields
+    fields = store().get(CampaignRef("acme", "camp-it")).fields
     assert "enqueue_finished" not in fields
     assert queue_depth() == int(fields["enqueued"])  # everything in flight was confirmed
 

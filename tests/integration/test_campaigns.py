@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from worker.app import WorkerApp
-from worker.campaigns.store import CampaignStatus, CampaignStore
+from worker.campaigns.store import CampaignRef, CampaignStatus, CampaignStore
 from worker.cli import cli
 from worker.jobs import CAMPAIGN_QUEUE
 from worker.producer import Producer
@@ -67,8 +67,9 @@ def enqueue(producer: Producer, campaign_id: str, count: int, phone_id: str = "p
 
 
 def create(store: CampaignStore, campaign_id: str, enqueued: int, **definition: Any) -> None:
-    store.create(campaign_id, {"client_id": "acme", "template": "spring_sale", **definition})
-    store.checkpoint(campaign_id, rows_done=enqueued, enqueued=enqueued, rejected=0)
+    ref = CampaignRef("acme", campaign_id)
+    store.create(ref, {"client_id": "acme", "template": "spring_sale", **definition})
+    store.checkpoint(ref, rows_done=enqueued, enqueued=enqueued, rejected=0)
 
 
 def cli_run(*args: str) -> Any:
@@ -90,7 +91,7 @@ def test_a_paused_campaign_holds_its_jobs_without_retries_and_sends_them_on_resu
     assert simulator.messages() == []
     assert cli_run("campaign", "resume", "spring").exit_code == 0
     wait_until(lambda: len(simulator.messages()) == 20)
-    wait_until(lambda: store.get("spring").count("sent") == 20)
+    wait_until(lambda: store.get(CampaignRef("acme", "spring")).count("sent") == 20)
     status = cli_run("campaign", "status", "spring", "--json")
     # The in-process worker logs to the stdout CliRunner captures: take the JSON line.
     [info] = [json.loads(line) for line in status.output.splitlines() if line.startswith("{")]
@@ -113,7 +114,7 @@ def test_a_cancelled_campaign_s_jobs_are_acknowledged_as_cancelled_and_not_sent(
     assert result.exit_code == 0, result.output
     start_worker(**FAST)
     enqueue(producer, "autumn", 10)
-    wait_until(lambda: store.get("autumn").count("cancelled") == 10)
+    wait_until(lambda: store.get(CampaignRef("acme", "autumn")).count("cancelled") == 10)
     assert simulator.messages() == []
     assert queue_depth(CAMPAIGN_QUEUE) == 0
     # A cancelled campaign cannot be resumed by mistake.
@@ -179,7 +180,7 @@ def test_a_worker_killed_mid_campaign_and_restarted_messages_every_recipient_exa
     received_before = len(simulator.messages())
     assert received_before < jobs
     with worker_process(simulator, tmp_path / "second.log", "--threads", "8", **env):
-        wait_for_progress(lambda: _settled(store.get("crash")), jobs)
+        wait_for_progress(lambda: _settled(store.get(CampaignRef("acme", "crash"))), jobs)
         received = Counter(m["to"] for m in simulator.messages())
         assert max(received.values()) == 1  # nobody messaged twice
         # Jobs whose send was in flight when the worker died: RabbitMQ redelivered them, the
@@ -192,7 +193,7 @@ def test_a_worker_killed_mid_campaign_and_restarted_messages_every_recipient_exa
         uncertain = [json.loads(line) for line in export.read_text().splitlines()]
         assert all(entry["reason"].startswith("outcome unknown") for entry in uncertain)
         assert len(uncertain) <= 8  # at most one per worker thread was in flight
-        assert store.get("crash").count("dead_lettered") == len(uncertain)
+        assert store.get(CampaignRef("acme", "crash")).count("dead_lettered") == len(uncertain)
         # Nobody is left out: a recipient not messaged is one of those, and the runbook's
         # replay (after checking it was not delivered) messages it.
         missing = [
@@ -244,7 +245,7 @@ def test_a_campaign_file_is_sent_end_to_end_and_its_status_says_so(
         "--no-progress",
     )
     assert started.exit_code == 0, started.output
-    wait_for_progress(lambda: store.get("spring-e2e").count("sent"), rows - 20)
+    wait_for_progress(lambda: store.get(CampaignRef("acme", "spring-e2e")).count("sent"), rows - 20)
     received = Counter(m["to"] for m in simulator.messages())
     assert len(received) == rows - 20
     assert max(received.values()) == 1
@@ -255,3 +256,94 @@ def test_a_campaign_file_is_sent_end_to_end_and_its_status_says_so(
     assert "pending    0" in status.output
     rejects = (tmp_path / "spring.csv.rejects.csv").read_text().splitlines()
     assert len(rejects) == 1 + 20  # header and the bad rows
+
+
+# --- campaigns belong to a client ---------------------------------------------------------------
+def _campaign_send(producer: Producer, client_id: str, campaign_id: str, to: str) -> None:
+    producer.enqueue(
+        "send_message",
+        {
+            "client_id": client_id,
+            "phone_id": "phone-1",
+            "to": to,
+            "message": {"type": "text", "text": {"body": "offer"}},
+            "campaign_id": campaign_id,
+        },
+        queue=CAMPAIGN_QUEUE,
+    )
+
+
+def test_two_clients_with_one_campaign_id_share_nothing(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    store: CampaignStore,
+) -> None:
+    """acme pauses its campaign "sale"; globex's "sale" goes on, to the same recipient too,
+    and each is counted on its own. (Both used to be one campaign: one pause held both, and
+    globex's recipients were suppressed as acme's duplicates.)"""
+    acme, globex = CampaignRef("acme", "sale"), CampaignRef("globex", "sale")
+    for ref in (acme, globex):
+        store.create(ref, {"client_id": ref.client_id, "template": "spring_sale"})
+    store.set_state(acme, "paused")
+    start_worker(**FAST)
+    for client in ("acme", "globex"):
+        _campaign_send(producer, client, "sale", "+919876543210")
+    wait_until(lambda: store.get(globex).count("sent") == 1)
+    [record] = simulator.messages()
+    assert record["client_id"] == "globex"
+    assert store.get(acme).count("sent") == 0
+    result = cli_run("campaign", "status", "sale")
+    assert result.exit_code == 1
+    assert "acme, globex each have a campaign 'sale'" in result.output
+    assert cli_run("campaign", "resume", "sale", "--client-id", "acme").exit_code == 0
+    wait_until(lambda: store.get(acme).count("sent") == 1, timeout=10)
+    assert sorted(m["client_id"] for m in simulator.messages()) == ["acme", "globex"]
+
+
+def test_a_campaign_cancelled_before_the_upgrade_stays_cancelled(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    store: CampaignStore,
+) -> None:
+    """A campaign of an earlier version (verloop:campaign:<id>) is moved to its client's key
+    the first time it is looked up, state and counts kept."""
+    cache = redis_client(REDIS_URL, decode_responses=True)
+    cache.hset(
+        "verloop:campaign:old-sale",
+        mapping={"id": "old-sale", "client_id": "acme", "state": "cancelled", "enqueued": "3"},
+    )
+    cache.zadd("verloop:campaigns", {"old-sale": 1000})
+    start_worker(**FAST)
+    for n in range(3):
+        _campaign_send(producer, "acme", "old-sale", f"+91987654321{n}")
+    ref = CampaignRef("acme", "old-sale")
+    wait_until(lambda: store.get(ref).count("cancelled") == 3)
+    assert simulator.messages() == []
+    assert not cache.exists("verloop:campaign:old-sale")
+    listed = cli_run("campaign", "list", "--json")
+    assert json.loads(listed.output)["client_id"] == "acme"
+
+
+def test_a_campaign_id_no_campaign_start_made_has_counters_that_expire(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+) -> None:
+    """A producer's own campaign id is counted, in a hash that expires after its last job
+    (workers used to create hashes that lived for ever, one per id a producer made up)."""
+    cache = redis_client(REDIS_URL, decode_responses=True)
+    start_worker(**FAST, ledger_ttl_s=7200)
+    _campaign_send(producer, "acme", "made-up-42", "+919876543210")
+    ref = CampaignRef("acme", "made-up-42")
+    wait_until(lambda: cache.hget(ref.key, "sent") == "1")
+    assert 7000 < cache.ttl(ref.key) <= 7200
+
+
+def test_a_worker_remembers_a_bounded_number_of_campaign_states(store: CampaignStore) -> None:
+    small = CampaignStore(store.cache, max_cached=3)
+    for n in range(10):
+        small.gate(CampaignRef("acme", f"c-{n}"))
+    assert len(small._cached) == 3
+    assert list(small._cached) == [CampaignRef("acme", f"c-{n}") for n in (7, 8, 9)]

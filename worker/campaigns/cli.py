@@ -64,7 +64,7 @@ def _describe(status: CampaignStatus) -> dict[str, Any]:
         "campaign_id": status.campaign_id,
         "state": status.state,
         "template": fields.get("template"),
-        "client_id": fields.get("client_id"),
+        "client_id": status.ref.client_id,
         "total_rows": status.count("total_rows") if "total_rows" in fields else None,
         "rows_read": status.count("rows_done"),
         "enqueued": status.count("enqueued"),
@@ -96,14 +96,21 @@ def _eta_text(seconds: float | None, state: str) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+_CLIENT = click.option(
+    "--client-id",
+    help="The campaign's client; needed only when several clients have a campaign of that id.",
+)
+
+
 @campaign.command()
 @click.argument("campaign_id")
+@_CLIENT
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(campaign_id: str, as_json: bool) -> None:
+def status(campaign_id: str, client_id: str | None, as_json: bool) -> None:
     """Show a campaign's progress: counts by outcome, current rate and ETA."""
     try:
         with _store() as store:
-            info = _describe(store.get(campaign_id))
+            info = _describe(store.get(store.find(campaign_id, client_id)))
     except (ConfigurationError, RedisUnavailable) as exc:
         _fail(exc)
         return
@@ -130,10 +137,10 @@ def status(campaign_id: str, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
-def _change_state(campaign_id: str, state: CampaignState, verb: str) -> None:
+def _change_state(campaign_id: str, client_id: str | None, state: CampaignState, verb: str) -> None:
     try:
         with _store() as store:
-            previous = store.set_state(campaign_id, state)
+            previous = store.set_state(store.find(campaign_id, client_id), state)
     except (ConfigurationError, RedisUnavailable) as exc:
         _fail(exc)
         return
@@ -145,26 +152,29 @@ def _change_state(campaign_id: str, state: CampaignState, verb: str) -> None:
 
 @campaign.command()
 @click.argument("campaign_id")
-def pause(campaign_id: str) -> None:
+@_CLIENT
+def pause(campaign_id: str, client_id: str | None) -> None:
     """Hold a campaign's jobs (no retry used) until it is resumed."""
-    _change_state(campaign_id, "paused", "paused")
+    _change_state(campaign_id, client_id, "paused", "paused")
 
 
 @campaign.command()
 @click.argument("campaign_id")
-def resume(campaign_id: str) -> None:
+@_CLIENT
+def resume(campaign_id: str, client_id: str | None) -> None:
     """Let a paused campaign's jobs go out again."""
-    _change_state(campaign_id, "running", "resumed")
+    _change_state(campaign_id, client_id, "running", "resumed")
 
 
 @campaign.command()
 @click.argument("campaign_id")
+@_CLIENT
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def cancel(campaign_id: str, yes: bool) -> None:
+def cancel(campaign_id: str, client_id: str | None, yes: bool) -> None:
     """Drop a campaign's remaining jobs: they are acknowledged as cancelled, not sent."""
     if not yes:
         click.confirm(f"Cancel campaign {campaign_id}? This cannot be undone", abort=True)
-    _change_state(campaign_id, "cancelled", "cancelled")
+    _change_state(campaign_id, client_id, "cancelled", "cancelled")
 
 
 @campaign.command(name="list")
@@ -186,12 +196,13 @@ def list_campaigns(limit: int, as_json: bool) -> None:
         click.echo("no campaigns yet (start one with `verloop-worker campaign start`)")
         return
     click.echo(
-        f"{'CAMPAIGN':<28} {'STATE':<9} {'CREATED':<16} {'ENQUEUED':>9} {'SENT':>9} "
-        f"{'FAILED':>7} {'PENDING':>8}"
+        f"{'CAMPAIGN':<28} {'CLIENT':<16} {'STATE':<9} {'CREATED':<16} {'ENQUEUED':>9} "
+        f"{'SENT':>9} {'FAILED':>7} {'PENDING':>8}"
     )
     for info in infos:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["created_at"]))
         click.echo(
-            f"{info['campaign_id']:<28} {info['state']:<9} {created:<16} {info['enqueued']:>9} "
-            f"{info['sent']:>9} {info['dead_lettered']:>7} {info['pending']:>8}"
+            f"{info['campaign_id']:<28} {info['client_id']:<16} {info['state']:<9} "
+            f"{created:<16} {info['enqueued']:>9} {info['sent']:>9} {info['dead_lettered']:>7} "
+            f"{info['pending']:>8}"
         )

@@ -53,7 +53,7 @@ from .reader import (
     RowValidator,
     file_fingerprint,
 )
-from .store import CampaignStore
+from .store import CampaignRef, CampaignStore
 
 __all__ = [
     "CampaignEnqueueError",
@@ -201,7 +201,7 @@ class _Run:
         validator: RowValidator,
         rejects: _Rejects,
         store: CampaignStore,
-        campaign_id: str,
+        campaign: CampaignRef,
         start: _Point,
         window: int,
         max_job_bytes: int,
@@ -212,7 +212,7 @@ class _Run:
         self.validator = validator
         self.rejects = rejects
         self.store = store
-        self.campaign_id = campaign_id
+        self.campaign = campaign
         self.window = window
         self.max_job_bytes = max_job_bytes
         self.progress = progress
@@ -427,7 +427,7 @@ class _Run:
         self.confirmed = point
         self.rejects.flush()
         self.store.checkpoint(
-            self.campaign_id,
+            self.campaign,
             rows_done=point.rows_done,
             enqueued=point.enqueued,
             rejected=point.rejected,
@@ -576,9 +576,9 @@ def enqueue_campaign(
                 start_at=schedule.start_at,
             )
         start = _Point(0, 0, 0)
-        resumed = not store.create(spec.campaign_id, definition)
+        resumed = not store.create(spec.ref, definition)
         if resumed:
-            fields = store.get(spec.campaign_id).fields
+            fields = store.get(spec.ref).fields
             _check_same_campaign(spec.campaign_id, fields, definition)
             start = _Point(*(_int(fields, k) for k in ("rows_done", "enqueued", "rejected")))
             if fields.get("enqueue_finished"):
@@ -605,7 +605,7 @@ def enqueue_campaign(
             validator=validator,
             rejects=rejects,
             store=store,
-            campaign_id=spec.campaign_id,
+            campaign=spec.ref,
             start=start,
             window=batch_size,
             max_job_bytes=max_job_bytes,
@@ -615,7 +615,7 @@ def enqueue_campaign(
             run.run()
         finally:
             rejects.close()
-        store.finish_enqueue(spec.campaign_id, total_rows=run.rows_done)
+        store.finish_enqueue(spec.ref, total_rows=run.rows_done)
     return _result(spec, run.confirmed, start.rows_done, resumed, False, rejects_path, began)
 
 

@@ -33,6 +33,7 @@ import orjson
 from ..errors import InvalidJob
 from ..jobs import SendMessageJob, parse_job
 from ..phones import normalize_e164
+from .store import CampaignRef
 
 __all__ = [
     "MAX_BODY_PARAMS",
@@ -71,6 +72,11 @@ class CampaignSpec:
     language: str = "en_US"
     #: Body parameters every row must have; None: as many as the CSV has ``body_*`` columns.
     body_params: int | None = None
+
+    @property
+    def ref(self) -> CampaignRef:
+        """The campaign in the store: this client's campaign id."""
+        return CampaignRef(self.client_id, self.campaign_id)
 
     def check(self) -> None:
         """Validate the shared parts once, with the worker's own model.
