@@ -8,11 +8,13 @@ The names are a public contract; ``config/example.env`` documents each one.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -44,6 +46,15 @@ REDIS_TIMEOUT_S = 2.0
 #: The events relay's blocking read must come back well within that timeout, or every idle
 #: read would fail as a timeout.
 MAX_RELAY_BLOCK_MS = int(REDIS_TIMEOUT_S * 1000 * 0.75)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _unparsable_field(exc: Exception) -> str:
@@ -82,6 +93,9 @@ class Settings(BaseSettings):
 
     # --- Verloop ----------------------------------------------------------------------------
     verloop_base_url: str = DEFAULT_BASE_URL
+    #: Accept a plain ``http://`` base URL on another machine (a simulator in another
+    #: container). Tokens travel in clear over it; loopback addresses never need this.
+    verloop_allow_plain_http: bool = False
     verloop_api_prefix: str = "/api/v2/whatsapp"
     verloop_system_token: SecretStr | None = None
     verloop_username: str | None = None
@@ -194,6 +208,18 @@ class Settings(BaseSettings):
     def _backoff_bounds_are_ordered(self) -> Settings:
         if self.retry_min_backoff_s > self.retry_max_backoff_s:
             raise ValueError("RETRY_MIN_BACKOFF_S must not exceed RETRY_MAX_BACKOFF_S")
+        return self
+
+    @model_validator(mode="after")
+    def _plain_http_stays_on_this_machine(self) -> Settings:
+        parts = urlsplit(self.verloop_base_url)
+        remote = not _is_loopback(parts.hostname or "")
+        if parts.scheme == "http" and remote and not self.verloop_allow_plain_http:
+            raise ValueError(
+                "VERLOOP_BASE_URL is plain http:// to another machine, which would send the "
+                "tokens in clear: use https://, or set VERLOOP_ALLOW_PLAIN_HTTP=true for a "
+                "test server"
+            )
         return self
 
     @field_validator("rate_limit_overrides")

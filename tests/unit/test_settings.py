@@ -281,3 +281,20 @@ def test_a_missing_phone_tokens_file_is_a_configuration_error(tmp_path: Path) ->
     settings = settings_with_tokens_file(tmp_path / "absent.json")
     with pytest.raises(ConfigurationError, match="cannot read JSON"):
         settings.load_phone_tokens()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765", "https://verloop.test"],
+)
+def test_https_or_a_loopback_http_url_is_accepted(url: str) -> None:
+    assert Settings(verloop_base_url=url).verloop_base_url == url
+
+
+@pytest.mark.parametrize("url", ["http://partners.verloop.io", "http://10.0.0.5:8765"])
+def test_plain_http_to_another_machine_is_refused_unless_allowed(url: str) -> None:
+    """Tokens travel in the Authorization header: over plain http they would be in clear."""
+    with pytest.raises(ConfigurationError, match="VERLOOP_ALLOW_PLAIN_HTTP"):
+        Settings.load(verloop_base_url=url)
+    allowed = Settings.load(verloop_base_url=url, verloop_allow_plain_http=True)
+    assert allowed.verloop_base_url == url
