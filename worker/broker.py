@@ -136,7 +136,7 @@ class WireEncoder(JSONEncoder):
             raise ValueError(f"body is a JSON {type(envelope).__name__}, not an object")
         unknown = sorted(set(envelope) - _ENVELOPE_FIELDS)
         if unknown:
-            raise ValueError(f"unknown top-level field(s) {', '.join(map(repr, unknown[:5]))}")
+            raise ValueError(f"unknown top-level field(s) {_names(unknown)}")
         envelope.setdefault("queue_name", queue)
         envelope.setdefault("args", [])
         envelope.setdefault("kwargs", {})
@@ -150,8 +150,8 @@ class WireEncoder(JSONEncoder):
                 raise ValueError(f"{field!r} must be a JSON {_JSON_TYPE_NAMES[kind]}")
         if envelope["queue_name"] != queue:
             raise ValueError(
-                f"queue_name {envelope['queue_name']!r} does not match the queue it arrived on "
-                f"({queue!r})"
+                f"queue_name {envelope['queue_name'][:100]!r} does not match the queue it "
+                f"arrived on ({queue!r})"
             )
         if not envelope["actor_name"]:
             raise ValueError("actor_name is empty")
@@ -170,7 +170,7 @@ class WireEncoder(JSONEncoder):
         unknown = sorted(set(options) - set(_OPTION_TYPES))
         if unknown:
             raise ValueError(
-                f"option(s) {', '.join(map(repr, unknown[:5]))} not accepted: a job may set "
+                f"option(s) {_names(unknown)} not accepted: a job may set "
                 "only options.eta (Unix milliseconds)"
             )
         now_ms = int(time.time() * 1000)
@@ -208,6 +208,11 @@ class WireEncoder(JSONEncoder):
 
 #: A ``\\uD800``-``\\uDFFF`` escape: only bodies that have one need the lone-surrogate check.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _names(names: list[str]) -> str:
+    """A few of a producer's names, each cut short, for a reason (which travels in a header)."""
+    return ", ".join(repr(name[:60]) for name in names[:5])
 
 
 def _not_a_json_number(name: str) -> Any:

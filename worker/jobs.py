@@ -339,7 +339,8 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
     parts = []
     for err in exc.errors(include_input=False)[:limit]:
         # A tagged union repeats the tag in the path (message.text.text.body): drop the echo.
-        path = [str(p) for i, p in enumerate(err["loc"]) if i == 0 or p != err["loc"][i - 1]]
+        # Field names are the producer's (an unknown field is named): each is cut short.
+        path = [str(p)[:60] for i, p in enumerate(err["loc"]) if i == 0 or p != err["loc"][i - 1]]
         where = ".".join(path) or "job"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

@@ -43,6 +43,8 @@ __all__ = ["FINAL_OUTCOMES", "JobOutcomes", "JobRecord", "OnFinal", "RetryPolicy
 
 #: Outcomes after which a job is gone from the queues for good (each gets an outcome event).
 FINAL_OUTCOMES = frozenset({"sent", "suppressed", "cancelled", "done", "dead_lettered"})
+#: The longest reason kept (in the log line, the dead letter's header and the event).
+MAX_REASON_CHARS = 1000
 #: Outcomes after which the job is safe: finished, or a copy of it is on RabbitMQ.
 _KEPT = FINAL_OUTCOMES | {"retrying", "deferred"}
 #: Called with (broker, message, record) once a job's outcome is final.
@@ -211,7 +213,8 @@ class JobOutcomes(Middleware):
             # Not foreseen (a bug, a time limit): retry it, and keep its class in the reason.
             details = FailureDetails(reason=f"unexpected {type(exception).__name__}: {exception}")
             retryable = True
-        details = replace(details, reason=scrub_text(details.reason))
+        # A reason quotes the producer's field names: kept short, it travels in an AMQP header.
+        details = replace(details, reason=scrub_text(details.reason)[:MAX_REASON_CHARS])
         record.bind(
             error=type(exception).__name__,
             reason=details.reason,

@@ -455,3 +455,18 @@ def test_the_hold_a_claim_checks_is_the_one_the_limiter_sets(
     [record] = wait_until(lambda: simulator.messages(to="+919876543210"), timeout=10)
     assert cache.pttl("verloop:rl:{phone-1}:pair:+919876543210") < 500
     assert record["idempotency_key"] == "held-1"
+
+
+def test_a_reason_quoting_huge_field_names_stays_short_and_the_job_is_dead_lettered(
+    simulator: Simulator, start_worker: Callable[..., WorkerApp]
+) -> None:
+    """An unknown field named with 100,000 characters: the reason names it, cut short, so the
+    dead letter's header fits in an AMQP frame and the job keeps its reason."""
+    start_worker()
+    publish_raw([job(kwargs={"x" * 100_000: 1}), job(queue_name="q" * 100_000)])
+    letters: list[tuple[dict[str, Any], bytes]] = []
+    wait_until(lambda: letters.extend(dead_letters()) or len(letters) == 2)
+    for headers, _ in letters:
+        reason = headers[DEAD_LETTER_HEADER]["reason"]
+        assert len(reason) <= 1000
+        assert "unknown field" in reason or "does not match the queue" in reason
