@@ -48,7 +48,9 @@ def create_app(settings: Settings) -> WorkerApp:
         # makes its folder when imported, which only a worker process should do.
         from dramatiq.middleware.prometheus import Prometheus
 
-        metrics = Metrics(rate_for=settings.rate_for)
+        metrics = Metrics(
+            rate_for=settings.rate_for, max_label_values=settings.metrics_max_label_values
+        )
         middleware.append(Prometheus())
     lifecycle = Lifecycle(settings, metrics)
     outcomes = JobOutcomes(

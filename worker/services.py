@@ -204,6 +204,11 @@ class Lifecycle(Middleware):
         services = self._services = Services.open(
             self.settings, threads=worker.worker_threads, metrics=self.metrics
         )
+        if self.metrics is not None:
+            # Numbers known from settings get their series at zero before their first job.
+            self.metrics.add_known_numbers(
+                services.phone_tokens.configured_pairs, self.settings.rate_limit_overrides
+            )
         if services.outbox is not None:
             settings = self.settings
             self._relay = OutboxRelay(

@@ -193,6 +193,9 @@ class Settings(BaseSettings):
     #: Numbers a process keeps per-number token state for (tokens, fetch locks, refusals), each;
     #: the least recently used are forgotten beyond it.
     token_local_max_entries: int = Field(default=10_000, ge=1)
+    #: Distinct values a worker process gives each of the metric labels client_id, phone_id and
+    #: campaign_id; later ones are counted under "_other".
+    metrics_max_label_values: int = Field(default=500, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _backoff_bounds_are_ordered(self) -> Settings:
