@@ -13,6 +13,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from worker.app import WorkerApp
 from worker.cli import cli
@@ -190,10 +191,14 @@ def test_a_refused_configured_system_token_without_credentials_says_so_and_is_no
     old = simulator.server.system_user_token
     tokens = build(configured_system_token=old, login=False)
     simulator.http.post("/admin/revoke_system_token").raise_for_status()
-    with pytest.raises(PermanentFailure) as info:
+    with capture_logs() as logged, pytest.raises(PermanentFailure) as info:
         tokens.get("acme", "phone-1")
     assert "Verloop refused VERLOOP_SYSTEM_TOKEN" in str(info.value)
     assert old not in str(info.value)
+    [warning] = logged
+    assert warning["event"].startswith("Verloop refused the system user token")
+    assert warning["renew"] == "none: no username/password"
+    assert old not in repr(logged)
     calls = requests(simulator, "get_phone_token"), requests(simulator, "list_clients")
     assert calls == (1, 1)
     with pytest.raises(PermanentFailure, match="VERLOOP_SYSTEM_TOKEN"):
@@ -241,8 +246,15 @@ def test_tokens_refresh_forgets_a_remembered_refusal(
     token) fetches it at once instead of waiting out TOKEN_REFUSAL_TTL_S."""
     simulator.faults(phone_token_refusals={"acme/phone-9": 403})
     tokens = build()
-    with pytest.raises(PermanentFailure, match="number 'phone-9'"):
+    with capture_logs() as logged, pytest.raises(PermanentFailure, match="number 'phone-9'"):
         tokens.get("acme", "phone-9")
+    [warning] = logged
+    assert (warning["client_id"], warning["phone_id"], warning["http_status"]) == (
+        "acme",
+        "phone-9",
+        403,
+    )
+    assert simulator.server.system_user_token not in repr(logged)
     simulator.faults(phone_token_refusals={})
     with pytest.raises(PermanentFailure):
         tokens.get("acme", "phone-9")
