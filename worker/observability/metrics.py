@@ -19,8 +19,9 @@ a campaign's outcome series start at zero when the number or campaign is first s
 =========================================  ====================================================
 metric                                     labels
 =========================================  ====================================================
-verloop_jobs_total                         actor, lane, outcome (sent, done, retrying,
-                                           deferred, dead_lettered, rejected)
+verloop_jobs_total                         actor, lane, outcome (sent, suppressed,
+                                           cancelled, done, retrying, deferred,
+                                           dead_lettered, rejected)
 verloop_sends_total                        lane, outcome, client_id, phone_id
 verloop_campaign_jobs_total                campaign_id, outcome (sent, dead_lettered,
                                            suppressed, cancelled)
