@@ -51,7 +51,9 @@ def create_app(settings: Settings) -> WorkerApp:
         # makes its folder when imported, which only a worker process should do.
         from dramatiq.middleware.prometheus import Prometheus
 
-        metrics = Metrics(rate_for=settings.rate_for)
+        metrics = Metrics(
+            rate_for=settings.rate_for, max_label_values=settings.metrics_max_label_values
+        )
         middleware.append(Prometheus())
     lifecycle = Lifecycle(settings, metrics)
     health = os.environ.get(HEALTH_DIR_ENV)

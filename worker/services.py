@@ -140,6 +140,7 @@ class Services:
             token=settings.verloop_system_token,
             username=settings.verloop_username,
             password=settings.verloop_password,
+            check_interval_s=settings.system_token_check_interval_s,
         )
         phone_tokens = PhoneTokens(
             verloop,
@@ -149,6 +150,8 @@ class Services:
             legacy_lookup=settings.verloop_phone_token_variant == "legacy",  # noqa: S105
             local_ttl_s=settings.token_local_ttl_s,
             cache_ttl_s=settings.token_cache_ttl_s,
+            refusal_ttl_s=settings.token_refusal_ttl_s,
+            max_entries=settings.token_local_max_entries,
         )
         gate = SendGate(
             open_limiter(settings, cache, connections),
@@ -205,6 +208,11 @@ class Lifecycle(Middleware):
         services = self._services = Services.open(
             self.settings, threads=worker.worker_threads, metrics=self.metrics
         )
+        if self.metrics is not None:
+            # Numbers known from settings get their series at zero before their first job.
+            self.metrics.add_known_numbers(
+                services.phone_tokens.configured_pairs, self.settings.rate_limit_overrides
+            )
         if services.outbox is not None:
             settings = self.settings
             self._relay = OutboxRelay(

@@ -204,6 +204,21 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # --- refused credentials and bounded per-process state ----------------------------------
+    #: How long a process remembers that Verloop refused (or did not know) a client's number
+    #: when asked for its token: its jobs are dead-lettered at once meanwhile (0: not remembered).
+    token_refusal_ttl_s: float = Field(default=60.0, ge=0, le=86_400)
+    #: After get_phone_token is refused, the system user token is checked (list_clients) at most
+    #: once per this interval per process; a refused VERLOOP_SYSTEM_TOKEN (without a username
+    #: and password) or a refused login is not tried again before it has passed.
+    system_token_check_interval_s: float = Field(default=60.0, gt=0, le=3600)
+    #: Numbers a process keeps per-number token state for (tokens, fetch locks, refusals), each;
+    #: the least recently used are forgotten beyond it.
+    token_local_max_entries: int = Field(default=10_000, ge=1)
+    #: Distinct values a worker process gives each of the metric labels client_id, phone_id and
+    #: campaign_id; later ones are counted under "_other".
+    metrics_max_label_values: int = Field(default=500, ge=1, le=100_000)
+
     @model_validator(mode="after")
     def _backoff_bounds_are_ordered(self) -> Settings:
         if self.retry_min_backoff_s > self.retry_max_backoff_s:

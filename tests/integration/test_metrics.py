@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from worker.producer import Producer
 
@@ -194,3 +195,70 @@ def test_a_real_prometheus_scrapes_the_worker_and_answers_a_query(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def exposed(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples of a scrape by name: (labels, value) pairs."""
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return found
+
+
+def test_a_fresh_worker_exports_its_known_series_at_zero_and_caps_producer_ids(
+    simulator: Simulator, producer: Producer, tmp_path: Path
+) -> None:
+    """Before any job, a real `verloop-worker run` exports at zero the series the dashboard and
+    alerts count (retries, every deferral kind, dead letters, the numbers of the tokens file
+    and RATE_LIMIT_OVERRIDES); then, with METRICS_MAX_LABEL_VALUES=3 (two taken by those
+    numbers), a second new number is counted as _other."""
+    port = free_port()
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text('{"acme": {"phone-5": "hand-made-token-5"}}')
+    with worker_process(
+        simulator,
+        tmp_path / "worker.log",
+        "--threads",
+        "1",
+        METRICS_PORT=str(port),
+        METRICS_DIR=str(tmp_path),
+        VERLOOP_PHONE_TOKENS_FILE=str(tokens_file),
+        RATE_LIMIT_OVERRIDES='{"phone-7": 20}',
+        METRICS_MAX_LABEL_VALUES="3",
+    ):
+        at_start = exposed(scrape(port))
+
+        def at(name: str, **labels: str) -> float | None:
+            values = [v for found, v in at_start.get(name, []) if found == labels]
+            return values[0] if values else None
+
+        for lane in ("transactional", "campaign"):
+            assert at("verloop_retries_total", actor="send_message", lane=lane) == 0
+            for kind in ("rate_limit", "recipient_cooling", "campaign_paused", "in_flight"):
+                assert at("verloop_deferrals_total", lane=lane, kind=kind) == 0
+        dead = {"queue": "verloop.send", "outcome": "failed", "error": "PermanentFailure"}
+        assert at("verloop_dead_letters_total", **dead) == 0
+        known = {"client_id": "acme", "phone_id": "phone-5", "outcome": "sent"}
+        assert at("verloop_sends_total", lane="campaign", **known) == 0
+        assert at("verloop_quality_pauses_total", phone_id="phone-5") == 0
+        assert at("verloop_quality_pauses_total", phone_id="phone-7") == 0
+        assert at("verloop_number_rate_limit", phone_id="phone-7") == 20
+        assert at("verloop_events_relayed_total", result="failed") == 0
+        assert "hand-made-token-5" not in scrape(port)
+
+        for phone in ("phone-a", "phone-b"):
+            producer.send_message(
+                client_id="acme", phone_id=phone, to="+919876543210", message=TEXT
+            )
+        wait_until(lambda: len(simulator.messages()) == 2, timeout=30)
+
+        def sent_by_phone() -> dict[str, float]:
+            sent: dict[str, float] = {}
+            for labels, count in exposed(scrape(port)).get("verloop_sends_total", []):
+                if labels["outcome"] == "sent" and count:
+                    sent[labels["phone_id"]] = sent.get(labels["phone_id"], 0) + count
+            return sent
+
+        sent = wait_until(lambda: (found := sent_by_phone()) and sum(found.values()) == 2 and found)
+        assert set(sent) in ({"phone-a", "_other"}, {"phone-b", "_other"})

@@ -197,7 +197,7 @@ def test_the_limiter_and_token_cache_live_in_the_tls_redis(
     finally:
         client.close()
     assert "verloop:rl:{phone-1}:tat" in keys
-    assert any(key.startswith("verloop:phone-token") for key in keys), keys
+    assert any(key.startswith("verloop:token:phone:") for key in keys), keys
 
 
 # --- RabbitMQ over TLS ----------------------------------------------------------------------------

@@ -256,6 +256,62 @@ def test_revoking_a_phone_token_makes_the_old_token_unauthorized(client: httpx.C
     assert send(client, new).status_code == 200
 
 
+def get_token_answer(client: httpx.Client, client_id: str, phone_id: str) -> httpx.Response:
+    return client.get(
+        f"{BASE}/get_phone_token",
+        params={"client_id": client_id, "phone_id": phone_id},
+        headers={"Authorization": system_token(client)},
+    )
+
+
+def test_phone_token_refusals_refuse_one_client_or_number_with_a_valid_system_token(
+    client: httpx.Client,
+) -> None:
+    """A refused client gets 401 unauthenticated for every number (as a bad system token would),
+    a refused number 403 permission_denied, an unknown one 404; the rest and list_clients work."""
+    set_faults(
+        client,
+        phone_token_refusals={"blocked": 401, f"{CLIENT_ID}/demo-phone-2": 403, "x/gone": 404},
+    )
+    for phone in ("p1", "p2"):
+        refused = get_token_answer(client, "blocked", phone)
+        assert refused.status_code == 401
+        assert refused.json()["code"] == "unauthenticated"
+    number = get_token_answer(client, CLIENT_ID, "demo-phone-2")
+    assert (number.status_code, number.json()["code"]) == (403, "permission_denied")
+    gone = get_token_answer(client, "x", "gone")
+    assert (gone.status_code, gone.json()["code"]) == (404, "not_found")
+    assert get_token_answer(client, CLIENT_ID, PHONE_ID).status_code == 200
+    listed = client.get(f"{BASE}/list_clients", headers={"Authorization": system_token(client)})
+    assert listed.status_code == 200
+    assert client.get("/admin/faults").json()["phone_token_refusals"] == {
+        "blocked": 401,
+        f"{CLIENT_ID}/demo-phone-2": 403,
+        "x/gone": 404,
+    }
+    client.post("/admin/reset")
+    assert get_token_answer(client, "blocked", "p1").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("refusals", "fragment"),
+    [
+        ({"acme": 500}, "HTTP status in [401, 404]"),
+        ({"acme": 402}, "must be 401, 403 or 404"),
+        ({"a/b/c": 401}, "'client_id' or 'client_id/phone_id'"),
+        ({"": 401}, "'client_id' or 'client_id/phone_id'"),
+        (["acme"], "JSON object"),
+    ],
+)
+def test_bad_phone_token_refusals_are_rejected(
+    client: httpx.Client, refusals: Any, fragment: str
+) -> None:
+    """Invalid phone_token_refusals get 400 naming the problem."""
+    response = client.patch("/admin/faults", json={"phone_token_refusals": refusals})
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]
+
+
 # --- scripted responses ----------------------------------------------------------------
 
 

@@ -122,6 +122,11 @@ def test_a_missing_env_file_is_a_configuration_error(tmp_path: Path) -> None:
         ({"METRICS_PORT": "70000"}, "METRICS_PORT"),
         ({"MAX_JOB_BYTES": "10"}, "MAX_JOB_BYTES"),
         ({"VERLOOP_ENDPOINTS": '{"send": {"paht": "/x"}}'}, "VERLOOP_ENDPOINTS"),
+        ({"TOKEN_REFUSAL_TTL_S": "-1"}, "TOKEN_REFUSAL_TTL_S"),
+        ({"SYSTEM_TOKEN_CHECK_INTERVAL_S": "0"}, "SYSTEM_TOKEN_CHECK_INTERVAL_S"),
+        ({"TOKEN_LOCAL_MAX_ENTRIES": "0"}, "TOKEN_LOCAL_MAX_ENTRIES"),
+        ({"METRICS_MAX_LABEL_VALUES": "0"}, "METRICS_MAX_LABEL_VALUES"),
+        ({"METRICS_MAX_LABEL_VALUES": "many"}, "METRICS_MAX_LABEL_VALUES"),
     ],
 )
 def test_a_bad_value_is_a_configuration_error_naming_the_setting(

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from worker.errors import PermanentFailure
+from worker.errors import PermanentFailure, TransientFailure
 from worker.observability.logging import forget_secrets, scrub_text
 from worker.verloop.client import VerloopClient
 from worker.verloop.endpoints import resolve_endpoints
@@ -133,52 +133,220 @@ def test_many_threads_getting_the_token_log_in_only_once() -> None:
     assert slow.logins == 1
 
 
-def test_an_invalidated_token_is_replaced_by_logging_in_again(
-    client: VerloopClient, auth: FakeAuth
-) -> None:
-    """After invalidate(rejected), the next get() logs in again and returns the new token."""
-    system = with_login(client)
-    first = system.get()
-    assert system.invalidate(first) is True
-    assert system.get() == "obtained-token-2"
-    assert auth.logins == 2
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-def test_invalidating_a_token_already_replaced_keeps_the_current_one(
-    client: VerloopClient, auth: FakeAuth
-) -> None:
-    """A stale rejection (of a token already replaced) does not force another login."""
-    system = with_login(client)
-    first = system.get()
-    system.invalidate(first)
-    second = system.get()
-    system.invalidate(first)
-    assert system.get() == second
-    assert auth.logins == 2
+class FakeVerloop(FakeAuth):
+    """Auth plus list_clients, which refuses the tokens in ``refused`` (or answers
+    ``list_status`` to everyone when it is set)."""
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s=delay_s)
+        self.refused: set[str] = set()
+        self.list_status: int | None = None
+        self.checks: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/api/v2/whatsapp/list_clients":
+            return super().__call__(request)
+        token = request.headers["Authorization"]
+        with self._lock:
+            self.checks.append(token)
+        time.sleep(self.delay_s)
+        if self.list_status is not None:
+            return httpx.Response(self.list_status, json={"code": "x", "msg": "no"})
+        if token in self.refused:
+            return httpx.Response(401, json={"code": "unauthenticated", "msg": "bad token"})
+        return httpx.Response(200, json={"clients": []})
 
 
-def test_a_rejected_configured_token_falls_back_to_logging_in(
-    client: VerloopClient, auth: FakeAuth
-) -> None:
-    """With both a configured token and credentials, a rejected configured token is replaced."""
+@pytest.fixture
+def verloop() -> FakeVerloop:
+    return FakeVerloop()
+
+
+def system_for(
+    fake: FakeVerloop,
+    clock: Clock,
+    *,
+    configured: str | None = None,
+    login: bool = True,
+    interval_s: float = 60.0,
+) -> tuple[SystemToken, VerloopClient]:
+    client = make_verloop(fake)
     system = SystemToken(
-        client, token=SecretStr(CONFIGURED), username=USERNAME, password=SecretStr(PASSWORD)
+        client,
+        token=SecretStr(configured) if configured else None,
+        username=USERNAME if login else None,
+        password=SecretStr(PASSWORD) if login else None,
+        check_interval_s=interval_s,
+        clock=clock,
     )
-    assert system.get() == CONFIGURED
-    assert system.invalidate(CONFIGURED) is True
-    assert system.get() == "obtained-token-1"
-    assert auth.logins == 1
+    return system, client
 
 
-def test_a_rejected_configured_token_without_credentials_cannot_be_renewed(
-    client: VerloopClient, auth: FakeAuth
+def test_a_token_list_clients_refuses_is_dropped_and_replaced_by_one_login(
+    verloop: FakeVerloop,
 ) -> None:
-    """Without credentials a rejected configured token is gone, and get() fails permanently."""
-    system = SystemToken(client, token=SecretStr(CONFIGURED), username=None, password=None)
-    assert system.invalidate(CONFIGURED) is False
-    with pytest.raises(PermanentFailure, match="VERLOOP_SYSTEM_TOKEN"):
+    """get_phone_token and list_clients both refuse the token: it is refused, and the next
+    get() logs in again."""
+    system, client = system_for(verloop, Clock())
+    first = system.get()
+    verloop.refused.add(first)
+    assert system.is_refused(first) is True
+    assert system.get() == "obtained-token-2"
+    assert verloop.logins == 2
+    client.close()
+
+
+def test_a_token_list_clients_accepts_is_kept(verloop: FakeVerloop) -> None:
+    """A configured token list_clients accepts is not refused: no login, the same token."""
+    system, client = system_for(verloop, Clock(), configured=CONFIGURED)
+    assert system.is_refused(CONFIGURED) is False
+    assert verloop.checks == [CONFIGURED]
+    assert system.get() == CONFIGURED
+    assert verloop.logins == 0
+    client.close()
+
+
+def test_a_token_is_checked_at_most_once_per_interval(verloop: FakeVerloop) -> None:
+    """Refusals within SYSTEM_TOKEN_CHECK_INTERVAL_S reuse the check's answer; after it, the
+    token is checked again."""
+    clock = Clock()
+    system, client = system_for(verloop, clock, configured=CONFIGURED, interval_s=60)
+    for _ in range(5):
+        assert system.is_refused(CONFIGURED) is False
+    assert len(verloop.checks) == 1
+    clock.now += 61
+    assert system.is_refused(CONFIGURED) is False
+    assert len(verloop.checks) == 2
+    client.close()
+
+
+def test_a_token_just_obtained_by_logging_in_is_checked_too(verloop: FakeVerloop) -> None:
+    """A token revoked right after the login is still found out by the first refusal."""
+    system, client = system_for(verloop, Clock())
+    token = system.get()
+    verloop.refused.add(token)
+    assert system.is_refused(token) is True
+    assert verloop.checks == [token]
+    assert system.get() == "obtained-token-2"
+    client.close()
+
+
+def test_many_threads_refused_at_once_check_once_and_log_in_once() -> None:
+    """A burst of refusals with the same token: one list_clients check and one login, not one
+    per job."""
+    slow = FakeVerloop(delay_s=0.05)
+    system, client = system_for(slow, Clock(), configured=CONFIGURED)
+    slow.refused.add(CONFIGURED)
+    start = threading.Barrier(8)
+    answers: list[tuple[bool, str]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        start.wait()
+        refused = system.is_refused(CONFIGURED)
+        token = system.get()
+        with lock:
+            answers.append((refused, token))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    client.close()
+    assert answers == [(True, "obtained-token-1")] * 8
+    assert slow.checks == [CONFIGURED]
+    assert slow.logins == 1
+
+
+def test_a_refused_configured_token_without_credentials_is_tried_again_after_the_interval(
+    verloop: FakeVerloop,
+) -> None:
+    """Without a username and password a refused VERLOOP_SYSTEM_TOKEN fails get() for the
+    interval, saying so, and is used again after it."""
+    clock = Clock()
+    system, client = system_for(verloop, clock, configured=CONFIGURED, login=False)
+    verloop.refused.add(CONFIGURED)
+    assert system.is_refused(CONFIGURED) is True
+    with pytest.raises(PermanentFailure) as info:
         system.get()
-    assert auth.logins == 0
+    assert "Verloop refused VERLOOP_SYSTEM_TOKEN" in str(info.value)
+    assert "SYSTEM_TOKEN_CHECK_INTERVAL_S" in str(info.value)
+    assert CONFIGURED not in str(info.value)
+    clock.now += 61
+    assert system.get() == CONFIGURED
+    assert verloop.logins == 0
+    client.close()
+
+
+def test_a_refused_configured_token_with_credentials_falls_back_to_logging_in(
+    verloop: FakeVerloop,
+) -> None:
+    """With both a configured token and credentials, a refused configured token is replaced by
+    a login, for good."""
+    clock = Clock()
+    system, client = system_for(verloop, clock, configured=CONFIGURED)
+    assert system.get() == CONFIGURED
+    verloop.refused.add(CONFIGURED)
+    assert system.is_refused(CONFIGURED) is True
+    assert system.get() == "obtained-token-1"
+    clock.now += 3600
+    assert system.get() == "obtained-token-1"
+    assert verloop.logins == 1
+    client.close()
+
+
+def test_a_refused_login_is_not_tried_again_within_the_interval() -> None:
+    """A wrong password: one login attempt per interval, not one per job."""
+    refusing = FakeVerloop()
+    refusing.status = 401
+    clock = Clock()
+    system, client = system_for(refusing, clock)
+    for _ in range(3):
+        with pytest.raises(PermanentFailure, match="VERLOOP_USERNAME/VERLOOP_PASSWORD"):
+            system.get()
+    assert refusing.logins == 1
+    clock.now += 61
+    with pytest.raises(PermanentFailure):
+        system.get()
+    assert refusing.logins == 2
+    refusing.status = 200
+    clock.now += 61
+    assert system.get() == "obtained-token-3"
+    client.close()
+
+
+def test_a_check_that_cannot_reach_verloop_decides_nothing(verloop: FakeVerloop) -> None:
+    """list_clients answers 503: a transient failure (the job is retried), the token stays and
+    the next refusal checks again."""
+    system, client = system_for(verloop, Clock(), configured=CONFIGURED, login=False)
+    verloop.list_status = 503
+    with pytest.raises(TransientFailure):
+        system.is_refused(CONFIGURED)
+    assert system.get() == CONFIGURED
+    verloop.list_status = None
+    assert system.is_refused(CONFIGURED) is False
+    assert len(verloop.checks) == 2
+    client.close()
+
+
+def test_a_check_that_fails_without_refusing_keeps_the_token(verloop: FakeVerloop) -> None:
+    """list_clients answers 404 (a wrong path, say): that is no refusal of the token."""
+    system, client = system_for(verloop, Clock(), configured=CONFIGURED, login=False)
+    verloop.list_status = 404
+    assert system.is_refused(CONFIGURED) is False
+    assert system.get() == CONFIGURED
+    client.close()
 
 
 def test_a_wrong_password_is_a_permanent_failure_without_the_password() -> None:

@@ -5,22 +5,30 @@ multiprocess mode: every process writes to files in ``PROMETHEUS_MULTIPROC_DIR``
 exposition process serves them all on ``METRICS_BIND:METRICS_PORT``. ``verloop-worker run``
 sets that directory up (one per port, emptied at start) before any worker process starts.
 
-Labels are bounded: no recipient, message id or free text ever becomes a label. ``client_id``
-and ``phone_id`` are labels only once a job has been validated (they are the partner's own,
-finite set of numbers).
+Labels are bounded: no recipient, message id or free text ever becomes a label. ``client_id``,
+``phone_id`` and ``campaign_id`` are labels only once a job has been validated, and since a
+producer chooses them, a process gives each of these labels at most ``max_label_values``
+(``METRICS_MAX_LABEL_VALUES``) distinct values; later ones are counted under ``_other``.
+
+Every series whose label values are known in advance exists at zero from the start of a worker
+process (actor x lane x outcome, lane x deferral kind, the dead letters' queue x outcome x error
+class, endpoints, token sources, the numbers of the tokens file and ``RATE_LIMIT_OVERRIDES``),
+so ``increase()`` and the alerts see a series' first event. A number's quality-pause series and
+a campaign's outcome series start at zero when the number or campaign is first seen.
 
 =========================================  ====================================================
 metric                                     labels
 =========================================  ====================================================
-verloop_jobs_total                         actor, lane, outcome (sent, done, retrying,
-                                           deferred, dead_lettered, rejected)
+verloop_jobs_total                         actor, lane, outcome (sent, suppressed,
+                                           cancelled, done, retrying, deferred,
+                                           dead_lettered, rejected)
 verloop_sends_total                        lane, outcome, client_id, phone_id
+verloop_campaign_jobs_total                campaign_id, outcome (sent, dead_lettered,
+                                           suppressed, cancelled)
 verloop_job_duration_seconds               actor, lane
 verloop_dead_letters_total                 queue, outcome (invalid, failed, gave_up), error
 verloop_retries_total                      actor, lane
-verloop_deferrals_total                    lane, kind (rate_limit, recipient_cooling,
-                                           number_paused, campaign_paused,
-                                           limiter_unavailable, redis_unavailable)
+verloop_deferrals_total                    lane, kind (see DEFERRAL_KINDS)
 verloop_rate_limit_wait_seconds            lane
 verloop_number_rate_limit                  phone_id (configured messages/s)
 verloop_quality_pauses_total               phone_id (131048)
@@ -43,14 +51,18 @@ verloop_worker_thread_deaths_total         worker threads that died
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..jobs import ACTOR_QUEUES, CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 from ..outbox import PARK_KINDS
+from ..verloop.endpoints import DEFAULT_ENDPOINTS
+from ..verloop.tokens import TokenSource
 
-__all__ = ["Metrics"]
+__all__ = ["DEFERRAL_KINDS", "OTHER_LABEL_VALUE", "Metrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
@@ -59,7 +71,77 @@ _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 #: The writes after an accepted send (see ``worker.actors``).
 AFTER_SEND_STEPS = ("ledger", "campaign", "event")
 
-_FINAL_CAMPAIGN_OUTCOMES = frozenset({"sent", "dead_lettered", "suppressed", "cancelled"})
+_FINAL_CAMPAIGN_OUTCOMES = ("sent", "dead_lettered", "suppressed", "cancelled")
+
+#: The label value that stands for every client, number or campaign beyond the cap.
+OTHER_LABEL_VALUE = "_other"
+
+# --- label values known in advance (their series exist at zero from the start) ---------------
+_LANES = ("transactional", "campaign")
+#: Every ``Deferred.kind`` the worker raises (tests/unit/test_metrics.py keeps this complete).
+DEFERRAL_KINDS = (
+    "rate_limit",
+    "recipient_cooling",
+    "number_paused",
+    "campaign_paused",
+    "campaign_scheduled",
+    "scheduled",
+    "send_window",
+    "in_flight",
+    "limiter_unavailable",
+    "redis_unavailable",
+    "other",
+)
+_SEND_OUTCOMES = ("sent", "suppressed", "cancelled", "retrying", "deferred", "dead_lettered")
+_MANAGE_OUTCOMES = ("done", "retrying", "dead_lettered")
+#: A job whose body was not a job (worker.broker's UNDECODABLE_ACTOR) is dead-lettered.
+_UNDECODABLE_ACTOR = "verloop.undecodable"
+#: (outcome, error class) of the dead letters the worker's own errors make.
+_DEAD_LETTER_KINDS = (
+    ("invalid", "InvalidJob"),
+    ("failed", "PermanentFailure"),
+    ("failed", "TokenInvalid"),
+    ("gave_up", "TransientFailure"),
+)
+
+
+def _lane(queue: str) -> str:
+    # As worker.outcomes names a job's lane.
+    return "campaign" if queue == CAMPAIGN_QUEUE else "transactional"
+
+
+def _actor_lanes() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(actor, lane, outcomes) of every job the worker can finish."""
+    combos: list[tuple[str, str, tuple[str, ...]]] = []
+    for actor, queue in ACTOR_QUEUES.items():
+        send = actor == "send_message"
+        lanes = _LANES if send else (_lane(queue),)
+        # rejected: a retry or dead letter RabbitMQ did not confirm (see worker.outcomes).
+        outcomes = (*(_SEND_OUTCOMES if send else _MANAGE_OUTCOMES), "rejected")
+        combos.extend((actor, lane, outcomes) for lane in lanes)
+    combos.extend((_UNDECODABLE_ACTOR, lane, ("dead_lettered", "rejected")) for lane in _LANES)
+    return combos
+
+
+class _Capped:
+    """Admits at most ``limit`` distinct values of one label; later ones become ``_other``."""
+
+    def __init__(self, limit: int) -> None:
+        self._admitted: set[str] = set()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> tuple[str, bool]:
+        """The label value to use, and whether ``value`` was admitted just now."""
+        if value in self._admitted:
+            return value, False
+        with self._lock:
+            if value in self._admitted:
+                return value, False
+            if len(self._admitted) >= self._limit:
+                return OTHER_LABEL_VALUE, False
+            self._admitted.add(value)
+            return value, True
 
 
 class Metrics:
@@ -69,10 +151,15 @@ class Metrics:
         self,
         registry: CollectorRegistry | None = None,
         rate_for: Callable[[str], float] | None = None,
+        max_label_values: int = 500,
     ) -> None:
         self.rate_for = rate_for
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._limits_set: set[str] = set()
+        self._other_limit = 0.0
+        self._client_ids = _Capped(max_label_values)
+        self._phone_ids = _Capped(max_label_values)
+        self._campaign_ids = _Capped(max_label_values)
         # A registry of its own: in multiprocess mode values go to files whatever the registry,
         # and a private one lets tests create several instances in one process.
         registry = registry or CollectorRegistry(auto_describe=True)
@@ -170,7 +257,6 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-
         self.after_send_failures = Counter(
             "verloop_after_send_failures_total",
             "Writes after Verloop accepted a message that failed (ledger record, campaign "
@@ -210,12 +296,68 @@ class Metrics:
             "restarted).",
             registry=registry,
         )
+        self._start_known_series()
 
-        # Series whose labels are known exist from the start, so the first one counts.
+    def _start_known_series(self) -> None:
+        """Create, at zero, every series whose label values are known before any job."""
+        child = self._child
         for step in AFTER_SEND_STEPS:
-            self._child(self.after_send_failures, step)
+            child(self.after_send_failures, step)
         for kind in PARK_KINDS:
-            self._child(self.events_parked, kind)
+            child(self.events_parked, kind)
+        for state in ("expected", "alive", "dead", "stuck"):
+            child(self.worker_threads, state)  # set by the thread watch once it has looked
+        for actor, lane, outcomes in _actor_lanes():
+            for outcome in outcomes:
+                child(self.jobs, actor, lane, outcome)
+            if "retrying" in outcomes:
+                child(self.retries, actor, lane)
+            child(self.job_duration, actor, lane)
+        for lane in _LANES:
+            child(self.limit_wait, lane)
+            for kind in DEFERRAL_KINDS:
+                child(self.deferrals, lane, kind)
+        for queue in (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE):
+            for outcome, error in _DEAD_LETTER_KINDS:
+                child(self.dead_letters, queue, outcome, error)
+        for endpoint in DEFAULT_ENDPOINTS:
+            child(self.api_latency, endpoint)
+        for source in get_args(TokenSource):
+            child(self.token_lookups, source)
+        for result in ("published", "failed"):
+            child(self.events_relayed, result)
+
+    def add_known_numbers(
+        self, pairs: Iterable[tuple[str, str]], phone_ids: Iterable[str] = ()
+    ) -> None:
+        """Start at zero the series of numbers known from settings: the (client_id, phone_id)
+        pairs of the tokens file, and numbers with a rate of their own."""
+        for client_id, phone_id in pairs:
+            client, _ = self._client_ids(client_id)
+            phone = self._phone(phone_id)
+            for lane in _LANES:
+                for outcome in (*_SEND_OUTCOMES, "rejected"):
+                    self._child(self.sends, lane, outcome, client, phone)
+        for phone_id in phone_ids:
+            self._phone(phone_id)
+
+    def _phone(self, phone_id: str) -> str:
+        """The label of a sending number; its per-number series start when it is first seen."""
+        label, new = self._phone_ids(phone_id)
+        if new:
+            self._child(self.quality_pauses, label)
+        if self.rate_for is not None:
+            if label != OTHER_LABEL_VALUE:
+                if label not in self._limits_set:
+                    self.number_limit.labels(label).set(self.rate_for(phone_id))
+                    self._limits_set.add(label)
+            else:
+                # One gauge for every number beyond the cap: the highest of their limits.
+                rate = self.rate_for(phone_id)
+                if rate > self._other_limit:
+                    self._other_limit = rate
+                    self.number_limit.labels(label).set(rate)
+        return label
 
     def _child(self, metric: Any, *labels: str) -> Any:
         # prometheus-client's labels() validates and locks on every call; a job touches several
@@ -267,16 +409,18 @@ class Metrics:
         child(self.job_duration, actor, lane).observe(seconds)
         # message_type is bound only once a send_message job has been validated.
         if actor == "send_message" and "message_type" in fields:
-            phone_id = fields["phone_id"]
-            child(self.sends, lane, outcome, fields["client_id"], phone_id).inc()
-            if self.rate_for is not None and phone_id not in self._limits_set:
-                self.number_limit.labels(phone_id).set(self.rate_for(phone_id))
-                self._limits_set.add(phone_id)
+            phone = self._phone(fields["phone_id"])
+            client, _ = self._client_ids(fields["client_id"])
+            child(self.sends, lane, outcome, client, phone).inc()
             if fields.get("code") == "131048":
-                child(self.quality_pauses, phone_id).inc()
+                child(self.quality_pauses, phone).inc()
         campaign_id = fields.get("campaign_id")
         if campaign_id and outcome in _FINAL_CAMPAIGN_OUTCOMES:
-            child(self.campaign_jobs, campaign_id, outcome).inc()
+            campaign, new = self._campaign_ids(campaign_id)
+            if new:
+                for final in _FINAL_CAMPAIGN_OUTCOMES:
+                    child(self.campaign_jobs, campaign, final)
+            child(self.campaign_jobs, campaign, outcome).inc()
         if outcome == "dead_lettered":
             child(
                 self.dead_letters,

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from worker.sandbox.faults import FaultResponse, ScriptedResponse, default_error, digits_of
+from worker.sandbox.faults import (
+    FaultResponse,
+    ScriptedResponse,
+    default_error,
+    digits_of,
+    refusal_code,
+)
 from worker.sandbox.responses import (
     INVALID_JSON,
     bearer_token,
@@ -133,6 +139,17 @@ class _Api:
             return self._reply(400, twirp_error("invalid_argument", "client_id is required"))
         if not isinstance(phone_id, str) or not phone_id:
             return self._reply(400, twirp_error("invalid_argument", "phone_id is required"))
+        refusal = self._engine.faults.phone_token_refusal(client_id, phone_id)
+        if refusal is not None:
+            return self._reply(
+                refusal,
+                twirp_error(
+                    refusal_code(refusal),
+                    f"unknown client_id/phone_id {client_id}/{phone_id}"
+                    if refusal == 404
+                    else f"not allowed to get a token for {client_id}/{phone_id}",
+                ),
+            )
         token = self._state.tokens.phone_token(client_id, phone_id)
         if token is None:
             return self._reply(

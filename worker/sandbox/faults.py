@@ -27,6 +27,7 @@ __all__ = [
     "ScriptedResponse",
     "default_error",
     "digits_of",
+    "refusal_code",
 ]
 
 _NON_DIGITS: Final = re.compile(r"\D")
@@ -44,6 +45,12 @@ _DEFAULT_ERRORS: Final[Mapping[int, tuple[int, str]]] = {
     503: (131016, "Service unavailable"),
     504: (131000, "Gateway timeout"),
 }
+# Twirp codes of get_phone_token's refusals (the shape Verloop's other errors take).
+_REFUSAL_CODES: Final[Mapping[int, str]] = {
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+}
 # Graph API puts an error "type" only on request/auth errors.
 _TYPED_STATUSES: Final = frozenset({400, 401, 403, 404})
 
@@ -55,6 +62,11 @@ class FaultConfigError(ValueError):
 def digits_of(phone: str) -> str:
     """Return only the digits of ``phone`` (the WhatsApp ``wa_id`` form)."""
     return _NON_DIGITS.sub("", phone)
+
+
+def refusal_code(status: int) -> str:
+    """The Twirp code of a get_phone_token refusal with ``status`` (401, 403 or 404)."""
+    return _REFUSAL_CODES[status]
 
 
 def default_error(status: int) -> tuple[dict[str, Any], dict[str, str]]:
@@ -151,6 +163,10 @@ class Faults:
     """Seed for random faults; None = nondeterministic."""
     enforce_limits: bool = True
     """False: over-limit sends are accepted but counted as rate-limit violations."""
+    phone_token_refusals: Mapping[str, int] = field(default_factory=dict)
+    """``"client_id"`` (every number of it) or ``"client_id/phone_id"`` -> the status (401, 403
+    or 404) get_phone_token answers for it, with a valid system user token: a client or number
+    the partner may not use (401 looks exactly like a refused system token)."""
 
     def __post_init__(self) -> None:
         """Validate every field and take private copies of the mappings."""
@@ -186,11 +202,25 @@ class Faults:
                 "per_number_rate_overrides", self.per_number_rate_overrides
             ).items()
         }
+        refusals = {}
+        for target, status in _object("phone_token_refusals", self.phone_token_refusals).items():
+            if not isinstance(target, str) or not target or target.count("/") > 1:
+                raise FaultConfigError(
+                    f"phone_token_refusals keys must be 'client_id' or 'client_id/phone_id', "
+                    f"got {target!r}"
+                )
+            code = _status(f"phone_token_refusals[{target}]", status, low=401, high=404)
+            if code not in _REFUSAL_CODES:
+                raise FaultConfigError(
+                    f"phone_token_refusals[{target}] must be 401, 403 or 404, got {status!r}"
+                )
+            refusals[target] = code
         for name, value in floats.items():
             object.__setattr__(self, name, value)
         # Private copies: a frozen config must not change when the caller's dict does.
         object.__setattr__(self, "error_rates", error_rates)
         object.__setattr__(self, "per_number_rate_overrides", overrides)
+        object.__setattr__(self, "phone_token_refusals", refusals)
 
     @classmethod
     def from_json(cls, data: object) -> Faults:
@@ -216,7 +246,13 @@ class Faults:
             "per_pair_window_s": self.per_pair_window_s,
             "seed": self.seed,
             "enforce_limits": self.enforce_limits,
+            "phone_token_refusals": dict(self.phone_token_refusals),
         }
+
+    def phone_token_refusal(self, client_id: str, phone_id: str) -> int | None:
+        """The status get_phone_token refuses (client_id, phone_id) with, or None."""
+        refusals = self.phone_token_refusals
+        return refusals.get(f"{client_id}/{phone_id}", refusals.get(client_id))
 
     def rate_for(self, phone_id: str) -> float | None:
         """Return the per-second send limit for ``phone_id`` (None = unlimited)."""
