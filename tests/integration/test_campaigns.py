@@ -130,9 +130,9 @@ def test_jobs_outside_the_send_window_wait_for_it(
     store: CampaignStore,
 ) -> None:
     # A one-minute window twelve hours from now is closed at the moment.
-    opens = time.gmtime(time.time() + 12 * 3600)
+    opens, closes = (time.gmtime(time.time() + 12 * 3600 + extra) for extra in (0, 60))
     start = f"{opens.tm_hour:02d}:{opens.tm_min:02d}"
-    end = f"{opens.tm_hour:02d}:{(opens.tm_min + 1) % 60:02d}"
+    end = f"{closes.tm_hour:02d}:{closes.tm_min:02d}"  # at :59 the hour turns too
     create(store, "night", 3, window_start=start, window_end=end, timezone="UTC")
     start_worker(**FAST)
     enqueue(producer, "night", 3)
