@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,6 +115,8 @@ def run(
     VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and VERLOOP_PASSWORD.
     """
     settings = obj.settings()
+    if sandbox:
+        _refuse_real_verloop_settings(settings, sandbox_url, obj.env_file)
     try:
         settings.load_phone_tokens()  # a broken tokens file stops us here, not in every process
     except ConfigurationError as exc:
@@ -195,6 +198,45 @@ def _supervise(command: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     return proc.wait()
+
+
+#: Settings that aim a run at the real Verloop: --sandbox refuses to start when the user gave
+#: any of them, since only the URL and the login are replaced by the simulator's (the system
+#: token is dropped with --sandbox-url, letting a settings file's one through, and the phone
+#: tokens file is read as it is) and the rest would reach the simulator.
+_REAL_VERLOOP_SETTINGS = (
+    "verloop_system_token",
+    "verloop_username",
+    "verloop_password",
+    "verloop_phone_tokens_file",
+)
+
+
+def _refuse_real_verloop_settings(
+    settings: Settings, sandbox_url: str | None, env_file: Path | None
+) -> None:
+    """Stop ``run --sandbox`` (exit 2) when the user's own settings carry Verloop credentials
+    or another Verloop URL; called before :func:`_maybe_sandbox` sets the simulator's."""
+    given = settings.model_fields_set
+    names = [name for name in _REAL_VERLOOP_SETTINGS if name in given]
+    if "verloop_base_url" in given and (
+        sandbox_url is None or settings.verloop_base_url != sandbox_url.rstrip("/")
+    ):
+        names.append("verloop_base_url")
+    if not names:
+        return
+    file = env_file or os.environ.get("VERLOOP_WORKER_ENV_FILE") or "the settings file"
+    in_environment = {key.upper() for key, value in os.environ.items() if value}
+    where = [
+        f"{name.upper()} (from {'the environment' if name.upper() in in_environment else file})"
+        for name in names
+    ]
+    raise click.UsageError(
+        "--sandbox will not run with real Verloop settings, which would be sent to the "
+        f"simulator: {', '.join(where)}. The simulator brings its own URL and login: unset "
+        "these, or use a settings file without them (VERLOOP_BASE_URL may name the simulator "
+        "given with --sandbox-url)."
+    )
 
 
 @contextmanager
@@ -408,10 +450,12 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
     amqp = settings.amqp_url.get_secret_value()
     amqp_problem = None
     try:
-        params = pika.URLParameters(amqp)
+        params = _amqp_parameters(amqp)
         params.connection_attempts = 1
         params.socket_timeout = 3
         pika.BlockingConnection(params).close()
+    except _UnusableUrl as exc:
+        amqp_problem = _unusable_url("AMQP_URL", mask_url(amqp), exc.cause)
     except (pika.exceptions.AMQPError, OSError) as exc:
         amqp_problem = f"cannot connect to {mask_url(amqp)} ({type(exc).__name__}). " + (
             _tls_hint(exc, "AMQP_URL", "?ssl_options={'ca_certs': '/path/ca.pem'}")
@@ -419,9 +463,15 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
         )
     redis_url = mask_url(settings.redis_url.get_secret_value())
     redis_problem = None
-    client = open_redis(settings)
+    try:
+        client = open_redis(settings)
+    except (ValueError, TypeError) as exc:
+        problem = _unusable_url("REDIS_URL", redis_url, exc)
+        return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, problem)]
     try:
         client.ping()
+    except (ValueError, TypeError) as exc:  # redis-py checks some URL parameters only now
+        redis_problem = _unusable_url("REDIS_URL", redis_url, exc)
     except redis.AuthenticationError as exc:
         redis_problem = (
             f"{redis_url} refused the password in REDIS_URL ({type(exc).__name__}); "
@@ -435,6 +485,32 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
     finally:
         client.close()
     return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, redis_problem)]
+
+
+class _UnusableUrl(Exception):
+    def __init__(self, cause: Exception) -> None:
+        self.cause = cause
+
+
+def _amqp_parameters(url: str) -> pika.URLParameters:
+    try:
+        return pika.URLParameters(url)
+    except Exception as exc:  # noqa: BLE001 - pika raises many kinds (a SyntaxError quoting ssl_options)
+        raise _UnusableUrl(exc) from None
+
+
+def _unusable_url(setting: str, masked_url: str, exc: Exception) -> str:
+    """A URL the client library refused to read: the parameter it names, never its message.
+
+    Those messages can quote a value (pika evaluates ``ssl_options``, which may hold a key
+    file's password), so only a parameter name found in one is shown.
+    """
+    named = re.search(r"(?:parameter|argument)\W+'(\w+)'", str(exc))
+    which = f": it does not take the parameter {named.group(1)!r}" if named else ""
+    return (
+        f"{setting} {masked_url} is not a URL the client accepts ({type(exc).__name__}{which}); "
+        "see config/example.env"
+    )
 
 
 def _tls_hint(exc: BaseException, setting: str, ca_option: str) -> str | None:

@@ -7,6 +7,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from worker.producer import Producer
 
 from .conftest import (
@@ -132,6 +134,109 @@ def test_check_reports_a_dead_redis_with_how_to_start_it(simulator: Simulator) -
     assert "✗ Redis: cannot connect to redis://:***@127.0.0.1:1/0" in result.stdout
     assert "redis-server" in result.stdout
     assert "s3cret-pass" not in result.stdout + result.stderr
+
+
+#: (AMQP_URL, REDIS_URL) pairs whose passwords hold @, : and %40, sit in the userinfo or the
+#: query, for every scheme. Each password holds a marker that must never be printed.
+_AWKWARD_URLS = [
+    (
+        "amqp://guest:p@SECRET-A1:x@127.0.0.1:5672/verloop-test-a",
+        "redis://:r@SECRET-R1:y@127.0.0.1:6379/13",
+    ),
+    (
+        "amqps://guest:p%40SECRET-A2@127.0.0.1:5672/%2F",
+        "rediss://user:r%40SECRET-R2%3A@127.0.0.1:6379/13",
+    ),
+    (
+        "amqp://guest:guest@127.0.0.1:5672/%2F?password=SECRET-A3&heartbeat=5",
+        "redis://127.0.0.1:6379/13?password=SECRET-R3",
+    ),
+    (
+        "amqps://guest:pw:SECRET-A4@127.0.0.1:5672/%2F?ssl_options=%7B%27password%27%3A%27SECRET-A5",
+        "rediss://127.0.0.1:6379/13?PassWord=SECRET-R4",
+    ),
+]
+
+
+@pytest.mark.parametrize(("amqp_url", "redis_url"), _AWKWARD_URLS)
+def test_check_never_prints_a_password_however_the_url_carries_it(
+    simulator: Simulator, amqp_url: str, redis_url: str
+) -> None:
+    """Refused, unreachable over TLS, or not parsable at all: every line names the service and
+    its masked URL, and no part of a password reaches the output."""
+    result = cli(simulator, "check", "--services-only", AMQP_URL=amqp_url, REDIS_URL=redis_url)
+    output = result.stdout + result.stderr
+    assert "SECRET" not in output, output
+    assert "Traceback" not in output
+    assert result.stdout.count("127.0.0.1:5672") == result.stdout.count("127.0.0.1:6379") == 1
+    assert "***" in result.stdout
+
+
+def test_run_sandbox_refuses_a_settings_file_with_real_credentials(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """`run --sandbox --env-file prod.env` would send prod.env's system token (and the phone
+    tokens file's tokens) to the simulator: exit 2 naming the settings, no secret printed,
+    nothing started."""
+    tokens = tmp_path / "phone-tokens.json"
+    tokens.write_text(json.dumps({"acme": {"phone-1": "real-phone-token-77"}}))
+    prod = tmp_path / "prod.env"
+    prod.write_text(
+        f"VERLOOP_SYSTEM_TOKEN=real-system-token-42\nVERLOOP_PHONE_TOKENS_FILE={tokens}\n"
+    )
+    result = cli(
+        simulator,
+        "--env-file",
+        str(prod),
+        "run",
+        "--sandbox",
+        VERLOOP_BASE_URL="",
+        VERLOOP_USERNAME="",
+        VERLOOP_PASSWORD="",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--sandbox will not run with real Verloop settings" in result.stderr
+    assert f"VERLOOP_SYSTEM_TOKEN (from {prod})" in result.stderr
+    assert f"VERLOOP_PHONE_TOKENS_FILE (from {prod})" in result.stderr
+    assert "SANDBOX MODE" not in result.stderr  # refused before the simulator started
+    assert "real-system-token-42" not in result.stdout + result.stderr
+    assert "real-phone-token-77" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"VERLOOP_USERNAME": "ops@acme", "VERLOOP_PASSWORD": "real-password-9"},
+        {"VERLOOP_BASE_URL": "https://partners.verloop.io"},
+    ],
+)
+def test_run_sandbox_refuses_credentials_or_a_verloop_url_from_the_environment(
+    simulator: Simulator, env: dict[str, str]
+) -> None:
+    """The check looks at what the user gave, before the sandbox sets its own values."""
+    blank = {"VERLOOP_BASE_URL": "", "VERLOOP_USERNAME": "", "VERLOOP_PASSWORD": ""}
+    result = cli(simulator, "run", "--sandbox", **{**blank, **env})
+    assert result.returncode == 2, result.stderr
+    for name in env:
+        assert f"{name} (from the environment)" in result.stderr
+    assert "real-password-9" not in result.stdout + result.stderr
+
+
+def test_run_sandbox_url_accepts_a_base_url_naming_that_simulator(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """VERLOOP_BASE_URL equal to --sandbox-url is not a reason to refuse: the worker starts."""
+    with worker_process(
+        simulator,
+        tmp_path / "worker.log",
+        "--sandbox",
+        "--sandbox-url",
+        simulator.url,
+        VERLOOP_USERNAME="",
+        VERLOOP_PASSWORD="",
+    ) as proc:
+        assert proc.poll() is None
+    assert b"SANDBOX MODE" in (tmp_path / "worker.log").read_bytes()
 
 
 def test_run_refuses_to_start_without_verloop_credentials(simulator: Simulator) -> None:
