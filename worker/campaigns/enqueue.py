@@ -62,6 +62,7 @@ __all__ = [
     "default_campaign_id",
     "encode_envelope",
     "enqueue_campaign",
+    "spreadsheet_safe",
 ]
 
 #: Rows handled per turn of the event loop, so acks and socket writes are served in between.
@@ -118,8 +119,22 @@ def default_campaign_id(path: Path, *, client_id: str, template: str, language: 
 
 
 # --- the rejects file ---------------------------------------------------------------------------
+#: Spreadsheets run a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """``cell``, with a single quote in front if a spreadsheet would run it as a formula.
+
+    OWASP's defence against CSV injection: the rejects file copies cells from a file anyone may
+    have written, and operators open it in a spreadsheet. A quote makes the cell text.
+    """
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
 class _Rejects:
-    """CSV of rejected rows: ``row``, ``reason``, then the row's original values.
+    """CSV of rejected rows: ``row``, ``reason``, then the row's original values, each made
+    :func:`spreadsheet_safe` (so ``+919876543210`` is written ``'+919876543210``).
 
     On a resume, lines for rows past the checkpoint (written before a crash, not yet covered by
     a checkpoint) are cut off first: those rows are read again and rejected again.
@@ -144,8 +159,10 @@ class _Rejects:
             )
             self._writer = csv.writer(self._handle)
             if fresh:
-                self._writer.writerow(["row", "reason", *self.columns])
-        self._writer.writerow([row.number, reason, *row.fields])
+                self._writer.writerow(["row", "reason", *map(spreadsheet_safe, self.columns)])
+        self._writer.writerow(
+            [row.number, spreadsheet_safe(reason), *map(spreadsheet_safe, row.fields)]
+        )
 
     def flush(self) -> None:
         if self._handle is not None:
