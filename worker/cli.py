@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from .cli_settings import SettingsContext
 from .dlq_cli import dlq
 from .errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
 from .jobs import SEND_QUEUE, jobs_json_schema
+from .lifeline import PARENT_PID_VARIABLE
 from .management_cli import clients, tokens
 from .observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text
 from .phones import mask_phone
@@ -128,6 +130,8 @@ def run(
             "no Verloop credentials: set VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and "
             "VERLOOP_PASSWORD (see config/example.env), or try it with --sandbox"
         )
+    if settings.metrics_port:
+        _check_metrics_port(settings)
     fmt = resolve_log_format(settings.log_format)
     configure_logging(fmt, settings.log_level)
     # Worker processes write to a pipe, so the terminal is judged here, once.
@@ -188,9 +192,12 @@ def _supervise(command: list[str]) -> int:
     """Run dramatiq's process manager in its own session and pass stop signals on to it.
 
     A session of its own means a terminal's Ctrl-C reaches it once, through us, instead of
-    twice (dramatiq takes a second signal as "kill now").
+    twice (dramatiq takes a second signal as "kill now"). It stops when we die, even by
+    SIGKILL (:mod:`worker.lifeline`).
     """
-    proc = subprocess.Popen(command, start_new_session=True)  # noqa: S603 - our own module
+    proc = subprocess.Popen(  # noqa: S603 - our own module
+        command, start_new_session=True, env=_child_environment()
+    )
 
     def forward(signum: int, _: object) -> None:
         proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -239,6 +246,44 @@ def _refuse_real_verloop_settings(
     )
 
 
+def _child_environment() -> dict[str, str]:
+    """This process's environment, naming it as the parent its child must not outlive."""
+    return {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())}
+
+
+def _check_metrics_port(settings: Settings) -> None:
+    """Refuse to start (exit 2) when the metrics port cannot be bound.
+
+    dramatiq's exposition process would fail on it with a traceback, and the instance would
+    run without metrics. Bound as http.server binds it (SO_REUSEADDR), so a port the last
+    instance left in TIME_WAIT is not mistaken for a taken one.
+    """
+    where = f"{settings.metrics_bind}:{settings.metrics_port}"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.metrics_bind, settings.metrics_port))
+        except socket.gaierror as exc:
+            raise _SettingsProblem(
+                f"METRICS_BIND {settings.metrics_bind!r} is not an IPv4 address or host name "
+                f"of this machine ({exc.strerror}); set METRICS_BIND (default 0.0.0.0)"
+            ) from None
+        except OSError as exc:
+            raise _SettingsProblem(
+                f"the metrics port {where} (METRICS_BIND:METRICS_PORT) cannot be used: "
+                f"{exc.strerror}. Another verloop-worker instance on this host, or another "
+                f"program, holds it (`ss -ltnp 'sport = :{settings.metrics_port}'` shows "
+                "which). Stop it, or give this instance a METRICS_PORT of its own "
+                "(METRICS_PORT=0 turns metrics off)."
+            ) from None
+
+
+class _SettingsProblem(click.ClickException):
+    """Settings that cannot work on this host: exit code 2, like other bad settings."""
+
+    exit_code = 2
+
+
 @contextmanager
 def _maybe_sandbox(enabled: bool, url: str | None) -> Iterator[str | None]:
     """Start the simulator (unless given its URL) and point this process's settings at it."""
@@ -264,6 +309,7 @@ def _maybe_sandbox(enabled: bool, url: str | None) -> Iterator[str | None]:
             ],
             stdout=subprocess.PIPE,
             text=True,
+            env=_child_environment(),
         )
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()

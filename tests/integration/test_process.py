@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from .conftest import (
     VENV_BIN,
     Simulator,
     dead_letters,
+    free_port,
     queue_depth,
     wait_until,
     worker_env,
@@ -65,6 +69,130 @@ def test_sigterm_during_in_flight_sends_loses_nothing_and_sends_nothing_twice(
     assert simulator.stats()["duplicates"] == 0
     assert queue_depth("verloop.send") == 0
     assert dead_letters() == []
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid``, read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] not in ("Z", "X"):
+                    parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_sigkilled_run_takes_every_worker_process_with_it_and_loses_no_job(
+    simulator: Simulator, producer: Producer, tmp_path: Path
+) -> None:
+    """`kill -9` of `verloop-worker run` with sends in flight: dramatiq's process manager, its
+    worker processes and its metrics process all stop within seconds (in-flight sends finish
+    first), the metrics port is free again, and a new worker sends every job exactly once."""
+    simulator.faults(latency_ms=400)
+    port = free_port()
+    keys = [f"job-{n}" for n in range(24)]
+    with worker_process(
+        simulator,
+        tmp_path / "first.log",
+        "--processes",
+        "2",
+        "--threads",
+        "2",
+        METRICS_PORT=str(port),
+        METRICS_BIND="127.0.0.1",
+    ) as run:
+        fleet = wait_until(lambda: len(descendants(run.pid)) >= 4 and descendants(run.pid))
+        assert sum("worker.supervisor" in command_line(p) for p in fleet) == 4  # 1 + 2 + metrics
+        for n, key in enumerate(keys):
+            producer.send_message(
+                client_id="acme",
+                phone_id="phone-1",
+                to=f"+9198765{n:05d}",
+                message=TEXT,
+                idempotency_key=key,
+            )
+        wait_until(lambda: simulator.stats()["in_flight"] >= 1)
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+        wait_until(lambda: not any(alive(p) for p in fleet), timeout=10)
+    assert port_is_free(port)
+    assert simulator.stats()["in_flight"] == 0
+    assert len(simulator.messages()) < len(keys)  # the fleet was stopped mid-run
+
+    with worker_process(simulator, tmp_path / "second.log", "--threads", "8"):
+        wait_until(lambda: len(simulator.messages()) >= len(keys), timeout=30)
+    assert sorted(m["idempotency_key"] for m in simulator.messages()) == sorted(keys)
+    assert simulator.stats()["duplicates"] == 0
+    assert queue_depth("verloop.send") == 0
+    assert dead_letters() == []
+
+
+def test_a_sigkilled_process_manager_takes_its_worker_processes_with_it(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """dramatiq's process manager itself killed: its worker and metrics processes stop, and
+    `run` exits with an error instead of waiting for nothing."""
+    with worker_process(
+        simulator,
+        tmp_path / "worker.log",
+        "--processes",
+        "2",
+        METRICS_PORT=str(free_port()),
+        METRICS_BIND="127.0.0.1",
+    ) as run:
+        fleet = wait_until(lambda: len(descendants(run.pid)) >= 4 and descendants(run.pid))
+        [manager] = [p for p in fleet if descendants(p) and "worker.supervisor" in command_line(p)]
+        os.kill(manager, signal.SIGKILL)
+        wait_until(lambda: not any(alive(p) for p in fleet), timeout=10)
+        assert run.wait(timeout=10) != 0
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("Stopping worker process") == 2
+    assert "Killing worker process" not in log  # one SIGTERM each: a clean stop
+
+
+def test_run_refuses_to_start_when_its_metrics_port_is_taken(simulator: Simulator) -> None:
+    """Exit 2 naming the port and what to do, instead of a worker without metrics."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = cli(simulator, "run", METRICS_PORT=str(port), METRICS_BIND="127.0.0.1")
+    assert result.returncode == 2, result.stderr
+    assert f"the metrics port 127.0.0.1:{port} (METRICS_BIND:METRICS_PORT)" in result.stderr
+    assert "METRICS_PORT=0 turns metrics off" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "ready for action" not in result.stdout + result.stderr
 
 
 def test_no_token_or_password_reaches_the_logs_or_dead_letters(
