@@ -181,6 +181,19 @@ def test_a_sigkilled_process_manager_takes_its_worker_processes_with_it(
     assert "Killing worker process" not in log  # one SIGTERM each: a clean stop
 
 
+def test_a_sigkilled_sandbox_run_takes_its_simulator_with_it(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """With --sandbox, `run` also starts the simulator: it stops too."""
+    blank = {"VERLOOP_BASE_URL": "", "VERLOOP_USERNAME": "", "VERLOOP_PASSWORD": ""}
+    with worker_process(simulator, tmp_path / "worker.log", "--sandbox", **blank) as run:
+        fleet = wait_until(lambda: len(descendants(run.pid)) >= 3 and descendants(run.pid))
+        assert any("worker.sandbox" in command_line(p) for p in fleet)
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+        wait_until(lambda: not any(alive(p) for p in fleet), timeout=10)
+
+
 def test_run_refuses_to_start_when_its_metrics_port_is_taken(simulator: Simulator) -> None:
     """Exit 2 naming the port and what to do, instead of a worker without metrics."""
     with socket.socket() as holder:
