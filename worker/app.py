@@ -15,6 +15,7 @@ from dramatiq.middleware import Middleware
 from .actors import register_actors
 from .broker import VerloopBroker, build_broker
 from .jobs import CAMPAIGN_QUEUE, JOB_MODELS
+from .jobs_exchange import JobsExchange
 from .observability.logging import DirectStream, configure_logging
 from .observability.metrics import Metrics
 from .outcomes import JobOutcomes, RetryPolicy
@@ -66,7 +67,12 @@ def create_app(settings: Settings) -> WorkerApp:
         known_actors=frozenset(JOB_MODELS),
         low_priority_queues=frozenset({CAMPAIGN_QUEUE}),
         events_exchange=settings.outcome_exchange,
-        middleware=[*middleware, lifecycle, outcomes],
+        middleware=[
+            *middleware,
+            lifecycle,
+            outcomes,
+            JobsExchange(settings.amqp_url.get_secret_value(), settings.jobs_exchange),
+        ],
     )
     actors = register_actors(broker, lifecycle)
     # Campaign sends use the send_message actor from their own queue (its own lane).
