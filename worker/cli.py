@@ -396,7 +396,9 @@ def send(
     message = _message_from_options(text, template, language, params, message_json)
     settings = obj.settings()
     try:
-        with Producer(settings.amqp_url.get_secret_value()) as producer:
+        with Producer(
+            settings.amqp_url.get_secret_value(), exchange=settings.producer_exchange
+        ) as producer:
             message_id = producer.send_message(
                 client_id=client_id,
                 phone_id=phone_id,

@@ -214,6 +214,7 @@ class _Run:
         self,
         *,
         amqp_url: str,
+        exchange: str,
         rows: Iterator[RawRow],
         validator: RowValidator,
         rejects: _Rejects,
@@ -225,6 +226,7 @@ class _Run:
         progress: Callable[[int], None] | None,
     ) -> None:
         self.amqp_url = amqp_url
+        self.exchange = exchange
         self.rows = rows
         self.validator = validator
         self.rejects = rejects
@@ -298,6 +300,10 @@ class _Run:
         channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_ok)
 
     def _on_confirm_ok(self, _: Any) -> None:
+        if self.exchange:
+            # Needs no permission; a missing exchange closes the channel, naming it.
+            self.channel.exchange_declare(self.exchange, passive=True, callback=self._on_declared)
+            return
         self.channel.queue_declare(
             CAMPAIGN_QUEUE,
             durable=True,
@@ -360,7 +366,7 @@ class _Run:
                 self.rejects.write(row, reason)
                 continue
             self.channel.basic_publish(
-                "",
+                self.exchange,
                 CAMPAIGN_QUEUE,
                 body,
                 pika.BasicProperties(
@@ -432,7 +438,8 @@ class _Run:
         rows = [p.row for p in self.pending if p.message_id == properties.message_id]
         self._fail(
             self._stopped_at(
-                f"RabbitMQ could not route row(s) {_rows(rows)} to {CAMPAIGN_QUEUE} "
+                f"RabbitMQ could not route row(s) {_rows(rows)} to {CAMPAIGN_QUEUE}"
+                f"{f' through exchange {self.exchange!r}' if self.exchange else ''} "
                 f"({method.reply_text})"
             )
         )
@@ -541,6 +548,7 @@ def enqueue_campaign(
     *,
     amqp_url: str,
     store: CampaignStore,
+    exchange: str = "",
     rejects_path: Path | None = None,
     file_format: FileFormat | None = None,
     batch_size: int = 2000,
@@ -549,7 +557,9 @@ def enqueue_campaign(
     progress: Callable[[int, int], None] | None = None,
 ) -> EnqueueResult:
     """Enqueue every valid row of ``path`` as a ``send_message`` job, resuming if the campaign
-    exists. ``progress(bytes_read, rows_read)`` is called as the file is read.
+    exists. ``progress(bytes_read, rows_read)`` is called as the file is read. Jobs go to
+    ``exchange`` with the queue name as routing key: ``""`` is the default exchange (the queue
+    is declared first), else the jobs exchange (nothing declared; see worker.jobs_exchange).
 
     Raises:
         CampaignInputError: the file, its columns or ``spec`` cannot make a campaign.
@@ -618,6 +628,7 @@ def enqueue_campaign(
 
         run = _Run(
             amqp_url=amqp_url,
+            exchange=exchange,
             rows=rows,
             validator=validator,
             rejects=rejects,
