@@ -18,6 +18,7 @@ from .actors import register_actors
 from .broker import VerloopBroker, build_broker
 from .health import HEALTH_DIR_ENV, ThreadWatch
 from .jobs import CAMPAIGN_QUEUE, JOB_MODELS
+from .jobs_exchange import JobsExchange
 from .observability.logging import DirectStream, configure_logging
 from .observability.metrics import Metrics
 from .outcomes import JobOutcomes, RetryPolicy
@@ -78,7 +79,13 @@ def create_app(settings: Settings) -> WorkerApp:
         low_priority_queues=frozenset({CAMPAIGN_QUEUE}),
         events_exchange=settings.outcome_exchange,
         max_delay_s=settings.max_job_delay_s,
-        middleware=[*middleware, watch, lifecycle, outcomes],
+        middleware=[
+            *middleware,
+            watch,
+            lifecycle,
+            outcomes,
+            JobsExchange(settings.amqp_url.get_secret_value(), settings.jobs_exchange),
+        ],
     )
     actors = register_actors(broker, lifecycle)
     # Campaign sends use the send_message actor from their own queue (its own lane).

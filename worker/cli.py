@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from .dlq_cli import dlq
 from .errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
 from .health import HEALTH_DIR_ENV, health_dir, read_health
 from .jobs import SEND_QUEUE, jobs_json_schema
+from .lifeline import PARENT_PID_VARIABLE
 from .management_cli import clients, tokens
 from .observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text
 from .phones import mask_phone
@@ -115,6 +118,8 @@ def run(
     VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and VERLOOP_PASSWORD.
     """
     settings = obj.settings()
+    if sandbox:
+        _refuse_real_verloop_settings(settings, sandbox_url, obj.env_file)
     try:
         settings.load_phone_tokens()  # a broken tokens file stops us here, not in every process
     except ConfigurationError as exc:
@@ -126,6 +131,8 @@ def run(
             "no Verloop credentials: set VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and "
             "VERLOOP_PASSWORD (see config/example.env), or try it with --sandbox"
         )
+    if settings.metrics_port:
+        _check_metrics_port(settings)
     fmt = resolve_log_format(settings.log_format)
     configure_logging(fmt, settings.log_level)
     # Worker processes write to a pipe, so the terminal is judged here, once.
@@ -196,9 +203,12 @@ def _supervise(command: list[str]) -> int:
     """Run dramatiq's process manager in its own session and pass stop signals on to it.
 
     A session of its own means a terminal's Ctrl-C reaches it once, through us, instead of
-    twice (dramatiq takes a second signal as "kill now").
+    twice (dramatiq takes a second signal as "kill now"). It stops when we die, even by
+    SIGKILL (:mod:`worker.lifeline`).
     """
-    proc = subprocess.Popen(command, start_new_session=True)  # noqa: S603 - our own module
+    proc = subprocess.Popen(  # noqa: S603 - our own module
+        command, start_new_session=True, env=_child_environment()
+    )
 
     def forward(signum: int, _: object) -> None:
         proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -206,6 +216,83 @@ def _supervise(command: list[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     return proc.wait()
+
+
+#: Settings that aim a run at the real Verloop: --sandbox refuses to start when the user gave
+#: any of them, since only the URL and the login are replaced by the simulator's (the system
+#: token is dropped with --sandbox-url, letting a settings file's one through, and the phone
+#: tokens file is read as it is) and the rest would reach the simulator.
+_REAL_VERLOOP_SETTINGS = (
+    "verloop_system_token",
+    "verloop_username",
+    "verloop_password",
+    "verloop_phone_tokens_file",
+)
+
+
+def _refuse_real_verloop_settings(
+    settings: Settings, sandbox_url: str | None, env_file: Path | None
+) -> None:
+    """Stop ``run --sandbox`` (exit 2) when the user's own settings carry Verloop credentials
+    or another Verloop URL; called before :func:`_maybe_sandbox` sets the simulator's."""
+    given = settings.model_fields_set
+    names = [name for name in _REAL_VERLOOP_SETTINGS if name in given]
+    if "verloop_base_url" in given and (
+        sandbox_url is None or settings.verloop_base_url != sandbox_url.rstrip("/")
+    ):
+        names.append("verloop_base_url")
+    if not names:
+        return
+    file = env_file or os.environ.get("VERLOOP_WORKER_ENV_FILE") or "the settings file"
+    in_environment = {key.upper() for key, value in os.environ.items() if value}
+    where = [
+        f"{name.upper()} (from {'the environment' if name.upper() in in_environment else file})"
+        for name in names
+    ]
+    raise click.UsageError(
+        "--sandbox will not run with real Verloop settings, which would be sent to the "
+        f"simulator: {', '.join(where)}. The simulator brings its own URL and login: unset "
+        "these, or use a settings file without them (VERLOOP_BASE_URL may name the simulator "
+        "given with --sandbox-url)."
+    )
+
+
+def _child_environment() -> dict[str, str]:
+    """This process's environment, naming it as the parent its child must not outlive."""
+    return {**os.environ, PARENT_PID_VARIABLE: str(os.getpid())}
+
+
+def _check_metrics_port(settings: Settings) -> None:
+    """Refuse to start (exit 2) when the metrics port cannot be bound.
+
+    dramatiq's exposition process would fail on it with a traceback, and the instance would
+    run without metrics. Bound as http.server binds it (SO_REUSEADDR), so a port the last
+    instance left in TIME_WAIT is not mistaken for a taken one.
+    """
+    where = f"{settings.metrics_bind}:{settings.metrics_port}"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.metrics_bind, settings.metrics_port))
+        except socket.gaierror as exc:
+            raise _SettingsProblem(
+                f"METRICS_BIND {settings.metrics_bind!r} is not an IPv4 address or host name "
+                f"of this machine ({exc.strerror}); set METRICS_BIND (default 0.0.0.0)"
+            ) from None
+        except OSError as exc:
+            raise _SettingsProblem(
+                f"the metrics port {where} (METRICS_BIND:METRICS_PORT) cannot be used: "
+                f"{exc.strerror}. Another verloop-worker instance on this host, or another "
+                f"program, holds it (`ss -ltnp 'sport = :{settings.metrics_port}'` shows "
+                "which). Stop it, or give this instance a METRICS_PORT of its own "
+                "(METRICS_PORT=0 turns metrics off)."
+            ) from None
+
+
+class _SettingsProblem(click.ClickException):
+    """Settings that cannot work on this host: exit code 2, like other bad settings."""
+
+    exit_code = 2
 
 
 @contextmanager
@@ -233,6 +320,7 @@ def _maybe_sandbox(enabled: bool, url: str | None) -> Iterator[str | None]:
             ],
             stdout=subprocess.PIPE,
             text=True,
+            env=_child_environment(),
         )
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
@@ -319,7 +407,9 @@ def send(
     message = _message_from_options(text, template, language, params, message_json)
     settings = obj.settings()
     try:
-        with Producer(settings.amqp_url.get_secret_value()) as producer:
+        with Producer(
+            settings.amqp_url.get_secret_value(), exchange=settings.producer_exchange
+        ) as producer:
             message_id = producer.send_message(
                 client_id=client_id,
                 phone_id=phone_id,
@@ -439,10 +529,12 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
     amqp = settings.amqp_url.get_secret_value()
     amqp_problem = None
     try:
-        params = pika.URLParameters(amqp)
+        params = _amqp_parameters(amqp)
         params.connection_attempts = 1
         params.socket_timeout = 3
         pika.BlockingConnection(params).close()
+    except _UnusableUrl as exc:
+        amqp_problem = _unusable_url("AMQP_URL", mask_url(amqp), exc.cause)
     except (pika.exceptions.AMQPError, OSError) as exc:
         amqp_problem = f"cannot connect to {mask_url(amqp)} ({type(exc).__name__}). " + (
             _tls_hint(exc, "AMQP_URL", "?ssl_options={'ca_certs': '/path/ca.pem'}")
@@ -450,9 +542,15 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
         )
     redis_url = mask_url(settings.redis_url.get_secret_value())
     redis_problem = None
-    client = open_redis(settings)
+    try:
+        client = open_redis(settings)
+    except (ValueError, TypeError) as exc:
+        problem = _unusable_url("REDIS_URL", redis_url, exc)
+        return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, problem)]
     try:
         client.ping()
+    except (ValueError, TypeError) as exc:  # redis-py checks some URL parameters only now
+        redis_problem = _unusable_url("REDIS_URL", redis_url, exc)
     except redis.AuthenticationError as exc:
         redis_problem = (
             f"{redis_url} refused the password in REDIS_URL ({type(exc).__name__}); "
@@ -466,6 +564,32 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
     finally:
         client.close()
     return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, redis_problem)]
+
+
+class _UnusableUrl(Exception):
+    def __init__(self, cause: Exception) -> None:
+        self.cause = cause
+
+
+def _amqp_parameters(url: str) -> pika.URLParameters:
+    try:
+        return pika.URLParameters(url)
+    except Exception as exc:  # noqa: BLE001 - pika raises many kinds (a SyntaxError quoting ssl_options)
+        raise _UnusableUrl(exc) from None
+
+
+def _unusable_url(setting: str, masked_url: str, exc: Exception) -> str:
+    """A URL the client library refused to read: the parameter it names, never its message.
+
+    Those messages can quote a value (pika evaluates ``ssl_options``, which may hold a key
+    file's password), so only a parameter name found in one is shown.
+    """
+    named = re.search(r"(?:parameter|argument)\W+'(\w+)'", str(exc))
+    which = f": it does not take the parameter {named.group(1)!r}" if named else ""
+    return (
+        f"{setting} {masked_url} is not a URL the client accepts ({type(exc).__name__}{which}); "
+        "see config/example.env"
+    )
 
 
 def _tls_hint(exc: BaseException, setting: str, ca_option: str) -> str | None:

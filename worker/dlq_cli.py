@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -493,7 +494,8 @@ def purge(
     "--output",
     "-o",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Write to this file (default: standard output).",
+    help="Write to this file, readable by you only (mode 0600; a file or symlink already there "
+    "is replaced, not written through). Default: standard output.",
 )
 @click.option(
     "--remove",
@@ -542,11 +544,38 @@ def export(
 
 @contextmanager
 def _open_output(output: Path | None) -> Iterator[IO[str]]:
+    """The export file, readable by its owner only (it holds unmasked recipients and bodies).
+
+    It is written as a new file (mode 0600 whatever the umask) next to ``output`` and renamed
+    onto it once complete and synced. Whatever was at ``output`` is replaced, never written
+    through: a symlink planted there cannot send the export elsewhere, a file that existed
+    keeps neither its looser mode nor its readers (one that had it open sees none of the
+    export), and an export cut short leaves ``output`` as it was.
+    """
     if output is None:
         yield sys.stdout
         sys.stdout.flush()
         return
-    with output.open("w", encoding="utf-8") as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
+    directory = output.parent
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=directory)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, output)
+    except BaseException as exc:
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if isinstance(exc, OSError) and exc.filename in (temporary, str(output)):
+            raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+        raise
+    # The rename is durable before --remove deletes anything.
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)

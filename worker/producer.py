@@ -31,12 +31,15 @@ from dramatiq.common import xq_name
 
 from .errors import EnqueueError
 from .jobs import ACTOR_QUEUES, SEND_QUEUE, parse_job
+from .jobs_exchange import JOB_QUEUES
 
 __all__ = ["Producer", "encode_job", "queue_arguments"]
 
 #: How long a publish may block while RabbitMQ applies flow control before we give up.
 _BLOCKED_TIMEOUT_S = 30
 _PUBLISH_ATTEMPTS = 2
+_ACCESS_REFUSED = 403
+_NOT_FOUND = 404
 
 
 def queue_arguments(queue: str) -> dict[str, Any]:
@@ -59,11 +62,18 @@ def encode_job(actor_name: str, kwargs: dict[str, Any], *, queue: str, message_i
 
 
 class Producer:
-    """Publishes validated jobs with publisher confirms (see the module docstring)."""
+    """Publishes validated jobs with publisher confirms (see the module docstring).
 
-    def __init__(self, amqp_url: str) -> None:
+    ``exchange`` is where jobs go, with the queue name as routing key: ``""``, RabbitMQ's
+    default exchange (each queue is declared before its first publish, so the user needs
+    configure permission on it), or the jobs exchange (``verloop.jobs``, ``JOBS_EXCHANGE``):
+    nothing is declared, for a RabbitMQ user that may write to that exchange and nothing else.
+    """
+
+    def __init__(self, amqp_url: str, *, exchange: str = "") -> None:
         self._parameters = pika.URLParameters(amqp_url)
         self._parameters.blocked_connection_timeout = _BLOCKED_TIMEOUT_S
+        self.exchange = exchange
         self._connection: Any = None
         self._channel: Any = None
         self._declared: set[str] = set()
@@ -132,17 +142,28 @@ class Producer:
             try:
                 channel = self._ensure_channel(queue)
                 channel.basic_publish(
-                    exchange="", routing_key=queue, body=body, properties=properties, mandatory=True
+                    exchange=self.exchange,
+                    routing_key=queue,
+                    body=body,
+                    properties=properties,
+                    mandatory=True,
                 )
                 return
             except pika.exceptions.UnroutableError:
                 self._declared.discard(queue)  # the queue vanished: declare it again
-                last_error = EnqueueError(f"queue {queue!r} did not accept the job")
+                last_error = EnqueueError(self._unroutable(queue))
             except pika.exceptions.NackError:
                 raise EnqueueError(f"RabbitMQ refused job {message_id} (nack)") from None
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                self._reset()
+                if exc.reply_code in (_ACCESS_REFUSED, _NOT_FOUND):
+                    raise EnqueueError(self._refused(exc)) from None  # trying again cannot help
+                last_error = exc
             except (pika.exceptions.AMQPError, OSError) as exc:
                 last_error = exc
                 self._reset()
+        if isinstance(last_error, EnqueueError):
+            raise last_error  # it says why (a job RabbitMQ could not route)
         raise EnqueueError(
             f"RabbitMQ did not confirm job {message_id}: {type(last_error).__name__}"
         ) from None
@@ -153,10 +174,29 @@ class Producer:
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
             self._declared.clear()
-        if queue not in self._declared:
+            if self.exchange:
+                # Needs no permission, and a missing exchange is named before any publish.
+                self._channel.exchange_declare(self.exchange, passive=True)
+        if not self.exchange and queue not in self._declared:
             self._channel.queue_declare(queue=queue, durable=True, arguments=queue_arguments(queue))
             self._declared.add(queue)
         return self._channel
+
+    def _unroutable(self, queue: str) -> str:
+        if not self.exchange:
+            return f"queue {queue!r} did not accept the job"
+        return (
+            f"exchange {self.exchange!r} has no queue bound as {queue!r}: it reaches "
+            f"{', '.join(JOB_QUEUES)} once a worker has started"
+        )
+
+    def _refused(self, exc: pika.exceptions.ChannelClosedByBroker) -> str:
+        if exc.reply_code == _NOT_FOUND and self.exchange:
+            return (
+                f"exchange {self.exchange!r} does not exist: a worker declares it when it "
+                "starts (deploy/rabbitmq/definitions.json declares it too)"
+            )
+        return f"RabbitMQ refused the job: {exc.reply_text}"
 
     def _reset(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None

@@ -187,6 +187,25 @@ class Settings(BaseSettings):
     #: (an alert fires at half of it; the relays normally keep it near zero).
     events_outbox_max_len: int = Field(default=1_000_000, ge=1000)
 
+    #: A direct exchange each worker declares and binds to the three job queues (routing key =
+    #: queue name), so a producer may be allowed to write to it alone (worker.jobs_exchange).
+    jobs_exchange: str = Field(default="verloop.jobs", min_length=1, max_length=255)
+    #: Producer side (`send`, `campaign start`): publish jobs to JOBS_EXCHANGE instead of the
+    #: default exchange, for a RabbitMQ user that may write to that exchange only.
+    publish_to_jobs_exchange: bool = False
+
+    @field_validator("jobs_exchange")
+    @classmethod
+    def _jobs_exchange_is_declarable(cls, value: str) -> str:
+        if value.startswith("amq."):
+            raise ValueError("names starting with amq. are RabbitMQ's own; choose another")
+        return value
+
+    @property
+    def producer_exchange(self) -> str:
+        """Where producers publish jobs: JOBS_EXCHANGE, or "" (the default exchange)."""
+        return self.jobs_exchange if self.publish_to_jobs_exchange else ""
+
     @property
     def outcome_exchange(self) -> str:
         """The events exchange, or "" when events are off."""

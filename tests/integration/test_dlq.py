@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +342,93 @@ def test_export_writes_json_lines_including_undecodable_bodies_and_keeps_the_que
     assert moved.exit_code == 0, moved.output
     assert len(removed.read_text().splitlines()) == 2
     assert [e["id"] for e in listed()] == [letters["failed"]]
+
+
+def rejected_by_rabbitmq(make_settings: Callable[..., Settings]) -> str:
+    """One dead letter in verloop.send.XQ (a job rejected without our header); its id."""
+    app = create_app(make_settings())
+    app.broker.declare_queues_now()
+    app.broker.close()
+    kwargs = {"client_id": "acme", "phone_id": "phone-1", "to": TO_A, "message": BAD_TEMPLATE}
+    job_id = str(uuid.uuid4())
+    publish_raw(
+        "verloop.send", encode_job("send_message", kwargs, queue="verloop.send", message_id=job_id)
+    )
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    method, _, _ = channel.basic_get("verloop.send")
+    channel.basic_reject(method.delivery_tag, requeue=False)
+    connection.close()
+    wait_until(lambda: xq_depth() == 1)
+    return job_id
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, under which a plainly created file is readable by everyone."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_the_export_file_is_readable_by_its_owner_only_also_when_it_existed(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """The export holds unmasked recipients: mode 0600 for a new file, and a file that existed
+    with a looser mode is replaced by a 0600 one (no reader keeps access to the new data)."""
+    job_id = rejected_by_rabbitmq(make_settings)
+    fresh = tmp_path / "fresh.jsonl"
+    result = run("export", "--output", str(fresh))
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+    assert json.loads(fresh.read_text())["id"] == job_id
+
+    existing = tmp_path / "existing.jsonl"
+    existing.write_text("old contents\n")
+    existing.chmod(0o644)
+    with existing.open() as earlier_reader:
+        result = run("export", "--output", str(existing))
+        assert result.exit_code == 0, result.output
+        assert earlier_reader.read() == "old contents\n"  # it sees the old file, not the export
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o600
+    assert json.loads(existing.read_text())["body_encoding"] == "text"
+    assert TO_A in existing.read_text()  # unmasked, as documented
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.jsonl", "fresh.jsonl"]
+    assert xq_depth() == 1
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_a_symlink_planted_at_the_export_path_is_replaced_not_followed(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Someone who can write the export's folder plants a link to a file they can read: the
+    export does not go into that file; the link is replaced by the export itself."""
+    rejected_by_rabbitmq(make_settings)
+    target = tmp_path / "attackers-file.txt"
+    target.write_text("")
+    target.chmod(0o666)
+    planted = tmp_path / "dead.jsonl"
+    planted.symlink_to(target)
+    result = run("export", "--output", str(planted))
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == ""
+    assert not planted.is_symlink()
+    assert stat.S_IMODE(planted.stat().st_mode) == 0o600
+    assert TO_A in planted.read_text()
+
+
+def test_an_export_to_a_folder_that_does_not_exist_fails_clearly_and_removes_nothing(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Exit 1 with the path and the reason, no traceback; the dead letter stays queued."""
+    rejected_by_rabbitmq(make_settings)
+    output = tmp_path / "missing" / "dead.jsonl"
+    result = run("export", "--remove", "--all", "--output", str(output))
+    assert result.exit_code == 1
+    assert f"cannot write {output}: No such file or directory" in result.output
+    assert "Traceback" not in result.output
+    assert xq_depth() == 1
 
 
 def test_a_replayed_job_keeps_its_id_and_queue_and_starts_its_retries_afresh(

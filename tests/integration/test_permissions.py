@@ -1,8 +1,11 @@
 """deploy/rabbitmq/definitions.json's least-privilege users, tried on the real RabbitMQ.
 
-The users and their permission patterns are read from the definitions file and created in a
-vhost of their own, so what ops deploy is what is tested: the worker runs with its user, the
-producer can publish but not read, a subscriber can follow events and nothing else.
+The users and their permission patterns, the queues, exchanges and bindings are read from the
+definitions file and created in a vhost of their own, so what ops deploy is what is tested:
+the worker runs with its user (and redeclares what the definitions declared, so their
+arguments must match), the producer can publish but not read, the jobs producer can reach the
+job queues and nothing else, a subscriber can follow events and nothing else. The vhost and
+the users get a suffix of this run's own, so runs on a shared RabbitMQ do not meet.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,18 +24,26 @@ import pika.exceptions
 import pytest
 
 from worker.app import WorkerApp
+from worker.errors import EnqueueError
 from worker.producer import Producer
 
-from .conftest import Simulator, wait_until
+from .conftest import Simulator, wait_until, worker_env
 
-DEFINITIONS = Path(__file__).resolve().parents[2] / "deploy/rabbitmq/definitions.json"
-VHOST = "verloop-perm-test"
+ROOT = Path(__file__).resolve().parents[2]
+DEFINITIONS = ROOT / "deploy/rabbitmq/definitions.json"
+RUN = uuid.uuid4().hex[:8]
+VHOST = f"verloop-perm-test-{RUN}"
 PASSWORD = "perm-test-password"  # throwaway users in a throwaway vhost
 TEXT = {"type": "text", "text": {"body": "hi"}}
 
 
+def rabbit_user(user: str) -> str:
+    """The throwaway user made for ``user`` of the definitions."""
+    return f"{user}.{RUN}"
+
+
 def url(user: str) -> str:
-    return f"amqp://{user}:{PASSWORD}@127.0.0.1:5672/{VHOST}"
+    return f"amqp://{rabbit_user(user)}:{PASSWORD}@127.0.0.1:5672/{VHOST}"
 
 
 def ctl(*args: str) -> None:
@@ -43,17 +56,65 @@ def users() -> Iterator[dict[str, dict[str, str]]]:
         pytest.fail("rabbitmqctl is needed to create the definitions' users (RabbitMQ's CLI)")
     definitions = json.loads(DEFINITIONS.read_text())
     permissions = {p["user"]: p for p in definitions["permissions"] if p["user"] != "verloop-admin"}
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", VHOST], capture_output=True, timeout=60)
     ctl("add_vhost", VHOST)
-    ctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")  # to clean up queues
-    for user, perm in permissions.items():
-        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
-        ctl("add_user", user, PASSWORD)
-        ctl("set_permissions", "-p", VHOST, user, perm["configure"], perm["write"], perm["read"])
-    yield permissions
-    for user in permissions:
-        subprocess.run(["rabbitmqctl", "-q", "delete_user", user], capture_output=True, timeout=60)
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", VHOST], capture_output=True, timeout=60)
+    try:
+        ctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")  # to declare and clean up
+        for user, perm in permissions.items():
+            ctl("add_user", rabbit_user(user), PASSWORD)
+            ctl(
+                "set_permissions",
+                "-p",
+                VHOST,
+                rabbit_user(user),
+                perm["configure"],
+                perm["write"],
+                perm["read"],
+            )
+        _declare_definitions(definitions)
+        yield permissions
+    finally:
+        for user in permissions:
+            subprocess.run(
+                ["rabbitmqctl", "-q", "delete_user", rabbit_user(user)],
+                capture_output=True,
+                timeout=60,
+            )
+        subprocess.run(
+            ["rabbitmqctl", "-q", "delete_vhost", VHOST], capture_output=True, timeout=60
+        )
+
+
+def _declare_definitions(definitions: dict[str, Any]) -> None:
+    """The definitions' queues, exchanges and bindings, in the test vhost (as guest)."""
+    connection = pika.BlockingConnection(
+        pika.URLParameters(f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
+    )
+    channel = connection.channel()
+    for queue in definitions["queues"]:
+        channel.queue_declare(
+            queue["name"],
+            durable=queue["durable"],
+            auto_delete=queue["auto_delete"],
+            arguments=queue["arguments"],
+        )
+    for exchange in definitions["exchanges"]:
+        channel.exchange_declare(
+            exchange["name"],
+            exchange_type=exchange["type"],
+            durable=exchange["durable"],
+            auto_delete=exchange["auto_delete"],
+            internal=exchange["internal"],
+            arguments=exchange["arguments"],
+        )
+    for binding in definitions["bindings"]:
+        assert binding["destination_type"] == "queue"
+        channel.queue_bind(
+            binding["destination"],
+            binding["source"],
+            routing_key=binding["routing_key"],
+            arguments=binding["arguments"],
+        )
+    connection.close()
 
 
 def refused(action: Callable[[Any], Any], user: str) -> bool:
@@ -108,3 +169,117 @@ def test_the_worker_user_runs_the_worker_and_the_producer_user_only_publishes(
     assert refused(lambda ch: ch.basic_get("verloop.send"), "verloop-keda")
     # The worker's user cannot touch anything outside verloop.*.
     assert refused(lambda ch: ch.queue_declare("other.queue"), "verloop-worker")
+
+
+JOBS_PRODUCER = "verloop-jobs-producer"
+
+
+def publish(exchange: str, routing_key: str) -> Callable[[Any], Any]:
+    """A confirmed, mandatory publish (a refusal closes the channel before the confirm)."""
+
+    def action(channel: Any) -> None:
+        channel.confirm_delivery()
+        channel.basic_publish(exchange, routing_key, b'{"forged": true}', mandatory=True)
+
+    return action
+
+
+def depth(queue: str) -> int:
+    connection = pika.BlockingConnection(
+        pika.URLParameters(f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
+    )
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        connection.close()
+
+
+def test_the_jobs_producer_reaches_the_job_queues_and_can_forge_nothing_else(
+    users: dict[str, dict[str, str]],
+    simulator: Simulator,
+    start_worker: Callable[..., WorkerApp],
+) -> None:
+    """Write on verloop.jobs only: its jobs reach the worker; a publish into a dead-letter or
+    delay queue, a subscriber's event queue, a CLI reply queue or the events exchange is
+    refused (ACCESS_REFUSED), and another queue's name routes nowhere through verloop.jobs."""
+    start_worker(amqp_url=url("verloop-worker"))
+    subscriber = pika.BlockingConnection(pika.URLParameters(url("verloop-subscriber")))
+    subscriber.channel().queue_declare("events.forge-target")
+    reply = pika.BlockingConnection(pika.URLParameters(url("verloop-worker")))
+    reply.channel().queue_declare("verloop.cli.forge-target")
+
+    with Producer(url(JOBS_PRODUCER), exchange="verloop.jobs") as producer:
+        producer.send_message(
+            client_id="acme", phone_id="phone-1", to="+919876543210", message=TEXT
+        )
+    [record] = wait_until(simulator.messages)
+    assert record["to"] == "+919876543210"
+
+    targets = [
+        "verloop.send.XQ",
+        "verloop.send.DQ",
+        "verloop.campaign.XQ",
+        "events.forge-target",
+        "verloop.cli.forge-target",
+        "verloop.send",
+    ]
+    for queue in targets:
+        assert refused(publish("", queue), JOBS_PRODUCER), queue
+    assert refused(publish("verloop.events", "send.sent.acme.phone-1.none"), JOBS_PRODUCER)
+    assert refused(lambda ch: ch.basic_get("verloop.send"), JOBS_PRODUCER)
+    assert refused(lambda ch: ch.queue_declare("verloop.mine"), JOBS_PRODUCER)
+    assert refused(
+        lambda ch: ch.queue_bind("verloop.send.XQ", "verloop.jobs", routing_key="x"),
+        JOBS_PRODUCER,
+    )
+    connection = pika.BlockingConnection(pika.URLParameters(url(JOBS_PRODUCER)))
+    try:
+        with pytest.raises(pika.exceptions.UnroutableError):
+            publish("verloop.jobs", "verloop.send.XQ")(connection.channel())
+    finally:
+        connection.close()
+    # The Producer's default way needs the default exchange: the refusal is named plainly.
+    with Producer(url(JOBS_PRODUCER)) as producer, pytest.raises(EnqueueError) as err:
+        producer.send_message(
+            client_id="acme", phone_id="phone-1", to="+919876543211", message=TEXT
+        )
+    assert "RabbitMQ refused the job: ACCESS_REFUSED" in str(err.value)
+    assert PASSWORD not in str(err.value)
+
+    assert [depth(q) for q in targets] == [0] * len(targets)
+    subscriber.close()
+    reply.close()
+
+
+def test_send_and_campaign_start_publish_through_the_jobs_exchange_when_told(
+    users: dict[str, dict[str, str]], simulator: Simulator, tmp_path: Path
+) -> None:
+    """PUBLISH_TO_JOBS_EXCHANGE=true: `send` and `campaign start` work with the jobs producer's
+    user, before any worker ran (the definitions bind the exchange). Without it they use the
+    default exchange, which that user may not write to: a plain error, exit 1."""
+    recipients = tmp_path / "recipients.csv"
+    recipients.write_text("to,body_1\n+919876543210,Asha\n+919876543211,Ravi\n")
+    send = ["send", "--client-id", "acme", "--phone-id", "p1", "--to", "+919876543210"]
+    start = ["campaign", "start", str(recipients), "--client-id", "acme", "--phone-id", "p1"]
+    start += ["--template", "offer", "--no-progress"]
+
+    def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "verloop-worker"), *args],
+            env=worker_env(simulator, AMQP_URL=url(JOBS_PRODUCER), **env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    refused_send = cli(*send, "--text", "hi")
+    assert refused_send.returncode == 1
+    assert "ACCESS_REFUSED" in refused_send.stderr
+    assert PASSWORD not in refused_send.stdout + refused_send.stderr
+    assert depth("verloop.send") == 0
+
+    sent = cli(*send, "--text", "hi", PUBLISH_TO_JOBS_EXCHANGE="true")
+    assert sent.returncode == 0, sent.stderr
+    started = cli(*start, PUBLISH_TO_JOBS_EXCHANGE="true")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert (depth("verloop.send"), depth("verloop.campaign")) == (1, 2)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from worker.producer import Producer
 
@@ -14,6 +19,7 @@ from .conftest import (
     VENV_BIN,
     Simulator,
     dead_letters,
+    free_port,
     queue_depth,
     wait_until,
     worker_env,
@@ -63,6 +69,143 @@ def test_sigterm_during_in_flight_sends_loses_nothing_and_sends_nothing_twice(
     assert simulator.stats()["duplicates"] == 0
     assert queue_depth("verloop.send") == 0
     assert dead_letters() == []
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid``, read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] not in ("Z", "X"):
+                    parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_sigkilled_run_takes_every_worker_process_with_it_and_loses_no_job(
+    simulator: Simulator, producer: Producer, tmp_path: Path
+) -> None:
+    """`kill -9` of `verloop-worker run` with sends in flight: dramatiq's process manager, its
+    worker processes and its metrics process all stop within seconds (in-flight sends finish
+    first), the metrics port is free again, and a new worker sends every job exactly once."""
+    simulator.faults(latency_ms=400)
+    port = free_port()
+    keys = [f"job-{n}" for n in range(24)]
+    with worker_process(
+        simulator,
+        tmp_path / "first.log",
+        "--processes",
+        "2",
+        "--threads",
+        "2",
+        METRICS_PORT=str(port),
+        METRICS_BIND="127.0.0.1",
+    ) as run:
+        fleet = wait_until(lambda: len(descendants(run.pid)) >= 4 and descendants(run.pid))
+        assert sum("worker.supervisor" in command_line(p) for p in fleet) == 4  # 1 + 2 + metrics
+        for n, key in enumerate(keys):
+            producer.send_message(
+                client_id="acme",
+                phone_id="phone-1",
+                to=f"+9198765{n:05d}",
+                message=TEXT,
+                idempotency_key=key,
+            )
+        wait_until(lambda: simulator.stats()["in_flight"] >= 1)
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+        wait_until(lambda: not any(alive(p) for p in fleet), timeout=10)
+    assert port_is_free(port)
+    assert simulator.stats()["in_flight"] == 0
+    assert len(simulator.messages()) < len(keys)  # the fleet was stopped mid-run
+
+    with worker_process(simulator, tmp_path / "second.log", "--threads", "8"):
+        wait_until(lambda: len(simulator.messages()) >= len(keys), timeout=30)
+    assert sorted(m["idempotency_key"] for m in simulator.messages()) == sorted(keys)
+    assert simulator.stats()["duplicates"] == 0
+    assert queue_depth("verloop.send") == 0
+    assert dead_letters() == []
+
+
+def test_a_sigkilled_process_manager_takes_its_worker_processes_with_it(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """dramatiq's process manager itself killed: its worker and metrics processes stop, and
+    `run` exits with an error instead of waiting for nothing."""
+    with worker_process(
+        simulator,
+        tmp_path / "worker.log",
+        "--processes",
+        "2",
+        METRICS_PORT=str(free_port()),
+        METRICS_BIND="127.0.0.1",
+    ) as run:
+        fleet = wait_until(lambda: len(descendants(run.pid)) >= 4 and descendants(run.pid))
+        [manager] = [p for p in fleet if descendants(p) and "worker.supervisor" in command_line(p)]
+        os.kill(manager, signal.SIGKILL)
+        wait_until(lambda: not any(alive(p) for p in fleet), timeout=10)
+        assert run.wait(timeout=10) != 0
+    log = (tmp_path / "worker.log").read_text()
+    assert log.count("Stopping worker process") == 2
+    assert "Killing worker process" not in log  # one SIGTERM each: a clean stop
+
+
+def test_a_sigkilled_sandbox_run_takes_its_simulator_with_it(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """With --sandbox, `run` also starts the simulator: it stops too."""
+    blank = {"VERLOOP_BASE_URL": "", "VERLOOP_USERNAME": "", "VERLOOP_PASSWORD": ""}
+    with worker_process(simulator, tmp_path / "worker.log", "--sandbox", **blank) as run:
+        fleet = wait_until(lambda: len(descendants(run.pid)) >= 3 and descendants(run.pid))
+        assert any("worker.sandbox" in command_line(p) for p in fleet)
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+        wait_until(lambda: not any(alive(p) for p in fleet), timeout=10)
+
+
+def test_run_refuses_to_start_when_its_metrics_port_is_taken(simulator: Simulator) -> None:
+    """Exit 2 naming the port and what to do, instead of a worker without metrics."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = cli(simulator, "run", METRICS_PORT=str(port), METRICS_BIND="127.0.0.1")
+    assert result.returncode == 2, result.stderr
+    assert f"the metrics port 127.0.0.1:{port} (METRICS_BIND:METRICS_PORT)" in result.stderr
+    assert "METRICS_PORT=0 turns metrics off" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "ready for action" not in result.stdout + result.stderr
 
 
 def test_no_token_or_password_reaches_the_logs_or_dead_letters(
@@ -132,6 +275,109 @@ def test_check_reports_a_dead_redis_with_how_to_start_it(simulator: Simulator) -
     assert "✗ Redis: cannot connect to redis://:***@127.0.0.1:1/0" in result.stdout
     assert "redis-server" in result.stdout
     assert "s3cret-pass" not in result.stdout + result.stderr
+
+
+#: (AMQP_URL, REDIS_URL) pairs whose passwords hold @, : and %40, sit in the userinfo or the
+#: query, for every scheme. Each password holds a marker that must never be printed.
+_AWKWARD_URLS = [
+    (
+        "amqp://guest:p@SECRET-A1:x@127.0.0.1:5672/verloop-test-a",
+        "redis://:r@SECRET-R1:y@127.0.0.1:6379/13",
+    ),
+    (
+        "amqps://guest:p%40SECRET-A2@127.0.0.1:5672/%2F",
+        "rediss://user:r%40SECRET-R2%3A@127.0.0.1:6379/13",
+    ),
+    (
+        "amqp://guest:guest@127.0.0.1:5672/%2F?password=SECRET-A3&heartbeat=5",
+        "redis://127.0.0.1:6379/13?password=SECRET-R3",
+    ),
+    (
+        "amqps://guest:pw:SECRET-A4@127.0.0.1:5672/%2F?ssl_options=%7B%27password%27%3A%27SECRET-A5",
+        "rediss://127.0.0.1:6379/13?PassWord=SECRET-R4",
+    ),
+]
+
+
+@pytest.mark.parametrize(("amqp_url", "redis_url"), _AWKWARD_URLS)
+def test_check_never_prints_a_password_however_the_url_carries_it(
+    simulator: Simulator, amqp_url: str, redis_url: str
+) -> None:
+    """Refused, unreachable over TLS, or not parsable at all: every line names the service and
+    its masked URL, and no part of a password reaches the output."""
+    result = cli(simulator, "check", "--services-only", AMQP_URL=amqp_url, REDIS_URL=redis_url)
+    output = result.stdout + result.stderr
+    assert "SECRET" not in output, output
+    assert "Traceback" not in output
+    assert result.stdout.count("127.0.0.1:5672") == result.stdout.count("127.0.0.1:6379") == 1
+    assert "***" in result.stdout
+
+
+def test_run_sandbox_refuses_a_settings_file_with_real_credentials(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """`run --sandbox --env-file prod.env` would send prod.env's system token (and the phone
+    tokens file's tokens) to the simulator: exit 2 naming the settings, no secret printed,
+    nothing started."""
+    tokens = tmp_path / "phone-tokens.json"
+    tokens.write_text(json.dumps({"acme": {"phone-1": "real-phone-token-77"}}))
+    prod = tmp_path / "prod.env"
+    prod.write_text(
+        f"VERLOOP_SYSTEM_TOKEN=real-system-token-42\nVERLOOP_PHONE_TOKENS_FILE={tokens}\n"
+    )
+    result = cli(
+        simulator,
+        "--env-file",
+        str(prod),
+        "run",
+        "--sandbox",
+        VERLOOP_BASE_URL="",
+        VERLOOP_USERNAME="",
+        VERLOOP_PASSWORD="",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--sandbox will not run with real Verloop settings" in result.stderr
+    assert f"VERLOOP_SYSTEM_TOKEN (from {prod})" in result.stderr
+    assert f"VERLOOP_PHONE_TOKENS_FILE (from {prod})" in result.stderr
+    assert "SANDBOX MODE" not in result.stderr  # refused before the simulator started
+    assert "real-system-token-42" not in result.stdout + result.stderr
+    assert "real-phone-token-77" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"VERLOOP_USERNAME": "ops@acme", "VERLOOP_PASSWORD": "real-password-9"},
+        {"VERLOOP_BASE_URL": "https://partners.verloop.io"},
+    ],
+)
+def test_run_sandbox_refuses_credentials_or_a_verloop_url_from_the_environment(
+    simulator: Simulator, env: dict[str, str]
+) -> None:
+    """The check looks at what the user gave, before the sandbox sets its own values."""
+    blank = {"VERLOOP_BASE_URL": "", "VERLOOP_USERNAME": "", "VERLOOP_PASSWORD": ""}
+    result = cli(simulator, "run", "--sandbox", **{**blank, **env})
+    assert result.returncode == 2, result.stderr
+    for name in env:
+        assert f"{name} (from the environment)" in result.stderr
+    assert "real-password-9" not in result.stdout + result.stderr
+
+
+def test_run_sandbox_url_accepts_a_base_url_naming_that_simulator(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """VERLOOP_BASE_URL equal to --sandbox-url is not a reason to refuse: the worker starts."""
+    with worker_process(
+        simulator,
+        tmp_path / "worker.log",
+        "--sandbox",
+        "--sandbox-url",
+        simulator.url,
+        VERLOOP_USERNAME="",
+        VERLOOP_PASSWORD="",
+    ) as proc:
+        assert proc.poll() is None
+    assert b"SANDBOX MODE" in (tmp_path / "worker.log").read_bytes()
 
 
 def test_run_refuses_to_start_without_verloop_credentials(simulator: Simulator) -> None:

@@ -194,11 +194,43 @@ def test_url_passwords_are_masked_in_log_lines() -> None:
         ("redis://:secret@cache:6379/0", "redis://:***@cache:6379/0"),
         ("https://partners.verloop.io/api", "https://partners.verloop.io/api"),
         ("amqp://guest@h/", "amqp://guest@h/"),
+        # The last @ of the authority ends the userinfo, as urlsplit (pika, redis-py) reads it.
+        ("amqp://u:p@ss@host/", "amqp://u:***@host/"),
+        ("amqps://u:p@s:s@w@host:5671/v?heartbeat=5", "amqps://u:***@host:5671/v?heartbeat=5"),
+        ("redis://me@corp:pw@cache/0", "redis://me@corp:***@cache/0"),
+        ("rediss://:p%40ss%3Aw@cache:6380/0", "rediss://:***@cache:6380/0"),
+        # An @ after the authority is not userinfo.
+        ("amqp://guest@h/vhost@x", "amqp://guest@h/vhost@x"),
+        # Secrets in the query, any case; other parameters kept.
+        ("redis://cache/0?password=s3cret", "redis://cache/0?password=***"),
+        (
+            "rediss://cache:6380/0?ssl_ca_certs=/ca.pem&PassWord=s3&db=1",
+            "rediss://cache:6380/0?ssl_ca_certs=/ca.pem&PassWord=***&db=1",
+        ),
+        (
+            "redis://h/0?pass=a&passwd=b&token=c&secret=d",
+            "redis://h/0?pass=***&passwd=***&token=***&secret=***",
+        ),
+        ("redis://u:pw@h/0?password=pw2#frag", "redis://u:***@h/0?password=***#frag"),
+        # pika's ssl_options carries a key file's password inside its (URL-encoded) value.
+        (
+            "amqps://h/?ssl_options=%7B%27password%27%3A+%27kp%27%7D&heartbeat=5",
+            "amqps://h/?ssl_options=***&heartbeat=5",
+        ),
     ],
 )
 def test_mask_url_hides_only_the_password(url: str, masked: str) -> None:
     """mask_url replaces the password part of a URL and leaves everything else alone."""
     assert mask_url(url) == masked
+
+
+def test_url_secrets_inside_text_are_masked_whole() -> None:
+    """URLs inside a longer text (an exception's message) lose their whole password, the query
+    secret included, and the text around them stays."""
+    text = "cannot connect to amqp://u:p@ss:w@rd@h:5672/%2F, then redis://h/0?password=x@y z"
+    assert scrub_text(text) == (
+        "cannot connect to amqp://u:***@h:5672/%2F, then redis://h/0?password=*** z"
+    )
 
 
 def test_forget_secrets_stops_redacting_them() -> None:

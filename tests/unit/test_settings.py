@@ -303,3 +303,19 @@ def test_plain_http_to_another_machine_is_refused_unless_allowed(url: str) -> No
         Settings.load(verloop_base_url=url)
     allowed = Settings.load(verloop_base_url=url, verloop_allow_plain_http=True)
     assert allowed.verloop_base_url == url
+
+
+def test_producers_use_the_default_exchange_unless_told_to_use_the_jobs_exchange() -> None:
+    """Existing producers keep publishing to the default exchange; the switch names the jobs
+    exchange, under whatever name JOBS_EXCHANGE gives it."""
+    assert Settings().producer_exchange == ""
+    assert Settings(publish_to_jobs_exchange=True).producer_exchange == "verloop.jobs"
+    told = Settings(publish_to_jobs_exchange=True, jobs_exchange="verloop.jobs-eu")
+    assert told.producer_exchange == "verloop.jobs-eu"
+
+
+def test_a_jobs_exchange_named_like_rabbitmqs_own_is_refused() -> None:
+    """RabbitMQ refuses to declare amq.* exchanges: say so at start, naming the setting."""
+    assert "JOBS_EXCHANGE: Value error, names starting with amq." in load_error(
+        JOBS_EXCHANGE="amq.direct"
+    )

@@ -62,6 +62,7 @@ __all__ = [
     "default_campaign_id",
     "encode_envelope",
     "enqueue_campaign",
+    "spreadsheet_safe",
 ]
 
 #: Rows handled per turn of the event loop, so acks and socket writes are served in between.
@@ -118,8 +119,22 @@ def default_campaign_id(path: Path, *, client_id: str, template: str, language: 
 
 
 # --- the rejects file ---------------------------------------------------------------------------
+#: Spreadsheets run a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """``cell``, with a single quote in front if a spreadsheet would run it as a formula.
+
+    OWASP's defence against CSV injection: the rejects file copies cells from a file anyone may
+    have written, and operators open it in a spreadsheet. A quote makes the cell text.
+    """
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
 class _Rejects:
-    """CSV of rejected rows: ``row``, ``reason``, then the row's original values.
+    """CSV of rejected rows: ``row``, ``reason``, then the row's original values, each made
+    :func:`spreadsheet_safe` (so ``+919876543210`` is written ``'+919876543210``).
 
     On a resume, lines for rows past the checkpoint (written before a crash, not yet covered by
     a checkpoint) are cut off first: those rows are read again and rejected again.
@@ -144,8 +159,10 @@ class _Rejects:
             )
             self._writer = csv.writer(self._handle)
             if fresh:
-                self._writer.writerow(["row", "reason", *self.columns])
-        self._writer.writerow([row.number, reason, *row.fields])
+                self._writer.writerow(["row", "reason", *map(spreadsheet_safe, self.columns)])
+        self._writer.writerow(
+            [row.number, spreadsheet_safe(reason), *map(spreadsheet_safe, row.fields)]
+        )
 
     def flush(self) -> None:
         if self._handle is not None:
@@ -197,6 +214,7 @@ class _Run:
         self,
         *,
         amqp_url: str,
+        exchange: str,
         rows: Iterator[RawRow],
         validator: RowValidator,
         rejects: _Rejects,
@@ -208,6 +226,7 @@ class _Run:
         progress: Callable[[int], None] | None,
     ) -> None:
         self.amqp_url = amqp_url
+        self.exchange = exchange
         self.rows = rows
         self.validator = validator
         self.rejects = rejects
@@ -281,6 +300,10 @@ class _Run:
         channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_ok)
 
     def _on_confirm_ok(self, _: Any) -> None:
+        if self.exchange:
+            # Needs no permission; a missing exchange closes the channel, naming it.
+            self.channel.exchange_declare(self.exchange, passive=True, callback=self._on_declared)
+            return
         self.channel.queue_declare(
             CAMPAIGN_QUEUE,
             durable=True,
@@ -343,7 +366,7 @@ class _Run:
                 self.rejects.write(row, reason)
                 continue
             self.channel.basic_publish(
-                "",
+                self.exchange,
                 CAMPAIGN_QUEUE,
                 body,
                 pika.BasicProperties(
@@ -415,7 +438,8 @@ class _Run:
         rows = [p.row for p in self.pending if p.message_id == properties.message_id]
         self._fail(
             self._stopped_at(
-                f"RabbitMQ could not route row(s) {_rows(rows)} to {CAMPAIGN_QUEUE} "
+                f"RabbitMQ could not route row(s) {_rows(rows)} to {CAMPAIGN_QUEUE}"
+                f"{f' through exchange {self.exchange!r}' if self.exchange else ''} "
                 f"({method.reply_text})"
             )
         )
@@ -524,6 +548,7 @@ def enqueue_campaign(
     *,
     amqp_url: str,
     store: CampaignStore,
+    exchange: str = "",
     rejects_path: Path | None = None,
     file_format: FileFormat | None = None,
     batch_size: int = 2000,
@@ -532,7 +557,9 @@ def enqueue_campaign(
     progress: Callable[[int, int], None] | None = None,
 ) -> EnqueueResult:
     """Enqueue every valid row of ``path`` as a ``send_message`` job, resuming if the campaign
-    exists. ``progress(bytes_read, rows_read)`` is called as the file is read.
+    exists. ``progress(bytes_read, rows_read)`` is called as the file is read. Jobs go to
+    ``exchange`` with the queue name as routing key: ``""`` is the default exchange (the queue
+    is declared first), else the jobs exchange (nothing declared; see worker.jobs_exchange).
 
     Raises:
         CampaignInputError: the file, its columns or ``spec`` cannot make a campaign.
@@ -601,6 +628,7 @@ def enqueue_campaign(
 
         run = _Run(
             amqp_url=amqp_url,
+            exchange=exchange,
             rows=rows,
             validator=validator,
             rejects=rejects,

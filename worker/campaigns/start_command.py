@@ -165,6 +165,7 @@ def start(
                 file,
                 spec,
                 amqp_url=settings.amqp_url.get_secret_value(),
+                exchange=settings.producer_exchange,
                 store=CampaignStore(cache),
                 rejects_path=rejects_path,
                 file_format=fmt,

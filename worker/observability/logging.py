@@ -6,7 +6,8 @@ Every line, ours and the standard-library ones from dramatiq, pika and httpx ali
 * values of keys that name a secret (``token``, ``password``, ``authorization``...),
 * every secret string registered with :func:`register_secret` (tokens the worker fetched, the
   system token, the password), wherever it appears in any string,
-* the password part of URLs such as ``amqp://user:password@host``;
+* the password part of URLs such as ``amqp://user:password@host``, and the values of their
+  query parameters named like a secret (``redis://host/0?password=...``);
 * phone numbers in E.164 form, masked to ``+91******3210``.
 """
 
@@ -21,6 +22,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from typing import Any, Literal
+from urllib.parse import unquote_plus
 
 import orjson
 import structlog
@@ -47,7 +49,13 @@ REDACTED = "[REDACTED]"
 _SECRET_KEY = re.compile(
     r"(?:^|[_-])(?:token|password|passwd|secret|authorization|api[_-]?key)$", re.I
 )
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]+@", re.I)
+#: A URL: its scheme, then everything up to the next whitespace (parsed by :func:`_mask_match`).
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.I)
+#: Query parameters whose value is a secret (``?password=``, ``ssl_password``, ``token``...).
+_SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|auth|credential|api[_-]?key", re.I)
+#: A parameter whose value embeds a secret-named key (pika's ``ssl_options={'password': ...}``).
+_SECRET_INSIDE_VALUE = re.compile(r"(?:pass|pwd|secret|token)\w*['\"]?\s*[:=]", re.I)
+_MASK = "***"
 _E164 = re.compile(r"\+[1-9][0-9]{7,14}\b")
 #: Shorter strings are not registered: they would blank out ordinary words.
 _MIN_SECRET_LENGTH = 6
@@ -78,8 +86,51 @@ def forget_secrets() -> None:
 
 
 def mask_url(url: str) -> str:
-    """``amqp://guest:guest@host/`` → ``amqp://guest:***@host/``."""
-    return _URL_PASSWORD.sub(r"\g<scheme>\g<user>:***@", url)
+    """``amqp://guest:guest@host/?password=x`` → ``amqp://guest:***@host/?password=***``.
+
+    Also finds URLs inside longer text. A URL's userinfo is parsed as the AMQP and Redis
+    clients parse it (Python's ``urlsplit``): the authority ends at the first ``/``, ``?`` or
+    ``#``, and the *last* ``@`` in it ends the userinfo, so a password holding ``@`` or ``:``
+    is masked whole (a ``/``, ``?`` or ``#`` in a password must be percent-encoded for the
+    clients to read it as part of the password at all). Query parameters named like a secret
+    (``password``, ``pass``, ``passwd``, ``token``, ``secret``, ... in any case) are masked too.
+    """
+    if "://" not in url:
+        return url
+    return _URL.sub(_mask_match, url)
+
+
+def _mask_match(match: re.Match[str]) -> str:
+    url = match.group(0)
+    scheme_end = url.index("://") + 3
+    authority_end = len(url)
+    for delimiter in "/?#":
+        found = url.find(delimiter, scheme_end)
+        if found != -1:
+            authority_end = min(authority_end, found)
+    authority, rest = url[scheme_end:authority_end], url[authority_end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.partition(":")[0]
+        authority = f"{user}:{_MASK}@{host}"
+    if "?" in rest:
+        path, _, query = rest.partition("?")
+        query, hash_mark, fragment = query.partition("#")
+        rest = f"{path}?{_mask_query(query)}{hash_mark}{fragment}"
+    return url[:scheme_end] + authority + rest
+
+
+def _mask_query(query: str) -> str:
+    masked = []
+    for parameter in query.split("&"):
+        name, equals, value = parameter.partition("=")
+        if equals and (
+            _SECRET_PARAMETER.search(unquote_plus(name))
+            or _SECRET_INSIDE_VALUE.search(unquote_plus(value))
+        ):
+            parameter = f"{name}={_MASK}"
+        masked.append(parameter)
+    return "&".join(masked)
 
 
 def scrub_text(text: str) -> str:
@@ -91,7 +142,7 @@ def _scrub_str(value: str) -> str:
     pattern = _secret_pattern
     if pattern is not None:
         value = pattern.sub(REDACTED, value)
-    if "@" in value:
+    if "://" in value:
         value = mask_url(value)
     if "+" in value:
         # Recipients printed by libraries (dramatiq's debug lines show job arguments).

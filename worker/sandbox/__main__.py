@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from worker.lifeline import follow_parent_from_environment
 from worker.sandbox.config import DEFAULT_CLIENTS, SandboxConfig
 from worker.sandbox.faults import FaultConfigError, Faults
 from worker.sandbox.server import serve
@@ -104,6 +105,7 @@ def _announce(url: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse arguments and serve until SIGINT/SIGTERM."""
+    follow_parent_from_environment()  # started by `run --sandbox`: stop when it dies
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,97 @@
+"""The jobs exchange: a direct exchange that reaches the three job queues and nothing else.
+
+Publishing to RabbitMQ's default exchange needs write permission on ``amq.default``, and that
+permission reaches *every* queue of the vhost: a producer holding it can put messages in the
+dead-letter queues (``.XQ``), the delay queues (``.DQ``), subscribers' event queues and the
+CLI's reply queues. ``JOBS_EXCHANGE`` (``verloop.jobs``) is bound to ``verloop.send``,
+``verloop.campaign`` and ``verloop.manage`` only, each with its own name as routing key, so a
+producer whose write permission covers that exchange alone can enqueue jobs and nothing else
+(``verloop-jobs-producer`` in deploy/rabbitmq/definitions.json).
+
+Each worker process declares the exchange and its bindings when it boots, after its queues.
+The default exchange keeps working: the worker itself publishes retries, delays and replays
+through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Final
+
+import pika
+import pika.exceptions
+import structlog
+from dramatiq.middleware import Middleware
+
+from .jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+
+__all__ = ["JOB_QUEUES", "JobsExchange", "declare_jobs_exchange"]
+
+#: The queues the jobs exchange reaches (routing key = queue name).
+JOB_QUEUES: Final = (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE)
+
+_log = structlog.get_logger()
+
+
+def declare_jobs_exchange(channel: Any, exchange: str) -> None:
+    """Declare ``exchange`` (direct, durable) and bind each job queue to it; the queues must
+    exist already."""
+    channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+    for queue in JOB_QUEUES:
+        channel.queue_bind(queue, exchange, routing_key=queue)
+
+
+class JobsExchange(Middleware):
+    """Declares the jobs exchange and its bindings when a worker boots.
+
+    Runs after the broker declared the queues (its own middleware comes first). Should
+    RabbitMQ not answer then, the worker still starts (its consumers declare the queues once
+    RabbitMQ is back) and a thread tries again every ``retry_s`` until the bindings exist.
+    """
+
+    def __init__(self, amqp_url: str, exchange: str, *, retry_s: float = 5.0) -> None:
+        self.amqp_url = amqp_url
+        self.exchange = exchange
+        self.retry_s = retry_s
+        self._stop = threading.Event()
+        self._retrying: threading.Thread | None = None
+
+    def before_worker_boot(self, broker: Any, worker: Any) -> None:
+        if not self._declare(log_failure=True):
+            self._stop.clear()
+            self._retrying = threading.Thread(target=self._retry, name="jobs-exchange", daemon=True)
+            self._retrying.start()
+
+    def before_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        self._stop.set()
+
+    def _retry(self) -> None:
+        while not self._stop.wait(self.retry_s):
+            if self._declare(log_failure=False):
+                _log.info("jobs exchange declared", exchange=self.exchange)
+                return
+
+    def _declare(self, *, log_failure: bool) -> bool:
+        try:
+            connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            return self._failed(exc, log_failure)
+        try:
+            declare_jobs_exchange(connection.channel(), self.exchange)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            return self._failed(exc, log_failure)
+        finally:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                connection.close()
+        return True
+
+    def _failed(self, exc: BaseException, log_failure: bool) -> bool:
+        if log_failure:
+            _log.warning(
+                "could not declare the jobs exchange; trying again",
+                exchange=self.exchange,
+                error=f"{type(exc).__name__}: {exc}",
+                retry_s=self.retry_s,
+            )
+        return False

@@ -1,0 +1,129 @@
+"""A worker's processes die with ``verloop-worker run``, however it dies (SIGKILL included).
+
+``run`` starts dramatiq's process manager (and the simulator, with ``--sandbox``) as child
+processes, and the process manager forks the worker processes and the metrics exposition
+process. Without help, a ``run`` killed by SIGKILL (the OOM killer, ``kill -9``, a supervisor
+that does not kill the process group) leaves them running as orphans: still consuming jobs,
+still holding the metrics port.
+
+Linux's ``prctl(PR_SET_PDEATHSIG)`` has the kernel send a signal to a process when its parent
+dies. Three details matter:
+
+* It fires when the parent *thread* that created the process exits, not the whole parent
+  process, and again at each step as the orphan is handed to another of the dying parent's
+  threads, then to its new parent. dramatiq takes a second SIGTERM as "kill now", so the
+  kernel's signal is :data:`PARENT_DEATH_SIGNAL` (SIGUSR2, which nothing else here uses), and
+  its handler sends this process one SIGTERM, only once the parent pid has really changed.
+* ``run`` and dramatiq's process manager start their children from their main thread, which
+  lives as long as the process does.
+* A parent that dies before the child asks for the signal sends none, so the child checks
+  ``os.getppid()`` afterwards against the parent it expects.
+
+Where ``prctl`` is not available (not Linux), a daemon thread watches ``os.getppid()`` instead.
+
+SIGTERM is the ordinary stop: the process manager passes it on to the worker processes, which
+finish their in-flight jobs and stop. A second signal (dramatiq's "kill now"), or a SIGKILL,
+leaves in-flight jobs unacknowledged, and RabbitMQ delivers them again (the idempotency ledger
+keeps a send from going out twice).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+__all__ = [
+    "PARENT_DEATH_SIGNAL",
+    "PARENT_PID_VARIABLE",
+    "children_die_with_this_process",
+    "die_with_parent",
+    "follow_parent_from_environment",
+    "watch_parent",
+]
+
+#: Set by ``run`` in the environment of the processes it starts: its own pid.
+PARENT_PID_VARIABLE = "VERLOOP_WORKER_PARENT_PID"
+#: What the kernel sends when the parent dies (see the module docstring).
+PARENT_DEATH_SIGNAL = signal.SIGUSR2 if hasattr(signal, "SIGUSR2") else signal.SIGTERM
+
+_PR_SET_PDEATHSIG = 1
+_expected_parent = 0
+_stopping = False
+_forking_parent = 0
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return bool(prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0)
+
+
+def _stop_if_orphaned(*_: object) -> None:
+    global _stopping
+    if os.getppid() != _expected_parent and not _stopping:
+        _stopping = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Send this process one SIGTERM when ``parent_pid``, its parent, dies.
+
+    Call it from the main thread (it installs a signal handler).
+    """
+    global _expected_parent, _stopping
+    _expected_parent, _stopping = parent_pid, False
+    signal.signal(PARENT_DEATH_SIGNAL, _stop_if_orphaned)
+    if not _set_parent_death_signal(PARENT_DEATH_SIGNAL):
+        watch_parent(parent_pid)
+    _stop_if_orphaned()  # the parent may have died before the kernel was asked to watch it
+
+
+def watch_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Without ``prctl``: a daemon thread sends this process SIGTERM once its parent is no
+    longer ``parent_pid`` (an orphan is adopted by another process)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def follow_parent_from_environment() -> None:
+    """:func:`die_with_parent` for the parent named in :data:`PARENT_PID_VARIABLE`, if set.
+
+    The variable is removed, so a process this one starts does not take it for its own.
+    """
+    parent = os.environ.pop(PARENT_PID_VARIABLE, "")
+    if parent.isdigit():
+        die_with_parent(int(parent))
+
+
+def _remember_parent() -> None:
+    global _forking_parent
+    _forking_parent = os.getpid()
+
+
+def _follow_forking_parent() -> None:
+    die_with_parent(_forking_parent)
+
+
+def children_die_with_this_process() -> None:
+    """Every process forked from now on (``os.fork``, multiprocessing's fork start method)
+    gets one SIGTERM when this process dies; its own forks, when it dies, and so on.
+
+    The forking thread must be the main thread of the process (as in dramatiq's process
+    manager): the child's handler is installed there, and the kernel watches that thread.
+    """
+    os.register_at_fork(before=_remember_parent, after_in_child=_follow_forking_parent)
