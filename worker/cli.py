@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -33,8 +32,15 @@ from .health import HEALTH_DIR_ENV, health_dir, read_health
 from .jobs import SEND_QUEUE, jobs_json_schema
 from .lifeline import PARENT_PID_VARIABLE
 from .management_cli import clients, tokens
-from .observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text
+from .observability.logging import (
+    configure_logging,
+    mask_url,
+    resolve_log_format,
+    scrub_text,
+    unreadable_url,
+)
 from .phones import mask_phone
+from .producer import amqp_parameters
 from .services import open_redis, open_verloop_client
 from .settings import Settings
 from .verloop.tokens import SystemToken
@@ -419,7 +425,7 @@ def send(
                 metadata=_json_option("--metadata", metadata) if metadata else None,
                 queue=queue,
             )
-    except InvalidJob as exc:
+    except (InvalidJob, ConfigurationError) as exc:
         raise click.UsageError(str(exc)) from None
     except EnqueueError as exc:
         raise click.ClickException(scrub_text(str(exc))) from None
@@ -529,12 +535,12 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
     amqp = settings.amqp_url.get_secret_value()
     amqp_problem = None
     try:
-        params = _amqp_parameters(amqp)
+        params = amqp_parameters(amqp)
         params.connection_attempts = 1
         params.socket_timeout = 3
         pika.BlockingConnection(params).close()
-    except _UnusableUrl as exc:
-        amqp_problem = _unusable_url("AMQP_URL", mask_url(amqp), exc.cause)
+    except ConfigurationError as exc:
+        amqp_problem = str(exc)
     except (pika.exceptions.AMQPError, OSError) as exc:
         amqp_problem = f"cannot connect to {mask_url(amqp)} ({type(exc).__name__}). " + (
             _tls_hint(exc, "AMQP_URL", "?ssl_options={'ca_certs': '/path/ca.pem'}")
@@ -545,12 +551,12 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
     try:
         client = open_redis(settings)
     except (ValueError, TypeError) as exc:
-        problem = _unusable_url("REDIS_URL", redis_url, exc)
+        problem = unreadable_url("REDIS_URL", settings.redis_url.get_secret_value(), exc)
         return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, problem)]
     try:
         client.ping()
     except (ValueError, TypeError) as exc:  # redis-py checks some URL parameters only now
-        redis_problem = _unusable_url("REDIS_URL", redis_url, exc)
+        redis_problem = unreadable_url("REDIS_URL", settings.redis_url.get_secret_value(), exc)
     except redis.AuthenticationError as exc:
         redis_problem = (
             f"{redis_url} refused the password in REDIS_URL ({type(exc).__name__}); "
@@ -564,32 +570,6 @@ def _check_services(settings: Settings) -> list[tuple[str, str, str | None]]:
     finally:
         client.close()
     return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, redis_problem)]
-
-
-class _UnusableUrl(Exception):
-    def __init__(self, cause: Exception) -> None:
-        self.cause = cause
-
-
-def _amqp_parameters(url: str) -> pika.URLParameters:
-    try:
-        return pika.URLParameters(url)
-    except Exception as exc:  # noqa: BLE001 - pika raises many kinds (a SyntaxError quoting ssl_options)
-        raise _UnusableUrl(exc) from None
-
-
-def _unusable_url(setting: str, masked_url: str, exc: Exception) -> str:
-    """A URL the client library refused to read: the parameter it names, never its message.
-
-    Those messages can quote a value (pika evaluates ``ssl_options``, which may hold a key
-    file's password), so only a parameter name found in one is shown.
-    """
-    named = re.search(r"(?:parameter|argument)\W+'(\w+)'", str(exc))
-    which = f": it does not take the parameter {named.group(1)!r}" if named else ""
-    return (
-        f"{setting} {masked_url} is not a URL the client accepts ({type(exc).__name__}{which}); "
-        "see config/example.env"
-    )
 
 
 def _tls_hint(exc: BaseException, setting: str, ca_option: str) -> str | None:

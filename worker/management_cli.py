@@ -18,11 +18,11 @@ import pika.exceptions
 import redis
 
 from .cli_settings import current_settings
-from .errors import EnqueueError
+from .errors import ConfigurationError, EnqueueError
 from .events import declare_exchange
 from .jobs import ACTOR_QUEUES
 from .observability.logging import mask_url
-from .producer import Producer
+from .producer import Producer, amqp_parameters
 from .services import open_redis
 from .settings import Settings
 from .verloop.tokens import token_cache_entries
@@ -42,7 +42,9 @@ def run_management_job(
         raise click.ClickException("EVENTS_ENABLED is false: workers publish no results to read")
     url = settings.amqp_url.get_secret_value()
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
+        connection = pika.BlockingConnection(amqp_parameters(url))
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
     except pika.exceptions.AMQPError as exc:
         raise click.ClickException(
             f"RabbitMQ does not answer at {mask_url(url)} ({type(exc).__name__})"

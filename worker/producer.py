@@ -29,17 +29,32 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from .errors import EnqueueError
+from .errors import ConfigurationError, EnqueueError
 from .jobs import ACTOR_QUEUES, SEND_QUEUE, parse_job
 from .jobs_exchange import JOB_QUEUES
+from .observability.logging import unreadable_url
 
-__all__ = ["Producer", "encode_job", "queue_arguments"]
+__all__ = ["Producer", "amqp_parameters", "encode_job", "queue_arguments"]
 
 #: How long a publish may block while RabbitMQ applies flow control before we give up.
 _BLOCKED_TIMEOUT_S = 30
 _PUBLISH_ATTEMPTS = 2
 _ACCESS_REFUSED = 403
 _NOT_FOUND = 404
+
+
+def amqp_parameters(url: str) -> pika.URLParameters:
+    """pika's connection parameters for ``url``.
+
+    Raises:
+        ConfigurationError: pika cannot read the URL. The message names at most the parameter
+            it refused: pika's own messages can quote a value (it evaluates ``ssl_options``,
+            which may hold a key file's password).
+    """
+    try:
+        return pika.URLParameters(url)
+    except Exception as exc:  # noqa: BLE001 - pika raises many kinds, a SyntaxError among them
+        raise ConfigurationError(unreadable_url("AMQP_URL", url, exc)) from None
 
 
 def queue_arguments(queue: str) -> dict[str, Any]:
@@ -71,7 +86,7 @@ class Producer:
     """
 
     def __init__(self, amqp_url: str, *, exchange: str = "") -> None:
-        self._parameters = pika.URLParameters(amqp_url)
+        self._parameters = amqp_parameters(amqp_url)
         self._parameters.blocked_connection_timeout = _BLOCKED_TIMEOUT_S
         self.exchange = exchange
         self._connection: Any = None

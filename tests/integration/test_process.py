@@ -421,3 +421,22 @@ def test_send_enqueues_a_job_and_rejects_a_bad_number(simulator: Simulator) -> N
     assert bad.returncode == 2
     assert "to: must be in E.164 form" in bad.stderr
     assert queue_depth("verloop.send") == 1
+
+
+def test_send_and_the_dlq_tools_never_print_a_password_from_a_url_pika_cannot_read(
+    simulator: Simulator,
+) -> None:
+    """pika's error for a bad ssl_options quotes the value, which may hold a key file's
+    password: every command that connects says which setting is wrong, masked."""
+    url = _AWKWARD_URLS[3][0]
+    for args in (
+        ("send", "--client-id", "acme", "--phone-id", "p", "--to", "+919876543210", "--text", "hi"),
+        ("dlq", "list"),
+        ("clients", "--timeout", "1"),
+    ):
+        result = cli(simulator, *args, AMQP_URL=url)
+        output = result.stdout + result.stderr
+        assert result.returncode in (1, 2), (args, output)
+        assert "SECRET" not in output, (args, output)
+        assert "Traceback" not in output, (args, output)
+        assert "AMQP_URL amqps://guest:***@127.0.0.1:5672" in output, (args, output)

@@ -43,7 +43,7 @@ import pika.spec
 from ..errors import ConfigurationError, EnqueueError
 from ..jobs import CAMPAIGN_QUEUE
 from ..observability.logging import mask_url, scrub_text
-from ..producer import queue_arguments
+from ..producer import amqp_parameters, queue_arguments
 from .reader import (
     CampaignFile,
     CampaignInputError,
@@ -254,7 +254,7 @@ class _Run:
 
     # --- connection lifecycle ------------------------------------------------------------------
     def run(self) -> None:
-        parameters = pika.URLParameters(self.amqp_url)
+        parameters = amqp_parameters(self.amqp_url)
         self.connection = pika.SelectConnection(
             parameters,
             on_open_callback=self._on_open,

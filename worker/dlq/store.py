@@ -13,12 +13,12 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from ..errors import EnqueueError, InvalidJob
+from ..errors import ConfigurationError, EnqueueError, InvalidJob
 from ..jobs import SendMessageJob, parse_job
 from ..ledger import Ledger, LedgerKey
 from ..observability.logging import scrub_text
 from ..phones import mask_phone
-from ..producer import Producer
+from ..producer import Producer, amqp_parameters
 from .entries import (
     DLQ_QUEUES,
     DeadLetterEntry,
@@ -98,7 +98,10 @@ class DeadLetterStore:
 
     def __init__(self, amqp_url: str, queues: Sequence[str] = DLQ_QUEUES) -> None:
         self.queues = tuple(queues)
-        params = pika.URLParameters(amqp_url)
+        try:
+            params = amqp_parameters(amqp_url)
+        except ConfigurationError as exc:
+            raise DlqError(str(exc)) from None
         params.connection_attempts = 1
         params.socket_timeout = 5
         params.blocked_connection_timeout = 30

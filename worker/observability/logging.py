@@ -40,6 +40,7 @@ __all__ = [
     "register_secret",
     "resolve_log_format",
     "scrub_text",
+    "unreadable_url",
 ]
 
 REDACTED = "[REDACTED]"
@@ -131,6 +132,20 @@ def _mask_query(query: str) -> str:
             parameter = f"{name}={_MASK}"
         masked.append(parameter)
     return "&".join(masked)
+
+
+def unreadable_url(setting: str, url: str, exc: Exception) -> str:
+    """Why a client library refused to read ``url``: the parameter it names, never its message.
+
+    Those messages can quote a value (pika evaluates ``ssl_options``, which may hold a key
+    file's password), so only a parameter name found in one is shown, with the masked URL.
+    """
+    named = re.search(r"(?:parameter|argument)\W+'(\w+)'", str(exc))
+    which = f": it does not take the parameter {named.group(1)!r}" if named else ""
+    return (
+        f"{setting} {mask_url(url)} is not a URL the client accepts "
+        f"({type(exc).__name__}{which}); see config/example.env"
+    )
 
 
 def scrub_text(text: str) -> str:
