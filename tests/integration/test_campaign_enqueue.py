@@ -218,6 +218,7 @@ def test_bad_rows_go_to_the_rejects_file_with_their_reason(tmp_path: Path) -> No
     # The operator's own values come back unchanged, to be fixed and sent again.
     assert records[1][2:] == ["9876543210", "Ravi", "2"]
     assert b"'+919876543217,caf\xe9,8" in rejects.read_bytes()  # a + cell gets a quote
+    assert rejects.stat().st_mode & 0o777 == 0o600  # it holds recipients: the owner's only
 
     sent = sorted(envelope["kwargs"]["to"] for _, envelope in drain())
     assert sent == ["+919876543210", "+919876543215"]

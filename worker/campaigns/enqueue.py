@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import csv
 import hashlib
+import os
 import signal
 import threading
 import time
@@ -153,9 +154,11 @@ class _Rejects:
     def write(self, row: RawRow, reason: str) -> None:
         if self._writer is None:
             fresh = not self.path.exists() or self.path.stat().st_size == 0
-            # surrogateescape: bytes that were not UTF-8 in the input go back out unchanged.
-            self._handle = self.path.open(
-                "a", encoding="utf-8", errors="surrogateescape", newline=""
+            # Owner-only (it holds recipients), whatever the umask; surrogateescape: bytes that
+            # were not UTF-8 in the input go back out unchanged.
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._handle = os.fdopen(
+                descriptor, "a", encoding="utf-8", errors="surrogateescape", newline=""
             )
             self._writer = csv.writer(self._handle)
             if fresh:
