@@ -312,6 +312,7 @@ def _soak(
                 final_stats = stats(http)
                 records = [r for phone in PHONES for r in messages(http, phone)]
                 dead = _dead_letters(broker.amqp_url)
+                ledger = ledger_states(cache)
                 worker_cpu = sampler.worker_cpu_s()
             finally:
                 load.stop()
@@ -324,6 +325,7 @@ def _soak(
     record.analysis = analyse(
         plan, record, load.jobs, outcomes, final_stats, records, dead, campaign, drain
     )
+    record.analysis["redis"]["ledger_states_at_end"] = ledger
     record.analysis["machine"] = sampler.machine_busy() | {"worker_cpu_s": worker_cpu}
     record.analysis["load_generator"] = {
         "republished_after_lost_confirm": load.republished,
@@ -447,7 +449,7 @@ def _progress(sample: dict[str, Any]) -> None:
 
 # --- sampling ------------------------------------------------------------------------------------
 class Sampler:
-    """Takes one sample of the worker's processes, Redis and RabbitMQ (see the docstring)."""
+    """Takes one sample of the worker's processes, Redis and RabbitMQ (see the module docstring)."""
 
     def __init__(
         self, proc: WorkerProcess, cache: redis.Redis, amqp_url: str, load: Load, outcomes: Outcomes
@@ -592,6 +594,18 @@ def key_family(key: str) -> str:
     return ":".join(words)
 
 
+def ledger_states(cache: redis.Redis) -> dict[str, int]:
+    """Ledger entries by state: ``sent`` (``s:``), ``claim`` (``p:``, a send whose record
+    was never written, or in flight), anything else by its first characters."""
+    states: Counter[str] = Counter()
+    keys = list(cache.scan_iter(match=LEDGER_FAMILY + ":*", count=1000))
+    for start in range(0, len(keys), 1000):
+        for value in cache.mget(keys[start : start + 1000]):
+            text = str(value or "")
+            states[{"s:": "sent", "p:": "claim"}.get(text[:2], text[:2] or "gone")] += 1
+    return dict(states)
+
+
 def _dead_letters(amqp_url: str) -> list[dict[str, Any]]:
     """Every dead letter, taken off its queue (the run is over): queue, header, body."""
     found = []
@@ -709,6 +723,7 @@ def analyse(
     open_files = [s["processes"][pid]["fds"] for s in chosen for pid in pids]
     growths = [p["fds"]["slope_per_h"] for p in per_process.values() if p["fds"]]
     analysis["rss_mb"] = {
+        "steps_at_restarts": restart_steps(samples, record.restarts, plan.settle_s),
         "total": _dump(total),
         "per_process": per_process,
         "processes_seen": sorted(all_pids),
@@ -790,9 +805,11 @@ def analyse(
     return analysis
 
 
-def log_summary(log: Path, top: int = 40) -> dict[str, int]:
-    """The worker's warnings and errors, counted by message (digits left out)."""
+def log_summary(log: Path, top: int = 40) -> dict[str, Any]:
+    """The worker's warnings and errors, counted by message (digits left out), and the sends
+    whose writes after Verloop accepted them failed (``after_send_failures``, by step)."""
     counts: Counter[str] = Counter()
+    after_send: Counter[str] = Counter()
     with log.open("rb") as lines:
         for line in lines:
             try:
@@ -802,13 +819,34 @@ def log_summary(log: Path, top: int = 40) -> dict[str, int]:
                     "(not a JSON log line) " + _NUMBER.sub("#", line.decode(errors="replace"))[:100]
                 ] += 1
                 continue
-            level = entry.get("level") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict):
+                continue
+            after_send.update(entry.get("after_send_failures") or ())
+            level = entry.get("level")
             if level in ("warning", "error", "critical"):
                 what = str(entry.get("event"))
                 if what == "job":  # the job's own line: what happened to it says more
                     what = f"job {entry.get('outcome')}: {entry.get('reason')}"
                 counts[f"{level}: {_NUMBER.sub('#', what)[:100]}"] += 1
-    return dict(counts.most_common(top))
+    return {"warnings": dict(counts.most_common(top)), "after_send_failures": dict(after_send)}
+
+
+def restart_steps(
+    samples: list[dict[str, Any]], restarts: list[dict[str, Any]], settle_s: float
+) -> list[float]:
+    """Total worker RSS (MB) once settled after each restart minus just before it: a fit
+    within segments leaves these steps out, so they are reported apart."""
+
+    def total(sample: dict[str, Any]) -> float:
+        return float(sum(p["rss_kb"] for p in sample["processes"].values())) / 1024
+
+    steps = []
+    for restart in restarts:
+        before = [s for s in samples if s["t"] < restart["at_s"]]
+        after = [s for s in samples if s["t"] >= restart["back_at_s"] + settle_s]
+        if before and after:
+            steps.append(total(after[0]) - total(before[-1]))
+    return steps
 
 
 def _dump(value: Fit | None) -> dict[str, Any] | None:
@@ -920,6 +958,7 @@ def results(analysis: dict[str, Any]) -> list[Result]:
         _rss_result(analysis["rss_mb"], targets),
         *_redis_results(analysis["redis"], targets, analysis["drain"]),
         *_accounting_results(analysis["accounting"]),
+        _bookkeeping_result(analysis),
     ]
     for restart in analysis["restarts"]:
         found.append(
@@ -946,7 +985,10 @@ def _rss_result(rss: dict[str, Any], targets: dict[str, float]) -> Result:
         "soak worker RSS",
         f"{total['level']:.0f} MB in {len(fits)} processes, {total['slope_per_h']:+.1f} MB/h, "
         f"peak {total['peak']:.0f} MB; worst {worst['relative_per_h']:+.1%}/h of "
-        f"{worst['level']:.0f} MB" + ("; a process was replaced" if replaced else ""),
+        f"{worst['level']:.0f} MB; steps at restarts "
+        + ", ".join(f"{step:+.1f}" for step in rss["steps_at_restarts"])
+        + " MB"
+        + ("; a process was replaced" if replaced else ""),
         f"each < +{targets['rss_growth_per_h']:.0%} of its level/h",
         worst["relative_per_h"] < targets["rss_growth_per_h"] and not replaced,
     )
@@ -1034,6 +1076,23 @@ def _accounting_results(books: dict[str, Any]) -> list[Result]:
             books["recipients_messaged_twice"] == 0 and books["simulator_duplicate_keys"] == 0,
         ),
     ]
+
+
+def _bookkeeping_result(analysis: dict[str, Any]) -> Result:
+    """What the worker could not write after Verloop accepted a send (Redis down): it is
+    documented (``verloop_after_send_failures_total``, never a resend), so no target."""
+    states = analysis["redis"].get("ledger_states_at_end") or {}
+    campaign = analysis["campaign"]
+    sent = analysis["accounting"]["by_kind"].get("campaign", {}).get("sent", 0)
+    failures = analysis["worker_log"]["after_send_failures"]
+    return Result(
+        "soak after-send writes",
+        f"ledger {states.get('sent', 0):,} sent + {states.get('claim', 0)} claims left; campaign "
+        f"counter {int(campaign.get('sent', 0)):,} of {sent:,} sent; failed writes "
+        + (", ".join(f"{step} {n}" for step, n in failures.items()) or "none"),
+        "-",
+        None,
+    )
 
 
 def _seconds(value: int | None) -> str:
