@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install services tools run test test-unit lint format bench schema clean
+.PHONY: help install services tools run test test-unit lint format bench soak schema clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ format: $(STAMP)  ## Format the code
 
 bench: services  ## Benchmarks: send path vs a naive actor; rate limits (fidelity, 1,000/s, lanes)
 	$(BIN)/python -m bench
+
+SOAK_MINUTES ?= 25
+soak: $(STAMP)  ## Soak: mixed load with RabbitMQ and Redis restarts, SOAK_MINUTES (25) long
+	$(BIN)/python -m bench --only soak --soak-minutes $(SOAK_MINUTES)
 
 schema: $(STAMP)  ## Regenerate config/jobs.schema.json from the job models
 	$(BIN)/verloop-worker schema --output config/jobs.schema.json

@@ -5,9 +5,17 @@
 * ``fidelity``, ``high_rate``, ``lanes``: the per-number rate limiter (``bench/rate_limits.py``).
 * ``campaign_enqueue``: ``campaign start``'s enqueuer on a 1,000,000-row CSV against dramatiq's
   confirmed enqueue (``bench/campaign_enqueue.py``); targets >= 10,000 rows/s, < 200 MB, >= 5 x.
+* ``campaign_send``: a 50,000-recipient campaign over two numbers at 250/s each
+  (``bench/campaign_send.py``); targets >= 0.95 of each limit, 0 duplicates, 0 lost.
+* ``soak``, on demand only (``make soak``, ``--only soak``; ``--soak-minutes``, 25 by
+  default): steady mixed load (transactional, campaign, management and 1 % hostile jobs, 2 %
+  of sends answered 5xx) with a RabbitMQ and a Redis restart, both private servers it starts
+  itself (``bench/soak.py``); targets: worker RSS, Redis memory beyond the ledger, keys and
+  the outbox flat; nothing lost, nobody messaged twice.
 
 ``--only NAME`` (repeatable) runs some of them. Figures and logs go to ``bench/results/``.
-Everything uses RabbitMQ vhost ``verloop-bench`` and Redis db 14 on 127.0.0.1.
+Everything uses RabbitMQ vhost ``verloop-bench`` and Redis db 14 on 127.0.0.1, except the soak
+(its own RabbitMQ node and redis-server, see ``bench/private_services.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from collections.abc import Callable
 import httpx
 from pika.exceptions import AMQPError
 
-from . import campaign_enqueue, campaign_send, rate_limits, send_path
+from . import campaign_enqueue, campaign_send, rate_limits, send_path, soak
 from .common import RESULTS, Result, ensure_vhost, loop_seconds, write_json
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
@@ -32,7 +40,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     **rate_limits.BENCHMARKS,
     campaign_send.NAME: campaign_send.run,
     campaign_enqueue.NAME: campaign_enqueue.run,
+    soak.NAME: soak.run,
 }
+#: Run only when named with --only: too long for every `make bench`.
+ON_DEMAND = frozenset({soak.NAME})
 
 
 def main() -> None:
@@ -44,7 +55,8 @@ def main() -> None:
         action="append",
         choices=list(BENCHMARKS),
         metavar="NAME",
-        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}",
+        help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)} "
+        f"({', '.join(sorted(ON_DEMAND))} only this way)",
     )
     parser.add_argument(
         "--no-metrics",
@@ -56,6 +68,7 @@ def main() -> None:
     rate_limits.add_arguments(parser)
     campaign_enqueue.add_arguments(parser)
     campaign_send.add_arguments(parser)
+    soak.add_arguments(parser)
     args = parser.parse_args()
 
     RESULTS.mkdir(exist_ok=True)
@@ -70,9 +83,10 @@ def main() -> None:
             "another `make bench` is running on this machine (bench/results/.lock is held); "
             "benchmarks share queues and cores, so wait for it to finish"
         )
-    ensure_vhost()
+    selected = args.only or [name for name in BENCHMARKS if name not in ON_DEMAND]
+    if set(selected) - ON_DEMAND:  # the soak brings its own RabbitMQ and Redis
+        ensure_vhost()
     shutil.rmtree(RESULTS / "metrics", ignore_errors=True)  # the workers' metrics files, last run
-    selected = args.only or list(BENCHMARKS)
     results: list[Result] = []
     failed: list[str] = []
     started = time.monotonic()

@@ -75,18 +75,23 @@ def ensure_vhost() -> None:
     set_deploy_policies(ctl, VHOST)
 
 
-def set_deploy_policies(ctl: str, vhost: str) -> list[dict[str, Any]]:
-    """Apply the policies of ``deploy/rabbitmq/definitions.json`` to ``vhost``; return them."""
+def set_deploy_policies(
+    ctl: str, vhost: str, *, node: str | None = None, env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Apply the policies of ``deploy/rabbitmq/definitions.json`` to ``vhost``; return them.
+    ``node`` and ``env`` name another node than the machine's and the environment to reach it."""
     policies: list[dict[str, Any]] = json.loads(DEFINITIONS.read_text(encoding="utf-8"))["policies"]
+    target = ["-n", node] if node else []
     for policy in policies:
         subprocess.run(
             [
-                ctl, "-q", "set_policy", "-p", vhost, "--apply-to", policy["apply-to"],
+                ctl, "-q", *target, "set_policy", "-p", vhost, "--apply-to", policy["apply-to"],
                 "--priority", str(policy["priority"]), policy["name"], policy["pattern"],
                 json.dumps(policy["definition"]),
             ],
             capture_output=True,
             check=True,
+            env=env,
         )  # fmt: skip
     return policies
 
