@@ -240,8 +240,9 @@ def _record_sent(
     try:
         replies = services.ledger.mark_sent(key, message_id, also=also)
     except RedisUnavailable:
-        # Sent, but not written down: acknowledging is right (sending again is not). A later
-        # redelivery of this job would find the claim and treat it as an uncertain outcome.
+        # Sent, but not written down: acknowledging is right (sending again is not). The ledger
+        # writes the record with its next claim that reaches Redis; a redelivery before that
+        # finds the claim and treats it as an uncertain outcome.
         record.bind(ledger="not_recorded")
         _after_send_failed(record, "ledger", "a sent message could not be recorded in the ledger")
         return

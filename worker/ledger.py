@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -42,9 +43,13 @@ from .errors import RedisUnavailable
 from .redis_direct import ThreadConnections
 from .redis_text import as_text
 
-__all__ = ["Claim", "Ledger", "LedgerEntry", "LedgerKey"]
+__all__ = ["MAX_UNRECORDED", "Claim", "Ledger", "LedgerEntry", "LedgerKey"]
 
 _PREFIX: Final = "verloop:ledger:"
+#: At most this many records of sends Redis did not take are kept for later, per process.
+MAX_UNRECORDED: Final = 10_000
+#: Records written late per claim, at most.
+_LATE_BATCH: Final = 100
 
 # KEYS[1] entry, KEYS[2] its legacy key (or the entry again), KEYS[3..] holds; ARGV: lease_ms,
 # ttl_s, owner, take_over_uncertain (1/0). The owner's own claim is renewed (a send retried in
@@ -171,6 +176,9 @@ class Ledger:
         #: (the worker shares one set with the limiter).
         self._direct = connections or ThreadConnections(cache)
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}:"
+        #: Records of sends Redis did not take (it was down): written with the next claim that
+        #: reaches Redis, so a blip does not leave a sent job looking uncertain for 30 days.
+        self._unrecorded: deque[tuple[str, str]] = deque(maxlen=MAX_UNRECORDED)
 
     def claim(
         self, key: LedgerKey, owner: str, *, take_over_uncertain: bool, holds: Sequence[str] = ()
@@ -185,6 +193,8 @@ class Ledger:
             )
         except redis.RedisError as exc:
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
+        if self._unrecorded:
+            self._record_late()
         state, detail = as_text(state), as_text(detail)
         if state in ("busy", "held"):
             return Claim(state, retry_in_s=int(detail) / 1000)  # type: ignore[arg-type]
@@ -207,10 +217,36 @@ class Ledger:
         try:
             replies = self._direct.execute([record, *also], raise_refusals=False)
         except redis.RedisError as exc:
+            self._unrecorded.append((key.name, message_id or ""))
             raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
         if isinstance(replies[0], redis.RedisError):
+            self._unrecorded.append((key.name, message_id or ""))
             raise RedisUnavailable(f"idempotency ledger: {type(replies[0]).__name__}")
         return replies[1:]
+
+    @property
+    def unrecorded(self) -> int:
+        """Sends waiting to be recorded (Redis did not take their record yet)."""
+        return len(self._unrecorded)
+
+    def _record_late(self) -> None:
+        """Write the records Redis did not take before (a sent record is only ever replaced by
+        a sent record: whichever message id it names, the job was sent)."""
+        taken: list[tuple[str, str]] = []
+        while self._unrecorded and len(taken) < _LATE_BATCH:
+            try:
+                taken.append(self._unrecorded.popleft())
+            except IndexError:  # another thread took the last one
+                break
+        commands = [("SET", _PREFIX + k, "s:" + m, "EX", self.ttl_s) for k, m in taken]
+        try:
+            replies = self._direct.execute(commands, raise_refusals=False)
+        except redis.RedisError:
+            self._unrecorded.extendleft(reversed(taken))
+            return
+        for (key, message_id), reply in zip(taken, replies, strict=True):
+            if isinstance(reply, redis.RedisError):
+                self._unrecorded.append((key, message_id))
 
     def mark_uncertain(self, key: LedgerKey, owner: str) -> None:
         """This owner's call went out and no answer came back: its claim becomes uncertain now

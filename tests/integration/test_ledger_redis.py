@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from worker.errors import RedisUnavailable
 from worker.jobs import SendMessageJob, parse_job
 from worker.ledger import Ledger, LedgerKey
+from worker.services import open_redis
+from worker.settings import Settings
 
-from .conftest import REDIS_URL, redis_client
+from .conftest import REDIS_URL, OwnRedis, redis_client
 
 
 def ledger(lease_s: float = 5.0) -> Ledger:
@@ -147,3 +152,27 @@ def test_forgetting_a_claim_never_drops_a_live_claim_or_a_sent_record() -> None:
     redis_client(REDIS_URL).set("verloop:ledger:k9-old", "p:1000:old-host:1:2:m")
     assert book.forget_pending(gone) is True
     assert book.lookup(gone).state == "absent"
+
+
+def test_a_send_redis_did_not_record_is_recorded_once_it_answers_again(own_redis: OwnRedis) -> None:
+    """Verloop accepted a message while Redis was down: the record is kept in the process and
+    written with the next claim that reaches Redis, instead of the job looking uncertain (its
+    claim's lease run out) for 30 days. Found by the soak benchmark's Redis restart."""
+    cache = open_redis(Settings(redis_url=own_redis.url))
+    book = Ledger(cache, ttl_s=3600, lease_s=10)
+    try:
+        sent = LedgerKey("key:4:acme:5:otp-1")
+        assert book.claim(sent, "t1", take_over_uncertain=False).state == "claimed"
+        own_redis.kill()
+        with pytest.raises(RedisUnavailable):
+            book.mark_sent(sent, "wamid.late")
+        assert book.unrecorded == 1
+        own_redis.start()
+        next_job = LedgerKey("key:4:acme:5:otp-2")
+        assert book.claim(next_job, "t1", take_over_uncertain=False).state == "claimed"
+        assert book.unrecorded == 0
+        assert book.lookup(sent).message_id == "wamid.late"
+        assert book.claim(sent, "t2", take_over_uncertain=True).state == "sent"
+    finally:
+        book.close()
+        cache.close()
