@@ -209,8 +209,14 @@ class WorkerStarter:
         self.make_settings = make_settings
         self.running: list[tuple[Worker, WorkerApp]] = []
 
-    def __call__(self, threads: int = 4, **overrides: Any) -> WorkerApp:
+    def __call__(
+        self, threads: int = 4, *, as_process: bool = False, **overrides: Any
+    ) -> WorkerApp:
+        """``as_process``: also emit ``process_boot``, as dramatiq's CLI does in each worker
+        process; only then does dramatiq's TimeLimit watch the jobs' time limits."""
         app = create_app(self.make_settings(**overrides))
+        if as_process:
+            app.broker.emit_after("process_boot")
         worker = Worker(app.broker, worker_threads=threads, worker_timeout=100)
         worker.start()
         self.running.append((worker, app))
