@@ -61,7 +61,8 @@ THREADS = 4
 #: Recipients of the ordinary sends published after each batch (batch indexes stay below).
 GOOD_INDEXES = (9000, 9001, 9002)
 
-CORPUS_DIR = Path(__file__).parent / "corpus"
+#: The regression corpus; FUZZ_CORPUS_DIR replays another folder (say .hypothesis/found).
+CORPUS_DIR = Path(os.environ.get("FUZZ_CORPUS_DIR") or Path(__file__).parent / "corpus")
 
 
 class InvariantBroken(AssertionError):

@@ -483,7 +483,10 @@ raw_bodies = st.one_of(
             b"\xff\xfe",
             b'{"actor_name": "send_message", "kwargs": {"x": NaN}}',
             b'{"actor_name": "send_message", "kwargs": {"x": "\\ud800"}}',
-            b'{"actor_name": "send_message", "actor_name": "list_clients", "kwargs": {}}',
+            # Duplicate names: which one counts is up to the parser. (The message_id lets the
+            # harness find its outcome if the worker takes the body.)
+            b'{"actor_name": "send_message", "actor_name": "list_clients", "kwargs": {}, '
+            b'"message_id": "qNONCEq0-dup"}',
         ]
     ),
 )
