@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install services tools run test test-unit lint format bench soak schema clean
+.PHONY: help install services tools run test test-unit fuzz lint format bench soak schema clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ test: services tools  ## Run every test (real RabbitMQ, Redis and the simulator)
 
 test-unit: $(STAMP)  ## Run the tests that need no services
 	$(BIN)/pytest tests/unit
+
+fuzz: services  ## Hostile jobs through a real worker: FUZZ_EXAMPLES=5000 or FUZZ_MINUTES=30 make fuzz
+	FUZZ=1 $(BIN)/pytest tests/property -k test_no_job_hurts_another -q --show-capture=no
+	@echo "cases found (if any) are in .hypothesis/found/: move them to tests/property/corpus/"
 
 lint: $(STAMP)  ## ruff (lint and format check) and mypy --strict on worker/ and bench/
 	$(BIN)/ruff check worker tests bench

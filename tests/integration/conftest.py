@@ -198,22 +198,50 @@ def producer() -> Iterator[Producer]:
         yield p
 
 
-@pytest.fixture
-def start_worker(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., WorkerApp]]:
-    """Start an in-process dramatiq worker (real RabbitMQ); stopped at teardown."""
-    running: list[tuple[Worker, WorkerApp]] = []
+class WorkerStarter:
+    """Starts in-process dramatiq workers (real RabbitMQ) and stops them at teardown.
 
-    def start(threads: int = 4, **overrides: Any) -> WorkerApp:
-        app = create_app(make_settings(**overrides))
+    Called like a function, it returns the :class:`WorkerApp`; :meth:`worker_of` hands out the
+    dramatiq ``Worker`` behind an app (its threads) and :meth:`stop` stops one early.
+    """
+
+    def __init__(self, make_settings: Callable[..., Settings]) -> None:
+        self.make_settings = make_settings
+        self.running: list[tuple[Worker, WorkerApp]] = []
+
+    def __call__(
+        self, threads: int = 4, *, as_process: bool = False, **overrides: Any
+    ) -> WorkerApp:
+        """``as_process``: also emit ``process_boot``, as dramatiq's CLI does in each worker
+        process; only then does dramatiq's TimeLimit watch the jobs' time limits."""
+        app = create_app(self.make_settings(**overrides))
+        if as_process:
+            app.broker.emit_after("process_boot")
         worker = Worker(app.broker, worker_threads=threads, worker_timeout=100)
         worker.start()
-        running.append((worker, app))
+        self.running.append((worker, app))
         return app
 
-    yield start
-    for worker, app in running:
+    def worker_of(self, app: WorkerApp) -> Worker:
+        return next(worker for worker, running in self.running if running is app)
+
+    def stop(self, app: WorkerApp) -> None:
+        worker = self.worker_of(app)
+        self.running.remove((worker, app))
         worker.stop(timeout=10_000)
         app.broker.close()
+
+    def stop_all(self) -> None:
+        while self.running:
+            self.stop(self.running[-1][1])
+
+
+@pytest.fixture
+def start_worker(make_settings: Callable[..., Settings]) -> Iterator[WorkerStarter]:
+    """Start an in-process dramatiq worker (real RabbitMQ); stopped at teardown."""
+    starter = WorkerStarter(make_settings)
+    yield starter
+    starter.stop_all()
 
 
 def wait_until(

@@ -340,6 +340,21 @@ def test_scripted_response_for_a_recipient_leaves_other_recipients_alone(
     assert (hit.status_code, hit.json()) == (500, {"custom": True})
 
 
+def test_a_scripted_success_with_a_delay_is_sent_and_answered_late(client: httpx.Client) -> None:
+    """A 200 entry without body lets the send through, recorded, after ``delay_ms``."""
+    token = phone_token(client)
+    client.post("/admin/script", json={"responses": [{"status": 200, "delay_ms": 400}]})
+    started = time.monotonic()
+    slow = send(client, token)
+    slow_s = time.monotonic() - started
+    started = time.monotonic()
+    assert send(client, token).status_code == 200
+    fast_s = time.monotonic() - started
+    assert slow.status_code == 200
+    assert slow_s >= 0.4 > fast_s
+    assert len(client.get("/admin/messages").json()["messages"]) == 2
+
+
 def test_scripted_429_has_a_default_body_and_retry_after(client: httpx.Client) -> None:
     """A scripted 429 without body or headers gets code 130429 and Retry-After: 1."""
     client.post("/admin/script", json={"responses": [{"status": 429}]})

@@ -216,6 +216,9 @@ class _Api:
             self._counters.scripted_responses += 1
             if not scripted.passes_through:
                 return await self._scripted(scripted)
+            if scripted.delay_ms:
+                # A slow success: the send is recorded, its answer comes late.
+                await asyncio.sleep(scripted.delay_ms / 1000.0)
         else:
             fault = self._engine.draw()
             if fault is not None:

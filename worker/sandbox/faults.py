@@ -266,9 +266,9 @@ class Faults:
 class ScriptedResponse:
     """One entry of ``POST /admin/script``: a canned answer for the next matching send(s).
 
-    A 2xx entry without ``body`` lets the send through normally (it is recorded),
-    which is how a script says "fail twice, then succeed" for one recipient while
-    random faults stay configured.
+    A 2xx entry without ``body`` lets the send through normally (it is recorded, and
+    answered after ``delay_ms``), which is how a script says "fail twice, then succeed" or
+    "succeed slowly" for one recipient while random faults stay configured.
     """
 
     status: int = 504
