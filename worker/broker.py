@@ -121,7 +121,10 @@ class WireEncoder(JSONEncoder):
         try:
             text = data.decode("utf-8")
             envelope = json.loads(
-                text, parse_constant=_not_a_json_number, parse_float=_finite_number
+                text,
+                parse_constant=_not_a_json_number,
+                parse_float=_finite_number,
+                object_pairs_hook=_unique_names,
             )
         except UnicodeDecodeError:
             raise ValueError("body is not UTF-8 text") from None
@@ -218,6 +221,19 @@ def _names(names: list[str]) -> str:
 def _not_a_json_number(name: str) -> Any:
     # Python's json module reads NaN and Infinity; JSON has no such numbers.
     raise ValueError(f"body is not JSON ({name} is not a JSON number)")
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # JSON parsers disagree on a repeated name (first wins, last wins, error): a job whose
+    # meaning depends on the reader, such as two actor_names, is refused.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"body has the name {name[:60]!r} twice in one object")
+            seen.add(name)
+    return obj
 
 
 def _finite_number(text: str) -> float:

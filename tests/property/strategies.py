@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from hypothesis import strategies as st
 
-from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, MAX_JSON_DEPTH, SEND_QUEUE
 
 #: Placeholder for the per-run nonce (8 ASCII characters; replaced by as many).
 NONCE = "qNONCEq0"
@@ -207,7 +207,8 @@ def valid_messages(draw: st.DrawFn) -> dict[str, Any]:
     action = draw(
         st.one_of(
             st.just({"buttons": [{"type": "reply", "reply": {"id": "1", "title": "Yes"}}]}),
-            st.builds(lambda d: {"nested": _nested(d, "leaf")}, st.integers(1, 30)),
+            # Within the contract: kwargs, message, interactive and action take four levels.
+            st.builds(lambda d: {"nested": _nested(d, "leaf")}, st.integers(1, MAX_JSON_DEPTH - 4)),
             st.dictionaries(st.text(max_size=8), json_values, max_size=4),
         )
     )

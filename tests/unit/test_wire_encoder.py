@@ -330,3 +330,19 @@ def test_a_number_too_large_for_a_double_is_refused(encoder: WireEncoder) -> Non
     decoded = encoder.decode(body)
     assert decoded["actor_name"] == UNDECODABLE_ACTOR
     assert "too large" in decoded["kwargs"]["reason"]
+
+
+@pytest.mark.usefixtures("consuming")
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"actor_name": "send_message", "actor_name": "list_clients", "kwargs": {}}',
+        b'{"actor_name": "list_clients", "kwargs": {"metadata": {"a": 1, "a": 2}}}',
+    ],
+)
+def test_a_name_twice_in_one_object_is_refused(encoder: WireEncoder, body: bytes) -> None:
+    """Parsers disagree on which of two values wins: a job whose meaning depends on the
+    reader (found by the property suite: a send that ran as list_clients) is refused."""
+    decoded = encoder.decode(body)
+    assert decoded["actor_name"] == UNDECODABLE_ACTOR
+    assert "twice in one object" in decoded["kwargs"]["reason"]
