@@ -165,20 +165,7 @@ def test_a_dead_letter_rabbitmq_made_itself_is_listed_with_no_reason_recorded(
     make_settings: Callable[..., Settings],
 ) -> None:
     """A job rejected without our header (e.g. nacked by dramatiq) is listed all the same."""
-    app = create_app(make_settings())
-    app.broker.declare_queues_now()
-    app.broker.close()
-    kwargs = {"client_id": "acme", "phone_id": "phone-1", "to": TO_A, "message": BAD_TEMPLATE}
-    job_id = str(uuid.uuid4())
-    publish_raw(
-        "verloop.send", encode_job("send_message", kwargs, queue="verloop.send", message_id=job_id)
-    )
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    channel = connection.channel()
-    method, _, _ = channel.basic_get("verloop.send")
-    channel.basic_reject(method.delivery_tag, requeue=False)
-    connection.close()
-    wait_until(lambda: xq_depth() == 1)
+    job_id = rejected_by_rabbitmq(make_settings)
 
     [entry] = listed("--reason", "no reason")
     assert entry["id"] == job_id
