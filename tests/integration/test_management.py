@@ -42,8 +42,8 @@ def test_tokens_refresh_for_a_client_refreshes_every_number_and_prints_no_token(
     assert "acme/phone-1: refreshed" in result.output
     assert "acme/phone-2: refreshed" in result.output
     cache = redis_client(REDIS_URL, decode_responses=True)
-    keys = sorted(cache.scan_iter("verloop:token:phone:acme:*"))
-    assert keys == ["verloop:token:phone:acme:phone-1", "verloop:token:phone:acme:phone-2"]
+    keys = sorted(cache.scan_iter("verloop:token:phone:4:acme:*"))
+    assert keys == ["verloop:token:phone:4:acme:7:phone-1", "verloop:token:phone:4:acme:7:phone-2"]
     listed = run("tokens", "list", "--client-id", "acme")
     assert "acme/phone-1: cached, expires in" in listed.output
     for token in [*old, *(simulator.phone_token("acme", p) for p in ("phone-1", "phone-2"))]:

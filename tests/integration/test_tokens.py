@@ -23,7 +23,7 @@ from worker.producer import Producer
 from worker.sandbox import SandboxConfig, SandboxServer
 from worker.services import open_redis, open_verloop_client
 from worker.settings import Settings
-from worker.verloop.tokens import PhoneTokens, SystemToken, token_key
+from worker.verloop.tokens import PhoneTokens, SystemToken, token_cache_entries, token_key
 
 from .conftest import (
     AMQP_URL,
@@ -359,3 +359,16 @@ def test_tokens_list_shows_ids_with_colons_as_they_are_and_never_a_token(
     assert all(0 < e["expires_in_s"] <= 86_400 for e in only_a)
     for token in fetched:
         assert token not in listed.output
+
+
+def test_tokens_list_matches_a_client_id_s_glob_characters_literally(
+    simulator: Simulator,
+) -> None:
+    """`tokens list --client-id 'a*'` lists client a*'s numbers, not every client's."""
+    cache = redis_client(REDIS_URL, decode_responses=True)
+    for client in ("a*", "ab"):
+        cache.hset(
+            token_key((client, "p1")), mapping={"token": "t", "client_id": client, "phone_id": "p1"}
+        )
+    assert [e["client_id"] for e in token_cache_entries(cache, "a*")] == ["a*"]
+    assert len(token_cache_entries(cache)) == 2

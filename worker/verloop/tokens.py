@@ -34,10 +34,10 @@ partner may use, and Verloop's 401/403 does not say which of the two it refused.
 
 Redis keys: ``verloop:token:phone:<client>:<phone>`` (a hash of the token, the client id and the
 phone id, so ``tokens list`` need not parse keys) and ``verloop:token:lock:<client>:<phone>``
-(the fetch lock). Each id is percent-encoded (``:`` as ``%3A``, ``%`` as ``%25``), so no two
-pairs share a key and a phone id cannot reach into the lock's namespace. Entries of the older
-format (``verloop:phone-token:...``) are ignored: they expire by themselves, and each number's
-token is fetched once more.
+(the fetch lock). The ids are length-prefixed (:mod:`worker.redis_keys`), so no two pairs share
+a key and a phone id cannot reach into the lock's namespace. Entries of the older format
+(``verloop:phone-token:...``) are ignored: they expire by themselves, and each number's token is
+fetched once more.
 
 Per-process state keyed by producer-chosen ids (tokens in memory, fetch locks, remembered
 refusals) holds at most ``TOKEN_LOCAL_MAX_ENTRIES`` numbers each, forgetting the least recently
@@ -46,13 +46,13 @@ used.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, Literal, TypeVar
-from urllib.parse import quote
 
 import redis
 import structlog
@@ -60,6 +60,8 @@ from pydantic import SecretStr
 
 from ..errors import FailureDetails, PermanentFailure, RedisUnavailable, TokenInvalid
 from ..observability.logging import register_secret
+from ..redis_keys import join_parts
+from ..redis_text import as_text
 from .client import VerloopClient
 
 __all__ = ["PhoneTokens", "SystemToken", "TokenSource", "token_cache_entries", "token_key"]
@@ -68,6 +70,7 @@ TokenSource = Literal["file", "memory", "redis", "verloop"]
 
 _log = structlog.get_logger()
 
+_GLOB = re.compile(r"[*?\[\]\\]")
 _CACHE_PREFIX = "verloop:token:phone:"
 _LOCK_PREFIX = "verloop:token:lock:"
 #: How long one process may hold the fleet-wide "I am fetching this token" lock.
@@ -380,7 +383,7 @@ class PhoneTokens:
         raise PermanentFailure(details.reason, http_status=details.http_status, code=details.code)
 
     def _fetch_once_for_fleet(self, key: tuple[str, str]) -> tuple[str, TokenSource]:
-        lock_key = _LOCK_PREFIX + _pair(key)
+        lock_key = _LOCK_PREFIX + join_parts(*key)
         owner = uuid.uuid4().hex
         deadline = time.monotonic() + _FETCH_LOCK_MS / 1000
         while not self._redis(lambda: self._cache.set(lock_key, owner, nx=True, px=_FETCH_LOCK_MS)):
@@ -481,24 +484,16 @@ def _reveal(secret: SecretStr | None) -> str:
     return secret.get_secret_value() if secret is not None else ""
 
 
-def _part(value: str) -> str:
-    # Percent-encoding leaves no ':' (nor a glob character) inside a part: the parts of a key
-    # can be told apart, and a part can be used in a SCAN pattern as is.
-    return quote(value, safe="@")
-
-
-def _pair(key: tuple[str, str]) -> str:
-    return f"{_part(key[0])}:{_part(key[1])}"
-
-
 def token_key(key: tuple[str, str]) -> str:
     """The Redis key of a number's cached token."""
-    return _CACHE_PREFIX + _pair(key)
+    return _CACHE_PREFIX + join_parts(*key)
 
 
 def token_cache_entries(cache: redis.Redis, client_id: str | None = None) -> list[dict[str, Any]]:
     """The numbers whose token is cached in Redis, with seconds left (never the token)."""
-    pattern = _CACHE_PREFIX + (f"{_part(client_id)}:*" if client_id else "*")
+    # A client id typed on the command line may hold glob characters: they match themselves.
+    prefix = _GLOB.sub(r"\\\g<0>", join_parts(client_id) + ":") if client_id else ""
+    pattern = _CACHE_PREFIX + prefix + "*"
     keys = list(cache.scan_iter(match=pattern, count=500))
     pipe = cache.pipeline(transaction=False)
     for key in keys:
@@ -511,13 +506,9 @@ def token_cache_entries(cache: redis.Redis, client_id: str | None = None) -> lis
             continue  # expired between the scan and the read
         entries.append(
             {
-                "client_id": _text(client),
-                "phone_id": _text(phone),
+                "client_id": as_text(client),
+                "phone_id": as_text(phone),
                 "expires_in_s": int(ttl) if int(ttl) >= 0 else None,
             }
         )
     return sorted(entries, key=lambda e: (e["client_id"], e["phone_id"]))
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
