@@ -24,13 +24,13 @@ so after it.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import redis
 
+from ..bounded import BoundedDict
 from ..errors import ConfigurationError, RedisUnavailable
 from ..redis_keys import join_parts, split_parts
 from ..redis_text import as_text
@@ -152,8 +152,7 @@ class CampaignStore:
         self.cache = cache
         self.state_cache_s = state_cache_s
         self.unknown_ttl_s = unknown_ttl_s
-        self.max_cached = max_cached
-        self._cached: OrderedDict[CampaignRef, _Cached] = OrderedDict()
+        self._cached: BoundedDict[CampaignRef, _Cached] = BoundedDict(max_cached)
         self._adopt_and_read = cache.register_script(_ADOPT_AND_READ)
 
     # --- the enqueuer --------------------------------------------------------------------------
@@ -280,7 +279,6 @@ class CampaignStore:
         now = time.monotonic()
         cached = self._cached.get(ref)
         if cached is not None and now - cached.read_at <= self.state_cache_s:
-            self._cached.move_to_end(ref)
             return cached
         fields = ("id", "state", "window_start", "window_end", "timezone", "start_at")
         try:
@@ -294,10 +292,7 @@ class CampaignStore:
             float(as_text(start_at)) if start_at else None,
             known=found is not None,
         )
-        self._cached[ref] = cached
-        self._cached.move_to_end(ref)
-        while len(self._cached) > self.max_cached:
-            self._cached.popitem(last=False)
+        self._cached.put(ref, cached)
         return cached
 
     def count_outcome(self, ref: CampaignRef, outcome: str, extra: str | None = None) -> None:

@@ -50,14 +50,14 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 import redis
 import structlog
 from pydantic import SecretStr
 
+from ..bounded import BoundedDict
 from ..errors import FailureDetails, PermanentFailure, RedisUnavailable, TokenInvalid
 from ..observability.logging import register_secret
 from ..redis_keys import join_parts
@@ -87,63 +87,6 @@ _COMPARE_AND_DELETE_CACHED = """
 if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-class _Bounded(Generic[K, V]):
-    """A thread-safe dict that forgets its least recently used entries beyond ``maxsize``.
-
-    A dozen lines of OrderedDict rather than a cache library: nothing else is needed, and the
-    one read on every send stays a dict lookup under a lock.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        self._data: OrderedDict[K, V] = OrderedDict()
-        self._maxsize = max(1, maxsize)
-        self._lock = threading.Lock()
-
-    def get(self, key: K) -> V | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: K, value: V) -> None:
-        with self._lock:
-            self._put(key, value)
-
-    def setdefault(self, key: K, make: Callable[[], V]) -> V:
-        with self._lock:
-            value = self._data.get(key)
-            if value is None:
-                value = make()
-                self._put(key, value)
-            else:
-                self._data.move_to_end(key)
-            return value
-
-    def pop(self, key: K) -> V | None:
-        with self._lock:
-            return self._data.pop(key, None)
-
-    def pop_if(self, key: K, keep: Callable[[V], bool]) -> None:
-        """Remove ``key`` unless ``keep(value)`` (atomically)."""
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None and not keep(value):
-                del self._data[key]
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def _put(self, key: K, value: V) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self._maxsize:
-            self._data.popitem(last=False)
 
 
 class SystemToken:
@@ -300,11 +243,11 @@ class PhoneTokens:
         self._cache_ttl_s = cache_ttl_s
         self._refusal_ttl_s = refusal_ttl_s
         self._clock = clock
-        self._local: _Bounded[tuple[str, str], tuple[str, float]] = _Bounded(max_entries)
+        self._local: BoundedDict[tuple[str, str], tuple[str, float]] = BoundedDict(max_entries)
         # A lock forgotten while held costs at most one extra fetch attempt in this process
         # (the fleet lock in Redis still stands between it and Verloop).
-        self._locks: _Bounded[tuple[str, str], threading.Lock] = _Bounded(max_entries)
-        self._refusals: _Bounded[tuple[str, str], tuple[FailureDetails, float]] = _Bounded(
+        self._locks: BoundedDict[tuple[str, str], threading.Lock] = BoundedDict(max_entries)
+        self._refusals: BoundedDict[tuple[str, str], tuple[FailureDetails, float]] = BoundedDict(
             max_entries
         )
         self._compare_and_delete = cache.register_script(_COMPARE_AND_DELETE)
