@@ -239,16 +239,12 @@ def _record_sent(
             record.event_queued = True  # nothing more to try: the reporter must not retry it
     try:
         replies = services.ledger.mark_sent(key, message_id, also=also)
-    except RedisUnavailable:
+    except Exception:  # noqa: BLE001 - Redis down or anything else: logged, never a resend
         # Sent, but not written down: acknowledging is right (sending again is not). The ledger
         # writes the record with its next claim that reaches Redis; a redelivery before that
         # finds the claim and treats it as an uncertain outcome.
         record.bind(ledger="not_recorded")
         _after_send_failed(record, "ledger", "a sent message could not be recorded in the ledger")
-        return
-    except Exception:  # noqa: BLE001 - same: logged, never a resend
-        record.bind(ledger="not_recorded")
-        _after_send_failed(record, "ledger", "recording a sent message failed")
         return
     failed = {
         step for step, reply in zip(steps, replies, strict=True) if isinstance(reply, Exception)

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,7 +158,8 @@ def run(
             _enqueue_demo(settings, demo)
         if settings.metrics_port:
             os.environ.update(_metrics_environment(settings))
-        os.environ[HEALTH_DIR_ENV] = str(_fresh_health_dir(settings))
+        # The worker processes' health files (worker.health), read by `check --live`.
+        os.environ[HEALTH_DIR_ENV] = str(_emptied(health_dir(settings), "*.json"))
         args = [
             "worker.app:boot",
             "--processes",
@@ -183,11 +183,7 @@ def _metrics_environment(settings: Settings) -> dict[str, str]:
     by an earlier run would add its counts to this one's, and two instances on one host must
     not share files (they cannot share a port either).
     """
-    root = settings.metrics_dir or Path(tempfile.gettempdir())
-    directory = root / f"verloop-worker-metrics-{settings.metrics_port}"
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.db"):
-        stale.unlink()
+    directory = _emptied(settings.instance_dir("metrics"), "*.db")
     return {
         "PROMETHEUS_MULTIPROC_DIR": str(directory),
         "dramatiq_prom_db": str(directory),
@@ -196,11 +192,10 @@ def _metrics_environment(settings: Settings) -> dict[str, str]:
     }
 
 
-def _fresh_health_dir(settings: Settings) -> Path:
-    """The instance's health folder (see worker.health), emptied of an earlier run's files."""
-    directory = health_dir(settings)
+def _emptied(directory: Path, pattern: str) -> Path:
+    """``directory``, made if missing, without an earlier run's ``pattern`` files."""
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.json"):
+    for stale in directory.glob(pattern):
         stale.unlink()
     return directory
 

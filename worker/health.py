@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -43,10 +42,8 @@ _log = structlog.get_logger()
 
 
 def health_dir(settings: Settings) -> Path:
-    """The folder of an instance's health files (one instance per metrics port, as for the
-    metrics files: ``METRICS_DIR``, else the temporary folder)."""
-    root = settings.metrics_dir or Path(tempfile.gettempdir())
-    return root / f"verloop-worker-health-{settings.metrics_port}"
+    """The folder of an instance's health files, beside its metrics files."""
+    return settings.instance_dir("health")
 
 
 class ThreadWatch(Middleware):

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -270,6 +271,12 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    def instance_dir(self, kind: str) -> Path:
+        """This instance's folder of ``kind`` files (``metrics``, ``health``): one instance per
+        metrics port on a host, under ``METRICS_DIR``, else the temporary folder."""
+        root = self.metrics_dir or Path(tempfile.gettempdir())
+        return root / f"verloop-worker-{kind}-{self.metrics_port}"
 
     @property
     def ledger_lease(self) -> float:
