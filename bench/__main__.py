@@ -32,8 +32,8 @@ from collections.abc import Callable
 import httpx
 from pika.exceptions import AMQPError
 
-from . import campaign_enqueue, campaign_send, rate_limits, send_path, soak
-from .common import RESULTS, Result, ensure_vhost, loop_seconds, write_json
+from bench import campaign_enqueue, campaign_send, rate_limits, send_path, soak
+from bench.common import RESULTS, Result, ensure_vhost, loop_seconds, write_json
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     send_path.NAME: send_path.run,

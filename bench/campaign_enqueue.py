@@ -37,18 +37,7 @@ from worker.campaigns.reader import CampaignFile, CampaignSpec, RowValidator
 from worker.campaigns.store import CampaignStore
 from worker.jobs import CAMPAIGN_QUEUE
 
-from .common import (
-    AMQP_URL,
-    REDIS_URL,
-    BenchError,
-    Result,
-    clear_queues,
-    clear_redis,
-    cpu_used,
-    pids_listening,
-    process_cpu_s,
-    write_json,
-)
+from bench.common import AMQP_URL, REDIS_URL, BenchError, Result, clear_queues, clear_redis, cpu_used, pids_listening, process_cpu_s, write_json
 
 NAME = "campaign_enqueue"
 TARGET_RATE = 10_000.0

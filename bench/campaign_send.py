@@ -22,25 +22,7 @@ import redis
 from worker.campaigns.store import CampaignRef, CampaignStore
 from worker.producer import encode_job
 
-from .common import (
-    CLIENT_ID,
-    REDIS_URL,
-    RESULTS,
-    Result,
-    clear_queues,
-    clear_redis,
-    configure_simulator,
-    messages,
-    publish_backlog,
-    simulator,
-    stats,
-    system_token,
-    verloop_worker,
-    wait_for,
-    worker,
-    worker_env,
-    write_json,
-)
+from bench.common import CLIENT_ID, REDIS_URL, RESULTS, Result, clear_queues, clear_redis, configure_simulator, messages, publish_backlog, simulator, stats, system_token, verloop_worker, wait_for, worker, worker_env, write_json
 
 NAME = "campaign_send"
 LATENCY_MS = 20.0

@@ -35,7 +35,7 @@ import pika
 import pika.exceptions
 import redis
 
-from .common import BenchError, free_port, set_deploy_policies
+from bench.common import BenchError, free_port, set_deploy_policies
 
 #: The vhost of the soak on whichever broker it uses (never the regular bench's).
 SOAK_VHOST = "verloop-bench-soak"

@@ -70,37 +70,9 @@ import redis
 
 from worker.campaigns.store import CampaignRef, CampaignStore
 
-from .common import (
-    CLIENT_ID,
-    RESULTS,
-    BenchError,
-    Result,
-    WorkerProcess,
-    configure_simulator,
-    machine_cpu,
-    messages,
-    process_cpu_s,
-    simulator,
-    stats,
-    system_token,
-    verloop_worker,
-    wait_for,
-    worker,
-    worker_env,
-    write_json,
-)
-from .private_services import Broker, PrivateRabbit, PrivateRedis, SharedRabbit
-from .soak_load import (
-    CAMPAIGN_QUEUE,
-    EVENTS_QUEUE,
-    FINAL,
-    MANAGE_QUEUE,
-    PHONES,
-    SEND_QUEUE,
-    Job,
-    Load,
-    Outcomes,
-)
+from bench.common import CLIENT_ID, RESULTS, BenchError, Result, WorkerProcess, configure_simulator, machine_cpu, messages, process_cpu_s, simulator, stats, system_token, verloop_worker, wait_for, worker, worker_env, write_json
+from bench.private_services import Broker, PrivateRabbit, PrivateRedis, SharedRabbit
+from bench.soak_load import CAMPAIGN_QUEUE, EVENTS_QUEUE, FINAL, MANAGE_QUEUE, PHONES, SEND_QUEUE, Job, Load, Outcomes
 
 NAME = "soak"
 LATENCY_MS = 20.0

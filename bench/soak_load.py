@@ -29,7 +29,7 @@ from worker.errors import EnqueueError
 from worker.events import declare_exchange
 from worker.producer import Producer, encode_job
 
-from .common import CLIENT_ID, BenchError
+from bench.common import CLIENT_ID, BenchError
 
 SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE = "verloop.send", "verloop.campaign", "verloop.manage"
 PHONES = ("soak-1", "soak-2", "soak-3", "soak-4")

@@ -33,35 +33,18 @@ from typing import Any
 import dramatiq
 import structlog
 
-from .campaigns.store import CampaignRef
-from .campaigns.window import seconds_until_open
-from .errors import (
-    Deferred,
-    JobFailure,
-    OutcomeUnknown,
-    PermanentFailure,
-    RedisUnavailable,
-    TokenInvalid,
-    TransientFailure,
-)
-from .jobs import (
-    ACTOR_QUEUES,
-    ID_PATTERN,
-    Job,
-    ListClientsJob,
-    RefreshClientTokensJob,
-    RefreshPhoneTokenJob,
-    SendMessageJob,
-    parse_job,
-)
-from .ledger import Ledger, LedgerKey
-from .limits import Lane
-from .limits.gate import HOLD_REASON, held_while_redis_is_down
-from .outcomes import JobRecord, current_job
-from .phones import mask_phone
-from .services import Lifecycle, Services
-from .settings import Settings
-from .verloop.clients import client_phones
+from worker.campaigns.store import CampaignRef
+from worker.campaigns.window import seconds_until_open
+from worker.errors import Deferred, JobFailure, OutcomeUnknown, PermanentFailure, RedisUnavailable, TokenInvalid, TransientFailure
+from worker.jobs import ACTOR_QUEUES, ID_PATTERN, Job, ListClientsJob, RefreshClientTokensJob, RefreshPhoneTokenJob, SendMessageJob, parse_job
+from worker.ledger import Ledger, LedgerKey
+from worker.limits import Lane
+from worker.limits.gate import HOLD_REASON, held_while_redis_is_down
+from worker.outcomes import JobRecord, current_job
+from worker.phones import mask_phone
+from worker.services import Lifecycle, Services
+from worker.settings import Settings
+from worker.verloop.clients import client_phones
 
 _log = structlog.get_logger()
 

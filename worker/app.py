@@ -14,17 +14,17 @@ from pathlib import Path
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from .actors import register_actors
-from .broker import VerloopBroker, build_broker
-from .health import HEALTH_DIR_ENV, ThreadWatch
-from .jobs import CAMPAIGN_QUEUE, JOB_MODELS
-from .jobs_exchange import JobsExchange
-from .observability.logging import DirectStream, configure_logging
-from .observability.metrics import Metrics
-from .outcomes import JobOutcomes, RetryPolicy
-from .reporting import OutcomeReporter
-from .services import Lifecycle
-from .settings import Settings
+from worker.actors import register_actors
+from worker.broker import VerloopBroker, build_broker
+from worker.health import HEALTH_DIR_ENV, ThreadWatch
+from worker.jobs import CAMPAIGN_QUEUE, JOB_MODELS
+from worker.jobs_exchange import JobsExchange
+from worker.observability.logging import DirectStream, configure_logging
+from worker.observability.metrics import Metrics
+from worker.outcomes import JobOutcomes, RetryPolicy
+from worker.reporting import OutcomeReporter
+from worker.services import Lifecycle
+from worker.settings import Settings
 
 __all__ = ["GIL_SWITCH_INTERVAL_S", "WorkerApp", "boot", "create_app"]
 

@@ -33,9 +33,9 @@ from dramatiq.common import q_name
 from dramatiq.encoder import JSONEncoder
 from dramatiq.middleware import Middleware
 
-from .errors import InvalidJob
-from .events import declare_exchange
-from .settings import MAX_SINGLE_DELAY_S
+from worker.errors import InvalidJob
+from worker.events import declare_exchange
+from worker.settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["UNDECODABLE_ACTOR", "VerloopBroker", "WireEncoder", "build_broker", "raw_body_of"]
 

@@ -23,26 +23,20 @@ import pika
 import pika.exceptions
 import redis
 
-from .campaigns.cli import campaign
-from .cli_settings import SettingsContext
-from .dlq_cli import dlq
-from .errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
-from .health import HEALTH_DIR_ENV, health_dir, read_health
-from .jobs import SEND_QUEUE, jobs_json_schema
-from .lifeline import PARENT_PID_VARIABLE
-from .management_cli import clients, tokens
-from .observability.logging import (
-    configure_logging,
-    mask_url,
-    resolve_log_format,
-    scrub_text,
-    unreadable_url,
-)
-from .phones import mask_phone
-from .producer import amqp_parameters
-from .services import open_redis, open_verloop_client
-from .settings import Settings
-from .verloop.tokens import SystemToken
+from worker.campaigns.cli import campaign
+from worker.cli_settings import SettingsContext
+from worker.dlq_cli import dlq
+from worker.errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
+from worker.health import HEALTH_DIR_ENV, health_dir, read_health
+from worker.jobs import SEND_QUEUE, jobs_json_schema
+from worker.lifeline import PARENT_PID_VARIABLE
+from worker.management_cli import clients, tokens
+from worker.observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text, unreadable_url
+from worker.phones import mask_phone
+from worker.producer import amqp_parameters
+from worker.services import open_redis, open_verloop_client
+from worker.settings import Settings
+from worker.verloop.tokens import SystemToken
 
 __all__ = ["main"]
 
@@ -357,7 +351,7 @@ def _banner(url: str) -> None:
 
 
 def _enqueue_demo(settings: Settings, count: int) -> None:
-    from .producer import Producer
+    from worker.producer import Producer
 
     with Producer(settings.amqp_url.get_secret_value()) as producer:
         for n in range(count):
@@ -403,7 +397,7 @@ def send(
     queue: str,
 ) -> None:
     """Enqueue one message (validated first; confirmed by RabbitMQ)."""
-    from .producer import Producer
+    from worker.producer import Producer
 
     message = _message_from_options(text, template, language, params, message_json)
     settings = obj.settings()
@@ -475,7 +469,7 @@ def _message_from_options(
 @click.argument("simulator_args", nargs=-1, type=click.UNPROCESSED)
 def sandbox(simulator_args: tuple[str, ...]) -> None:
     """Run the Verloop simulator (all options are the simulator's: see `sandbox --help`)."""
-    from .sandbox.__main__ import main as sandbox_main
+    from worker.sandbox.__main__ import main as sandbox_main
 
     sandbox_main(["--help"] if "-h" in simulator_args else list(simulator_args))
 

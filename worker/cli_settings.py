@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from .errors import ConfigurationError
-from .settings import Settings
+from worker.errors import ConfigurationError
+from worker.settings import Settings
 
 __all__ = ["SettingsContext", "current_settings"]
 

@@ -32,7 +32,7 @@ import pika.exceptions
 from dramatiq.common import q_name, xq_name
 from dramatiq.errors import BrokerConnectionError
 
-from .errors import EnqueueError, FailureDetails
+from worker.errors import EnqueueError, FailureDetails
 
 __all__ = ["DEAD_LETTER_HEADER", "DeadLetter", "publish_dead_letter"]
 

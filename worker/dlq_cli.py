@@ -24,26 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli_settings import SettingsContext
-from .dlq import (
-    DLQ_QUEUES,
-    OUTCOMES,
-    DeadLetterEntry,
-    DeadLetterStore,
-    DlqError,
-    Edit,
-    Filters,
-    ReplayOptions,
-    format_age,
-    id_matches,
-    parse_duration,
-    parse_edit,
-    short_id,
-)
-from .errors import RedisUnavailable
-from .ledger import Ledger
-from .observability.logging import scrub_text
-from .services import open_redis
+from worker.cli_settings import SettingsContext
+from worker.dlq import DLQ_QUEUES, OUTCOMES, DeadLetterEntry, DeadLetterStore, DlqError, Edit, Filters, ReplayOptions, format_age, id_matches, parse_duration, parse_edit, short_id
+from worker.errors import RedisUnavailable
+from worker.ledger import Ledger
+from worker.observability.logging import scrub_text
+from worker.services import open_redis
 
 __all__ = ["dlq"]
 
@@ -132,7 +118,7 @@ def _filters(
     ids: tuple[str, ...],
 ) -> Filters:
     if recipient is not None:
-        from .phones import normalize_e164
+        from worker.phones import normalize_e164
 
         try:
             recipient = normalize_e164(recipient)

@@ -26,8 +26,8 @@ from typing import Any
 import structlog
 from dramatiq.middleware import Middleware
 
-from .observability.metrics import Metrics
-from .settings import Settings
+from worker.observability.metrics import Metrics
+from worker.settings import Settings
 
 __all__ = ["HEALTH_DIR_ENV", "ThreadWatch", "health_dir", "read_health"]
 

@@ -23,10 +23,10 @@ from pydantic import (
     ValidationError,
 )
 
-from .errors import InvalidJob
-from .ledger import LedgerKey
-from .phones import normalize_e164
-from .redis_keys import join_parts
+from worker.errors import InvalidJob
+from worker.ledger import LedgerKey
+from worker.phones import normalize_e164
+from worker.redis_keys import join_parts
 
 __all__ = [
     "ACTOR_QUEUES",

@@ -39,9 +39,9 @@ from typing import Any, Final, Literal
 
 import redis
 
-from .errors import RedisUnavailable
-from .redis_direct import ThreadConnections
-from .redis_text import as_text
+from worker.errors import RedisUnavailable
+from worker.redis_direct import ThreadConnections
+from worker.redis_text import as_text
 
 __all__ = ["MAX_UNRECORDED", "Claim", "Ledger", "LedgerEntry", "LedgerKey"]
 

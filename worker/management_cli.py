@@ -17,15 +17,15 @@ import pika
 import pika.exceptions
 import redis
 
-from .cli_settings import current_settings
-from .errors import ConfigurationError, EnqueueError
-from .events import declare_exchange
-from .jobs import ACTOR_QUEUES
-from .observability.logging import mask_url
-from .producer import Producer, amqp_parameters
-from .services import open_redis
-from .settings import Settings
-from .verloop.tokens import token_cache_entries
+from worker.cli_settings import current_settings
+from worker.errors import ConfigurationError, EnqueueError
+from worker.events import declare_exchange
+from worker.jobs import ACTOR_QUEUES
+from worker.observability.logging import mask_url
+from worker.producer import Producer, amqp_parameters
+from worker.services import open_redis
+from worker.settings import Settings
+from worker.verloop.tokens import token_cache_entries
 
 __all__ = ["clients", "tokens"]
 

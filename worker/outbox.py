@@ -48,9 +48,9 @@ import pika.exceptions
 import redis
 import structlog
 
-from .errors import RedisUnavailable
-from .events import build_event, declare_exchange, routing_key
-from .redis_text import as_text
+from worker.errors import RedisUnavailable
+from worker.events import build_event, declare_exchange, routing_key
+from worker.redis_text import as_text
 
 __all__ = ["GROUP", "PARKED_STREAM", "PARK_KINDS", "STREAM", "EventOutbox", "OutboxRelay"]
 

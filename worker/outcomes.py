@@ -31,13 +31,13 @@ from dramatiq.common import q_name
 from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Middleware
 
-from .broker import UNDECODABLE_ACTOR, raw_body_of
-from .deadletters import DeadLetter, publish_dead_letter
-from .errors import Deferred, FailureDetails, InvalidJob, JobFailure, VerloopWorkerError
-from .jobs import CAMPAIGN_QUEUE
-from .observability.logging import scrub_text
-from .observability.metrics import Metrics
-from .settings import MAX_SINGLE_DELAY_S
+from worker.broker import UNDECODABLE_ACTOR, raw_body_of
+from worker.deadletters import DeadLetter, publish_dead_letter
+from worker.errors import Deferred, FailureDetails, InvalidJob, JobFailure, VerloopWorkerError
+from worker.jobs import CAMPAIGN_QUEUE
+from worker.observability.logging import scrub_text
+from worker.observability.metrics import Metrics
+from worker.settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["FINAL_OUTCOMES", "JobOutcomes", "JobRecord", "OnFinal", "RetryPolicy", "current_job"]
 

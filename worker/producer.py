@@ -29,10 +29,10 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from .errors import ConfigurationError, EnqueueError
-from .jobs import ACTOR_QUEUES, SEND_QUEUE, parse_job
-from .jobs_exchange import JOB_QUEUES
-from .observability.logging import unreadable_url
+from worker.errors import ConfigurationError, EnqueueError
+from worker.jobs import ACTOR_QUEUES, SEND_QUEUE, parse_job
+from worker.jobs_exchange import JOB_QUEUES
+from worker.observability.logging import unreadable_url
 
 __all__ = ["Producer", "amqp_parameters", "encode_job", "queue_arguments"]
 

@@ -8,11 +8,11 @@ import pika.exceptions
 import structlog
 from dramatiq.errors import BrokerConnectionError
 
-from .campaigns.store import CampaignRef
-from .errors import RedisUnavailable
-from .events import declare_exchange, publish_event
-from .outcomes import JobRecord
-from .services import Lifecycle
+from worker.campaigns.store import CampaignRef
+from worker.errors import RedisUnavailable
+from worker.events import declare_exchange, publish_event
+from worker.outcomes import JobRecord
+from worker.services import Lifecycle
 
 __all__ = ["OutcomeReporter"]
 

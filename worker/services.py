@@ -11,24 +11,17 @@ import httpx
 import redis
 from dramatiq.middleware import Middleware
 
-from .campaigns.store import CampaignStore
-from .errors import ConfigurationError
-from .ledger import Ledger
-from .limits import (
-    GateSettings,
-    LimitPolicy,
-    MemoryLimiter,
-    RateLimiter,
-    RedisLimiter,
-    SendGate,
-)
-from .observability.metrics import Metrics
-from .outbox import EventOutbox, OutboxRelay
-from .redis_direct import ThreadConnections
-from .settings import REDIS_TIMEOUT_S, Settings
-from .verloop.client import VerloopClient
-from .verloop.endpoints import resolve_endpoints
-from .verloop.tokens import PhoneTokens, SystemToken
+from worker.campaigns.store import CampaignStore
+from worker.errors import ConfigurationError
+from worker.ledger import Ledger
+from worker.limits import GateSettings, LimitPolicy, MemoryLimiter, RateLimiter, RedisLimiter, SendGate
+from worker.observability.metrics import Metrics
+from worker.outbox import EventOutbox, OutboxRelay
+from worker.redis_direct import ThreadConnections
+from worker.settings import REDIS_TIMEOUT_S, Settings
+from worker.verloop.client import VerloopClient
+from worker.verloop.endpoints import resolve_endpoints
+from worker.verloop.tokens import PhoneTokens, SystemToken
 
 __all__ = ["Lifecycle", "Services", "open_limiter", "open_redis", "open_verloop_client"]
 

@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from .errors import ConfigurationError
+from worker.errors import ConfigurationError
 
 __all__ = ["DEFAULT_BASE_URL", "EndpointOverride", "Settings"]
 

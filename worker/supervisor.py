@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Literal, cast
 
-from .lifeline import children_die_with_this_process, follow_parent_from_environment
-from .observability.logging import configure_logging
+from worker.lifeline import children_die_with_this_process, follow_parent_from_environment
+from worker.observability.logging import configure_logging
 
 
 def main(argv: list[str]) -> int:

@@ -30,7 +30,7 @@ from worker.campaigns.store import CampaignRef, CampaignStore
 from worker.jobs import CAMPAIGN_QUEUE, parse_job
 from worker.producer import queue_arguments
 
-from .conftest import AMQP_URL, REDIS_URL, redis_client
+from tests.integration.conftest import AMQP_URL, REDIS_URL, redis_client
 
 ROOT = Path(__file__).resolve().parents[2]
 PHONES = ("phone-a", "phone-b", "phone-c")

@@ -20,17 +20,7 @@ from worker.cli import cli
 from worker.jobs import CAMPAIGN_QUEUE
 from worker.producer import Producer
 
-from .conftest import (
-    AMQP_URL,
-    REDIS_URL,
-    Simulator,
-    dead_letters,
-    queue_depth,
-    redis_client,
-    wait_for_progress,
-    wait_until,
-    worker_process,
-)
+from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, queue_depth, redis_client, wait_for_progress, wait_until, worker_process
 
 FAST = {"campaign_state_cache_s": 0.05, "campaign_pause_recheck_s": 0.2}
 

@@ -23,7 +23,7 @@ from worker.producer import Producer, encode_job
 from worker.redis_keys import join_parts
 from worker.settings import Settings
 
-from .conftest import AMQP_URL, REDIS_URL, Simulator, queue_depth, redis_client, wait_until
+from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, queue_depth, redis_client, wait_until
 
 TO_A = "+919876543210"
 TO_B = "+919876543211"

@@ -27,17 +27,9 @@ from worker.producer import Producer
 from worker.redis_keys import join_parts
 from worker.settings import Settings
 
-from .conftest import (
-    AMQP_URL,
-    REDIS_URL,
-    Simulator,
-    dead_letters,
-    queue_depth,
-    redis_client,
-    wait_until,
-)
-from .test_invalid_jobs import GOOD_KWARGS, publish_raw
-from .test_ledger_and_events import Events, send
+from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, queue_depth, redis_client, wait_until
+from tests.integration.test_invalid_jobs import GOOD_KWARGS, publish_raw
+from tests.integration.test_ledger_and_events import Events, send
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 

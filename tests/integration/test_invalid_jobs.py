@@ -14,7 +14,7 @@ from worker.app import WorkerApp
 from worker.deadletters import DEAD_LETTER_HEADER
 from worker.producer import Producer, queue_arguments
 
-from .conftest import AMQP_URL, Simulator, dead_letters, wait_until
+from tests.integration.conftest import AMQP_URL, Simulator, dead_letters, wait_until
 
 GOOD_KWARGS: dict[str, Any] = {
     "client_id": "acme",

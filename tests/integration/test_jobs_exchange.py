@@ -19,7 +19,7 @@ from worker.observability.logging import configure_logging
 from worker.producer import Producer, queue_arguments
 from worker.settings import Settings
 
-from .conftest import AMQP_URL, Simulator, queue_depth, wait_until
+from tests.integration.conftest import AMQP_URL, Simulator, queue_depth, wait_until
 
 TEXT = {"type": "text", "text": {"body": "hi"}}
 EXCHANGE = "verloop.jobs"

@@ -15,15 +15,7 @@ from worker.app import WorkerApp
 from worker.jobs import SEND_QUEUE
 from worker.producer import Producer, encode_job
 
-from .conftest import (
-    AMQP_URL,
-    REDIS_URL,
-    Simulator,
-    dead_letters,
-    queue_depth,
-    redis_client,
-    wait_until,
-)
+from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, queue_depth, redis_client, wait_until
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 EXCHANGE = "verloop.events"

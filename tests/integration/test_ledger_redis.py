@@ -12,7 +12,7 @@ from worker.ledger import Ledger, LedgerKey
 from worker.services import open_redis
 from worker.settings import Settings
 
-from .conftest import REDIS_URL, OwnRedis, redis_client
+from tests.integration.conftest import REDIS_URL, OwnRedis, redis_client
 
 
 def ledger(lease_s: float = 5.0) -> Ledger:

@@ -14,7 +14,7 @@ from worker.limits.redis_limiter import LEASE_LATE_S
 from worker.services import open_redis
 from worker.settings import Settings
 
-from .conftest import REDIS_URL
+from tests.integration.conftest import REDIS_URL
 
 PHONE = "phone-1"
 ALICE = "+919876543210"

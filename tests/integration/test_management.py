@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from worker.app import WorkerApp
 from worker.cli import cli
 
-from .conftest import AMQP_URL, REDIS_URL, Simulator, redis_client
+from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, redis_client
 
 ENV = {"AMQP_URL": AMQP_URL, "REDIS_URL": REDIS_URL}
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker.producer import Producer
 
-from .conftest import Simulator, dead_letters, wait_until, worker_process
+from tests.integration.conftest import Simulator, dead_letters, wait_until, worker_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = {"type": "text", "text": {"body": "hello"}}

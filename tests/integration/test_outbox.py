@@ -15,18 +15,8 @@ from worker.jobs import SEND_QUEUE
 from worker.outbox import GROUP, PARKED_STREAM, STREAM, EventOutbox, OutboxRelay
 from worker.producer import Producer, encode_job
 
-from .conftest import (
-    AMQP_URL,
-    REDIS_URL,
-    SANDBOX_PASSWORD,
-    Simulator,
-    dead_letters,
-    free_port,
-    queue_depth,
-    redis_client,
-    wait_until,
-)
-from .test_ledger_and_events import Events, send
+from tests.integration.conftest import AMQP_URL, REDIS_URL, SANDBOX_PASSWORD, Simulator, dead_letters, free_port, queue_depth, redis_client, wait_until
+from tests.integration.test_ledger_and_events import Events, send
 
 EXCHANGE = "verloop.events"
 

@@ -27,7 +27,7 @@ from worker.app import WorkerApp
 from worker.errors import EnqueueError
 from worker.producer import Producer
 
-from .conftest import Simulator, wait_until, worker_env
+from tests.integration.conftest import Simulator, wait_until, worker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFINITIONS = ROOT / "deploy/rabbitmq/definitions.json"

@@ -14,17 +14,7 @@ import pytest
 
 from worker.producer import Producer
 
-from .conftest import (
-    SANDBOX_PASSWORD,
-    VENV_BIN,
-    Simulator,
-    dead_letters,
-    free_port,
-    queue_depth,
-    wait_until,
-    worker_env,
-    worker_process,
-)
+from tests.integration.conftest import SANDBOX_PASSWORD, VENV_BIN, Simulator, dead_letters, free_port, queue_depth, wait_until, worker_env, worker_process
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 

@@ -21,17 +21,7 @@ from worker.app import WorkerApp
 from worker.deadletters import DEAD_LETTER_HEADER
 from worker.producer import Producer
 
-from .conftest import (
-    AMQP_URL,
-    REDIS_URL,
-    OwnRedis,
-    Simulator,
-    dead_letters,
-    queue_depth,
-    redis_client,
-    wait_until,
-    worker_process,
-)
+from tests.integration.conftest import AMQP_URL, REDIS_URL, OwnRedis, Simulator, dead_letters, queue_depth, redis_client, wait_until, worker_process
 
 PHONE = "phone-1"
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}

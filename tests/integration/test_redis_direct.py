@@ -16,7 +16,7 @@ from worker.redis_direct import ThreadConnections
 from worker.services import Services, open_redis
 from worker.settings import Settings
 
-from .conftest import REDIS_URL
+from tests.integration.conftest import REDIS_URL
 
 
 @pytest.fixture

@@ -29,18 +29,7 @@ from worker.app import WorkerApp
 from worker.deadletters import DEAD_LETTER_HEADER
 from worker.producer import Producer
 
-from .conftest import (
-    AMQP_URL,
-    VENV_BIN,
-    Simulator,
-    dead_letters,
-    free_port,
-    queue_depth,
-    redis_client,
-    wait_until,
-    worker_env,
-    worker_process,
-)
+from tests.integration.conftest import AMQP_URL, VENV_BIN, Simulator, dead_letters, free_port, queue_depth, redis_client, wait_until, worker_env, worker_process
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 REDIS_PASSWORD = "tls-redis-pass-5f2c9"

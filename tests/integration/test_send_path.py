@@ -17,7 +17,7 @@ from worker.errors import InvalidJob
 from worker.producer import Producer
 from worker.settings import Settings
 
-from .conftest import AMQP_URL, QUEUES, Simulator, dead_letters, queue_depth, wait_until
+from tests.integration.conftest import AMQP_URL, QUEUES, Simulator, dead_letters, queue_depth, wait_until
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 TEMPLATE = {

@@ -25,16 +25,7 @@ from worker.services import open_redis, open_verloop_client
 from worker.settings import Settings
 from worker.verloop.tokens import PhoneTokens, SystemToken, token_cache_entries, token_key
 
-from .conftest import (
-    AMQP_URL,
-    REDIS_URL,
-    SANDBOX_PASSWORD,
-    SANDBOX_USER,
-    Simulator,
-    dead_letters,
-    redis_client,
-    wait_until,
-)
+from tests.integration.conftest import AMQP_URL, REDIS_URL, SANDBOX_PASSWORD, SANDBOX_USER, Simulator, dead_letters, redis_client, wait_until
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 

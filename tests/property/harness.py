@@ -36,16 +36,8 @@ import pika.exceptions
 from worker.deadletters import DEAD_LETTER_HEADER
 from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 
-from ..integration.conftest import (
-    AMQP_URL,
-    QUEUES,
-    REDIS_URL,
-    Simulator,
-    WorkerStarter,
-    queue_depth,
-    redis_client,
-)
-from .strategies import NONCE, PHONE_STEM, Job, encode, message_id, recipient
+from tests.integration.conftest import AMQP_URL, QUEUES, REDIS_URL, Simulator, WorkerStarter, queue_depth, redis_client
+from tests.property.strategies import NONCE, PHONE_STEM, Job, encode, message_id, recipient
 
 EXCHANGE = "verloop.events"
 WORK_QUEUES = (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE)

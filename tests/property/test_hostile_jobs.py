@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 
-from ..integration.conftest import Simulator, WorkerStarter
-from .harness import CORPUS_DIR, Harness, load_case
-from .strategies import batches
+from tests.integration.conftest import Simulator, WorkerStarter
+from tests.property.harness import CORPUS_DIR, Harness, load_case
+from tests.property.strategies import batches
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import click
 
-from ..cli_settings import current_settings
-from ..errors import ConfigurationError, RedisUnavailable
-from ..services import open_redis
-from .start_command import start
-from .store import OUTCOME_COUNTERS, CampaignState, CampaignStatus, CampaignStore
+from worker.cli_settings import current_settings
+from worker.errors import ConfigurationError, RedisUnavailable
+from worker.services import open_redis
+from worker.campaigns.start_command import start
+from worker.campaigns.store import OUTCOME_COUNTERS, CampaignState, CampaignStatus, CampaignStore
 
 __all__ = ["campaign"]
 

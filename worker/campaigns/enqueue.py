@@ -41,20 +41,12 @@ import pika
 import pika.exceptions
 import pika.spec
 
-from ..errors import ConfigurationError, EnqueueError
-from ..jobs import CAMPAIGN_QUEUE
-from ..observability.logging import mask_url, scrub_text
-from ..producer import amqp_parameters, queue_arguments
-from .reader import (
-    CampaignFile,
-    CampaignInputError,
-    CampaignSpec,
-    FileFormat,
-    RawRow,
-    RowValidator,
-    file_fingerprint,
-)
-from .store import CampaignRef, CampaignStore
+from worker.errors import ConfigurationError, EnqueueError
+from worker.jobs import CAMPAIGN_QUEUE
+from worker.observability.logging import mask_url, scrub_text
+from worker.producer import amqp_parameters, queue_arguments
+from worker.campaigns.reader import CampaignFile, CampaignInputError, CampaignSpec, FileFormat, RawRow, RowValidator, file_fingerprint
+from worker.campaigns.store import CampaignRef, CampaignStore
 
 __all__ = [
     "CampaignEnqueueError",

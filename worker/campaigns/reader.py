@@ -30,10 +30,10 @@ from typing import IO, Any, Final, Literal
 
 import orjson
 
-from ..errors import InvalidJob
-from ..jobs import SendMessageJob, parse_job
-from ..phones import normalize_e164
-from .store import CampaignRef
+from worker.errors import InvalidJob
+from worker.jobs import SendMessageJob, parse_job
+from worker.phones import normalize_e164
+from worker.campaigns.store import CampaignRef
 
 __all__ = [
     "MAX_BODY_PARAMS",

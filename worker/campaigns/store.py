@@ -30,10 +30,10 @@ from typing import Any, Final, Literal
 
 import redis
 
-from ..bounded import BoundedDict
-from ..errors import ConfigurationError, RedisUnavailable
-from ..redis_keys import join_parts, split_parts
-from ..redis_text import as_text
+from worker.bounded import BoundedDict
+from worker.errors import ConfigurationError, RedisUnavailable
+from worker.redis_keys import join_parts, split_parts
+from worker.redis_text import as_text
 
 __all__ = ["OUTCOME_COUNTERS", "CampaignRef", "CampaignState", "CampaignStatus", "CampaignStore"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..errors import ConfigurationError
+from worker.errors import ConfigurationError
 
 __all__ = ["check_zone", "parse_clock", "parse_window", "seconds_until_open"]
 

@@ -13,20 +13,13 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from ..errors import ConfigurationError, EnqueueError, InvalidJob
-from ..jobs import SendMessageJob, parse_job
-from ..ledger import Ledger, LedgerKey
-from ..observability.logging import scrub_text
-from ..phones import mask_phone
-from ..producer import Producer, amqp_parameters
-from .entries import (
-    DLQ_QUEUES,
-    DeadLetterEntry,
-    DlqError,
-    Edit,
-    Filters,
-    apply_edits,
-)
+from worker.errors import ConfigurationError, EnqueueError, InvalidJob
+from worker.jobs import SendMessageJob, parse_job
+from worker.ledger import Ledger, LedgerKey
+from worker.observability.logging import scrub_text
+from worker.phones import mask_phone
+from worker.producer import Producer, amqp_parameters
+from worker.dlq.entries import DLQ_QUEUES, DeadLetterEntry, DlqError, Edit, Filters, apply_edits
 
 __all__ = [
     "DeadLetterStore",

@@ -1,8 +1,8 @@
 """Rate limits: pacing each sending number to its limit, shared by the fleet through Redis."""
 
-from .gate import GateSettings, SendGate
-from .pacing import Decision, Lane, LimitPolicy, MemoryLimiter, RateLimiter, Verdict
-from .redis_limiter import LimiterUnavailable, RedisLimiter
+from worker.limits.gate import GateSettings, SendGate
+from worker.limits.pacing import Decision, Lane, LimitPolicy, MemoryLimiter, RateLimiter, Verdict
+from worker.limits.redis_limiter import LimiterUnavailable, RedisLimiter
 
 __all__ = [
     "Decision",

@@ -17,9 +17,9 @@ from typing import Any
 
 import redis
 
-from ..errors import RedisUnavailable
-from ..redis_direct import ThreadConnections
-from .pacing import MIN_PENALTY_FACTOR, Decision, Lane, LimitPolicy, Verdict
+from worker.errors import RedisUnavailable
+from worker.redis_direct import ThreadConnections
+from worker.limits.pacing import MIN_PENALTY_FACTOR, Decision, Lane, LimitPolicy, Verdict
 
 __all__ = ["LimiterUnavailable", "RedisLimiter"]
 

@@ -57,10 +57,10 @@ from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..jobs import ACTOR_QUEUES, CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
-from ..outbox import PARK_KINDS
-from ..verloop.endpoints import DEFAULT_ENDPOINTS
-from ..verloop.tokens import TokenSource
+from worker.jobs import ACTOR_QUEUES, CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.outbox import PARK_KINDS
+from worker.verloop.endpoints import DEFAULT_ENDPOINTS
+from worker.verloop.tokens import TokenSource
 
 __all__ = ["DEFERRAL_KINDS", "OTHER_LABEL_VALUE", "Metrics"]
 

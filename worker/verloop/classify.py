@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from ..errors import JobFailure, PermanentFailure, TokenInvalid, TransientFailure
-from ..observability.logging import scrub_text
+from worker.errors import JobFailure, PermanentFailure, TokenInvalid, TransientFailure
+from worker.observability.logging import scrub_text
 
 __all__ = ["DEFAULT_DELAYS_S", "classify_response", "parse_retry_after"]
 

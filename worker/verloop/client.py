@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import orjson
 
-from ..errors import OutcomeUnknown, PermanentFailure, TransientFailure
-from .classify import classify_response
-from .endpoints import Endpoint, pick
+from worker.errors import OutcomeUnknown, PermanentFailure, TransientFailure
+from worker.verloop.classify import classify_response
+from worker.verloop.endpoints import Endpoint, pick
 
 __all__ = ["MAX_RESPONSE_BYTES", "SendResult", "VerloopClient"]
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ..errors import ConfigurationError
-from ..settings import EndpointOverride
+from worker.errors import ConfigurationError
+from worker.settings import EndpointOverride
 
 __all__ = ["DEFAULT_ENDPOINTS", "Endpoint", "pick", "resolve_endpoints"]
 

@@ -57,12 +57,12 @@ import redis
 import structlog
 from pydantic import SecretStr
 
-from ..bounded import BoundedDict
-from ..errors import FailureDetails, PermanentFailure, RedisUnavailable, TokenInvalid
-from ..observability.logging import register_secret
-from ..redis_keys import join_parts
-from ..redis_text import as_text
-from .client import VerloopClient
+from worker.bounded import BoundedDict
+from worker.errors import FailureDetails, PermanentFailure, RedisUnavailable, TokenInvalid
+from worker.observability.logging import register_secret
+from worker.redis_keys import join_parts
+from worker.redis_text import as_text
+from worker.verloop.client import VerloopClient
 
 __all__ = ["PhoneTokens", "SystemToken", "TokenSource", "token_cache_entries", "token_key"]
 
