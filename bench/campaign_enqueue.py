@@ -32,12 +32,22 @@ from typing import Any
 import pika
 import redis
 
+from bench.common import (
+    AMQP_URL,
+    REDIS_URL,
+    BenchError,
+    Result,
+    clear_queues,
+    clear_redis,
+    cpu_used,
+    pids_listening,
+    process_cpu_s,
+    write_json,
+)
 from worker.campaigns.enqueue import enqueue_campaign
 from worker.campaigns.reader import CampaignFile, CampaignSpec, RowValidator
 from worker.campaigns.store import CampaignStore
-from worker.jobs import CAMPAIGN_QUEUE
-
-from bench.common import AMQP_URL, REDIS_URL, BenchError, Result, clear_queues, clear_redis, cpu_used, pids_listening, process_cpu_s, write_json
+from worker.jobs.models import CAMPAIGN_QUEUE
 
 NAME = "campaign_enqueue"
 TARGET_RATE = 10_000.0

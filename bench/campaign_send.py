@@ -19,10 +19,27 @@ from typing import Any
 import httpx
 import redis
 
+from bench.common import (
+    CLIENT_ID,
+    REDIS_URL,
+    RESULTS,
+    Result,
+    clear_queues,
+    clear_redis,
+    configure_simulator,
+    messages,
+    publish_backlog,
+    simulator,
+    stats,
+    system_token,
+    verloop_worker,
+    wait_for,
+    worker,
+    worker_env,
+    write_json,
+)
 from worker.campaigns.store import CampaignRef, CampaignStore
-from worker.producer import encode_job
-
-from bench.common import CLIENT_ID, REDIS_URL, RESULTS, Result, clear_queues, clear_redis, configure_simulator, messages, publish_backlog, simulator, stats, system_token, verloop_worker, wait_for, worker, worker_env, write_json
+from worker.jobs.producer import encode_job
 
 NAME = "campaign_send"
 LATENCY_MS = 20.0

@@ -26,7 +26,7 @@ import httpx
 import pika
 import redis
 
-from worker.producer import encode_job, queue_arguments
+from worker.jobs.producer import encode_job, queue_arguments
 
 VHOST = "verloop-bench"
 AMQP_URL = f"amqp://guest:guest@127.0.0.1:5672/{VHOST}"

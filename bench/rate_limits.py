@@ -36,10 +36,37 @@ from typing import Any
 
 import httpx
 
-from worker.producer import Producer
-
 from bench import send_path
-from bench.common import AMQP_URL, BIN, CLIENT_ID, RESULTS, BenchError, CpuSample, Result, Simulator, WorkerProcess, clear_queues, clear_redis, configure_simulator, cpu_between, messages, percentile, phone_token, publish_backlog, send_job, simulator, sleep_checking, stats, system_token, verloop_worker, wait_for, worker, worker_env, write_json
+from bench.common import (
+    AMQP_URL,
+    BIN,
+    CLIENT_ID,
+    RESULTS,
+    BenchError,
+    CpuSample,
+    Result,
+    Simulator,
+    WorkerProcess,
+    clear_queues,
+    clear_redis,
+    configure_simulator,
+    cpu_between,
+    messages,
+    percentile,
+    phone_token,
+    publish_backlog,
+    send_job,
+    simulator,
+    sleep_checking,
+    stats,
+    system_token,
+    verloop_worker,
+    wait_for,
+    worker,
+    worker_env,
+    write_json,
+)
+from worker.jobs.producer import Producer
 
 LATENCY_MS = 20.0
 

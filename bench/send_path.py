@@ -22,9 +22,27 @@ import uuid
 
 import httpx
 
-from worker.producer import encode_job
-
-from bench.common import AMQP_URL, BIN, RESULTS, BenchError, CpuSample, Result, Simulator, clear_queues, clear_redis, cpu_between, phone_token, publish_backlog, simulator, system_token, verloop_worker, worker, worker_env, write_json
+from bench.common import (
+    AMQP_URL,
+    BIN,
+    RESULTS,
+    BenchError,
+    CpuSample,
+    Result,
+    Simulator,
+    clear_queues,
+    clear_redis,
+    cpu_between,
+    phone_token,
+    publish_backlog,
+    simulator,
+    system_token,
+    verloop_worker,
+    worker,
+    worker_env,
+    write_json,
+)
+from worker.jobs.producer import encode_job
 
 NAME = "send_path"
 TARGET_RATIO = 0.9

@@ -68,11 +68,38 @@ import pika
 import pika.exceptions
 import redis
 
-from worker.campaigns.store import CampaignRef, CampaignStore
-
-from bench.common import CLIENT_ID, RESULTS, BenchError, Result, WorkerProcess, configure_simulator, machine_cpu, messages, process_cpu_s, simulator, stats, system_token, verloop_worker, wait_for, worker, worker_env, write_json
+from bench.common import (
+    CLIENT_ID,
+    RESULTS,
+    BenchError,
+    Result,
+    WorkerProcess,
+    configure_simulator,
+    machine_cpu,
+    messages,
+    process_cpu_s,
+    simulator,
+    stats,
+    system_token,
+    verloop_worker,
+    wait_for,
+    worker,
+    worker_env,
+    write_json,
+)
 from bench.private_services import Broker, PrivateRabbit, PrivateRedis, SharedRabbit
-from bench.soak_load import CAMPAIGN_QUEUE, EVENTS_QUEUE, FINAL, MANAGE_QUEUE, PHONES, SEND_QUEUE, Job, Load, Outcomes
+from bench.soak_load import (
+    CAMPAIGN_QUEUE,
+    EVENTS_QUEUE,
+    FINAL,
+    MANAGE_QUEUE,
+    PHONES,
+    SEND_QUEUE,
+    Job,
+    Load,
+    Outcomes,
+)
+from worker.campaigns.store import CampaignRef, CampaignStore
 
 NAME = "soak"
 LATENCY_MS = 20.0
@@ -550,7 +577,8 @@ _NUMBER = re.compile(r"\d+")
 
 def key_family(key: str) -> str:
     """A Redis key with its ids and numbers left out: ``verloop:ledger`` for every ledger
-    entry; ``4:acme:...`` parts (length-prefixed ids, :mod:`worker.redis_keys`) become ``*``."""
+    entry; ``4:acme:...`` parts (length-prefixed ids, :mod:`worker.connections.redis_keys`) become
+    ``*``."""
     if key.startswith(LEDGER_FAMILY + ":"):
         return LEDGER_FAMILY
     words: list[str] = []

@@ -1,7 +1,7 @@
 """The soak's traffic and its bookkeeping: what was published, and what became of it.
 
 * :class:`Load` publishes a steady mix from one thread, each job confirmed by RabbitMQ
-  (:class:`worker.producer.Producer`): transactional sends, campaign sends, management jobs now
+  (:class:`worker.jobs.producer.Producer`): transactional sends, campaign sends, management jobs now
   and then, and 1 % hostile jobs (:data:`HOSTILE`) that the worker must dead-letter as invalid.
   Every job is known by its message id (hostile ones by a marker in their body), so each can
   be accounted for at the end. A publish whose confirm is lost (the broker restarting) is
@@ -25,11 +25,10 @@ import orjson
 import pika
 import pika.exceptions
 
-from worker.errors import EnqueueError
-from worker.events import declare_exchange
-from worker.producer import Producer, encode_job
-
 from bench.common import CLIENT_ID, BenchError
+from worker.errors import EnqueueError
+from worker.finish.events import declare_exchange
+from worker.jobs.producer import Producer, encode_job
 
 SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE = "verloop.send", "verloop.campaign", "verloop.manage"
 PHONES = ("soak-1", "soak-2", "soak-3", "soak-4")

@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     events_enabled: bool = True
     events_exchange: str = Field(default="verloop.events", min_length=1, max_length=255)
     #: ``outbox``: events are kept in a Redis stream with the job's ledger write and published
-    #: by a relay thread in batches (:mod:`worker.outbox`). ``direct``: each is published and
+    #: by a relay thread in batches (:mod:`worker.finish.outbox`). ``direct``: each is published and
     #: confirmed on the worker thread before its job's ack (slower; no Redis in between).
     events_delivery: Literal["outbox", "direct"] = "outbox"
     #: How long the relay waits for new events before looking again (its added latency).
@@ -189,7 +189,8 @@ class Settings(BaseSettings):
     events_outbox_max_len: int = Field(default=1_000_000, ge=1000)
 
     #: A direct exchange each worker declares and binds to the three job queues (routing key =
-    #: queue name), so a producer may be allowed to write to it alone (worker.jobs_exchange).
+    #: queue name), so a producer may be allowed to write to it alone
+    # (worker.runtime.jobs_exchange).
     jobs_exchange: str = Field(default="verloop.jobs", min_length=1, max_length=255)
     #: Producer side (`send`, `campaign start`): publish jobs to JOBS_EXCHANGE instead of the
     #: default exchange, for a RabbitMQ user that may write to that exchange only.

@@ -28,9 +28,9 @@ from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
 
 from bench.common import set_deploy_policies
-from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
-from worker.jobs_exchange import JOB_QUEUES
-from worker.producer import queue_arguments
+from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.jobs.producer import queue_arguments
+from worker.runtime.jobs_exchange import JOB_QUEUES
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -523,7 +523,7 @@ def test_definitions_permissions_are_least_privilege() -> None:
 
 def test_definitions_declare_the_jobs_exchange_as_the_worker_does() -> None:
     """Direct, durable, bound to the three job queues by their own names, as
-    worker.jobs_exchange declares it (a mismatch would make RabbitMQ refuse the worker's
+    worker.runtime.jobs_exchange declares it (a mismatch would make RabbitMQ refuse the worker's
     declaration)."""
     definitions = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
     name = Settings.model_fields["jobs_exchange"].default

@@ -26,9 +26,9 @@ import pytest
 import redis
 from dramatiq import Worker
 
-from worker.app import WorkerApp, create_app
+from worker.jobs.producer import Producer
 from worker.observability.logging import forget_secrets
-from worker.producer import Producer
+from worker.runtime.app import WorkerApp, create_app
 from worker.sandbox import SandboxConfig, SandboxServer
 from worker.settings import Settings
 

@@ -23,14 +23,13 @@ import pika
 import pytest
 from click.testing import CliRunner
 
+from tests.integration.conftest import AMQP_URL, REDIS_URL, redis_client
 from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
 from worker.campaigns.reader import CampaignSpec
-from worker.campaigns.start_command import start
 from worker.campaigns.store import CampaignRef, CampaignStore
-from worker.jobs import CAMPAIGN_QUEUE, parse_job
-from worker.producer import queue_arguments
-
-from tests.integration.conftest import AMQP_URL, REDIS_URL, redis_client
+from worker.commands.campaign_start import start
+from worker.jobs.models import CAMPAIGN_QUEUE, parse_job
+from worker.jobs.producer import queue_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 PHONES = ("phone-a", "phone-b", "phone-c")

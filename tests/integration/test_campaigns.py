@@ -14,13 +14,22 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from worker.app import WorkerApp
+from tests.integration.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    Simulator,
+    dead_letters,
+    queue_depth,
+    redis_client,
+    wait_for_progress,
+    wait_until,
+    worker_process,
+)
 from worker.campaigns.store import CampaignRef, CampaignStatus, CampaignStore
-from worker.cli import cli
-from worker.jobs import CAMPAIGN_QUEUE
-from worker.producer import Producer
-
-from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, queue_depth, redis_client, wait_for_progress, wait_until, worker_process
+from worker.commands.main import cli
+from worker.jobs.models import CAMPAIGN_QUEUE
+from worker.jobs.producer import Producer
+from worker.runtime.app import WorkerApp
 
 FAST = {"campaign_state_cache_s": 0.05, "campaign_pause_recheck_s": 0.2}
 

@@ -16,14 +16,20 @@ import pika
 import pytest
 from click.testing import CliRunner, Result
 
-from worker.app import WorkerApp, create_app
-from worker.dlq_cli import dlq
-from worker.ledger import Ledger, LedgerKey
-from worker.producer import Producer, encode_job
-from worker.redis_keys import join_parts
+from tests.integration.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    Simulator,
+    queue_depth,
+    redis_client,
+    wait_until,
+)
+from worker.commands.dlq import dlq
+from worker.connections.redis_keys import join_parts
+from worker.jobs.producer import Producer, encode_job
+from worker.runtime.app import WorkerApp, create_app
+from worker.send.ledger import Ledger, LedgerKey
 from worker.settings import Settings
-
-from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, queue_depth, redis_client, wait_until
 
 TO_A = "+919876543210"
 TO_B = "+919876543211"

@@ -21,10 +21,19 @@ import pika
 import pika.exceptions
 import pytest
 
-from worker.deadletters import DEAD_LETTER_HEADER
-from worker.producer import Producer
-
-from tests.integration.conftest import AMQP_URL, SANDBOX_PASSWORD, OwnRedis, Simulator, dead_letters, queue_depth, wait_for_progress, wait_until, worker_process
+from tests.integration.conftest import (
+    AMQP_URL,
+    SANDBOX_PASSWORD,
+    OwnRedis,
+    Simulator,
+    dead_letters,
+    queue_depth,
+    wait_for_progress,
+    wait_until,
+    worker_process,
+)
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.jobs.producer import Producer
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 PHONES = ("phone-1", "phone-2", "phone-3", "phone-4")

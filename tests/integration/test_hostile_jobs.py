@@ -16,20 +16,27 @@ from click.testing import CliRunner
 from dramatiq import Worker
 from dramatiq.middleware import Middleware
 
-from worker.app import WorkerApp, create_app
-from worker.cli import cli
-from worker.deadletters import DEAD_LETTER_HEADER
-from worker.health import HEALTH_DIR_ENV, ThreadWatch
-from worker.ledger import Ledger, LedgerKey
-from worker.limits import LimitPolicy, RedisLimiter, Verdict
-from worker.outbox import PARKED_STREAM, STREAM, OutboxRelay
-from worker.producer import Producer
-from worker.redis_keys import join_parts
-from worker.settings import Settings
-
-from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, queue_depth, redis_client, wait_until
+from tests.integration.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    Simulator,
+    dead_letters,
+    queue_depth,
+    redis_client,
+    wait_until,
+)
 from tests.integration.test_invalid_jobs import GOOD_KWARGS, publish_raw
 from tests.integration.test_ledger_and_events import Events, send
+from worker.commands.main import cli
+from worker.connections.redis_keys import join_parts
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.finish.outbox import PARKED_STREAM, STREAM, OutboxRelay
+from worker.jobs.producer import Producer
+from worker.limits import LimitPolicy, RedisLimiter, Verdict
+from worker.runtime.app import WorkerApp, create_app
+from worker.runtime.health import HEALTH_DIR_ENV, ThreadWatch
+from worker.send.ledger import Ledger, LedgerKey
+from worker.settings import Settings
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 

@@ -10,11 +10,10 @@ from typing import Any
 import pika
 import pytest
 
-from worker.app import WorkerApp
-from worker.deadletters import DEAD_LETTER_HEADER
-from worker.producer import Producer, queue_arguments
-
 from tests.integration.conftest import AMQP_URL, Simulator, dead_letters, wait_until
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.jobs.producer import Producer, queue_arguments
+from worker.runtime.app import WorkerApp
 
 GOOD_KWARGS: dict[str, Any] = {
     "client_id": "acme",

@@ -12,14 +12,13 @@ import pika
 import pytest
 import structlog
 
-from worker.app import WorkerApp, create_app
-from worker.errors import EnqueueError
-from worker.jobs_exchange import JOB_QUEUES, JobsExchange
-from worker.observability.logging import configure_logging
-from worker.producer import Producer, queue_arguments
-from worker.settings import Settings
-
 from tests.integration.conftest import AMQP_URL, Simulator, queue_depth, wait_until
+from worker.errors import EnqueueError
+from worker.jobs.producer import Producer, queue_arguments
+from worker.observability.logging import configure_logging
+from worker.runtime.app import WorkerApp, create_app
+from worker.runtime.jobs_exchange import JOB_QUEUES, JobsExchange
+from worker.settings import Settings
 
 TEXT = {"type": "text", "text": {"body": "hi"}}
 EXCHANGE = "verloop.jobs"

@@ -11,11 +11,18 @@ from typing import Any
 import pika
 import pytest
 
-from worker.app import WorkerApp
-from worker.jobs import SEND_QUEUE
-from worker.producer import Producer, encode_job
-
-from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, dead_letters, queue_depth, redis_client, wait_until
+from tests.integration.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    Simulator,
+    dead_letters,
+    queue_depth,
+    redis_client,
+    wait_until,
+)
+from worker.jobs.models import SEND_QUEUE
+from worker.jobs.producer import Producer, encode_job
+from worker.runtime.app import WorkerApp
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 EXCHANGE = "verloop.events"

@@ -6,13 +6,12 @@ import time
 
 import pytest
 
-from worker.errors import RedisUnavailable
-from worker.jobs import SendMessageJob, parse_job
-from worker.ledger import Ledger, LedgerKey
-from worker.services import open_redis
-from worker.settings import Settings
-
 from tests.integration.conftest import REDIS_URL, OwnRedis, redis_client
+from worker.errors import RedisUnavailable
+from worker.jobs.models import SendMessageJob, parse_job
+from worker.runtime.services import open_redis
+from worker.send.ledger import Ledger, LedgerKey
+from worker.settings import Settings
 
 
 def ledger(lease_s: float = 5.0) -> Ledger:

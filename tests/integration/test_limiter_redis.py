@@ -9,12 +9,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
+from tests.integration.conftest import REDIS_URL
 from worker.limits import Decision, LimitPolicy, MemoryLimiter, RedisLimiter, Verdict
 from worker.limits.redis_limiter import LEASE_LATE_S
-from worker.services import open_redis
+from worker.runtime.services import open_redis
 from worker.settings import Settings
-
-from tests.integration.conftest import REDIS_URL
 
 PHONE = "phone-1"
 ALICE = "+919876543210"

@@ -7,10 +7,9 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from worker.app import WorkerApp
-from worker.cli import cli
-
 from tests.integration.conftest import AMQP_URL, REDIS_URL, Simulator, redis_client
+from worker.commands.main import cli
+from worker.runtime.app import WorkerApp
 
 ENV = {"AMQP_URL": AMQP_URL, "REDIS_URL": REDIS_URL}
 

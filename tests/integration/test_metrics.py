@@ -13,9 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.producer import Producer
-
 from tests.integration.conftest import Simulator, dead_letters, wait_until, worker_process
+from worker.jobs.producer import Producer
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = {"type": "text", "text": {"body": "hello"}}

@@ -10,13 +10,22 @@ import pika
 import pytest
 import redis
 
-from worker.app import WorkerApp
-from worker.jobs import SEND_QUEUE
-from worker.outbox import GROUP, PARKED_STREAM, STREAM, EventOutbox, OutboxRelay
-from worker.producer import Producer, encode_job
-
-from tests.integration.conftest import AMQP_URL, REDIS_URL, SANDBOX_PASSWORD, Simulator, dead_letters, free_port, queue_depth, redis_client, wait_until
+from tests.integration.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    SANDBOX_PASSWORD,
+    Simulator,
+    dead_letters,
+    free_port,
+    queue_depth,
+    redis_client,
+    wait_until,
+)
 from tests.integration.test_ledger_and_events import Events, send
+from worker.finish.outbox import GROUP, PARKED_STREAM, STREAM, EventOutbox, OutboxRelay
+from worker.jobs.models import SEND_QUEUE
+from worker.jobs.producer import Producer, encode_job
+from worker.runtime.app import WorkerApp
 
 EXCHANGE = "verloop.events"
 

@@ -23,11 +23,10 @@ import pika
 import pika.exceptions
 import pytest
 
-from worker.app import WorkerApp
-from worker.errors import EnqueueError
-from worker.producer import Producer
-
 from tests.integration.conftest import Simulator, wait_until, worker_env
+from worker.errors import EnqueueError
+from worker.jobs.producer import Producer
+from worker.runtime.app import WorkerApp
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFINITIONS = ROOT / "deploy/rabbitmq/definitions.json"

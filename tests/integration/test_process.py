@@ -12,9 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from worker.producer import Producer
-
-from tests.integration.conftest import SANDBOX_PASSWORD, VENV_BIN, Simulator, dead_letters, free_port, queue_depth, wait_until, worker_env, worker_process
+from tests.integration.conftest import (
+    SANDBOX_PASSWORD,
+    VENV_BIN,
+    Simulator,
+    dead_letters,
+    free_port,
+    queue_depth,
+    wait_until,
+    worker_env,
+    worker_process,
+)
+from worker.jobs.producer import Producer
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 
@@ -123,7 +132,9 @@ def test_a_sigkilled_run_takes_every_worker_process_with_it_and_loses_no_job(
         METRICS_BIND="127.0.0.1",
     ) as run:
         fleet = wait_until(lambda: len(descendants(run.pid)) >= 4 and descendants(run.pid))
-        assert sum("worker.supervisor" in command_line(p) for p in fleet) == 4  # 1 + 2 + metrics
+        assert (
+            sum("worker.runtime.supervisor" in command_line(p) for p in fleet) == 4
+        )  # 1 + 2 + metrics
         for n, key in enumerate(keys):
             producer.send_message(
                 client_id="acme",
@@ -162,7 +173,9 @@ def test_a_sigkilled_process_manager_takes_its_worker_processes_with_it(
         METRICS_BIND="127.0.0.1",
     ) as run:
         fleet = wait_until(lambda: len(descendants(run.pid)) >= 4 and descendants(run.pid))
-        [manager] = [p for p in fleet if descendants(p) and "worker.supervisor" in command_line(p)]
+        [manager] = [
+            p for p in fleet if descendants(p) and "worker.runtime.supervisor" in command_line(p)
+        ]
         os.kill(manager, signal.SIGKILL)
         wait_until(lambda: not any(alive(p) for p in fleet), timeout=10)
         assert run.wait(timeout=10) != 0

@@ -17,11 +17,20 @@ import pika
 import pika.exceptions
 import pytest
 
-from worker.app import WorkerApp
-from worker.deadletters import DEAD_LETTER_HEADER
-from worker.producer import Producer
-
-from tests.integration.conftest import AMQP_URL, REDIS_URL, OwnRedis, Simulator, dead_letters, queue_depth, redis_client, wait_until, worker_process
+from tests.integration.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    OwnRedis,
+    Simulator,
+    dead_letters,
+    queue_depth,
+    redis_client,
+    wait_until,
+    worker_process,
+)
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.jobs.producer import Producer
+from worker.runtime.app import WorkerApp
 
 PHONE = "phone-1"
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}

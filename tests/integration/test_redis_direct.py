@@ -1,4 +1,5 @@
-"""The send path's per-thread Redis connections (worker.redis_direct) against a real Redis."""
+"""The send path's per-thread Redis connections (worker.connections.redis_direct) against a real
+Redis."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from worker.ledger import LedgerKey
-from worker.redis_direct import ThreadConnections
-from worker.services import Services, open_redis
-from worker.settings import Settings
-
 from tests.integration.conftest import REDIS_URL
+from worker.connections.redis_direct import ThreadConnections
+from worker.runtime.services import Services, open_redis
+from worker.send.ledger import LedgerKey
+from worker.settings import Settings
 
 
 @pytest.fixture

@@ -25,11 +25,21 @@ import pika
 import pytest
 import redis
 
-from worker.app import WorkerApp
-from worker.deadletters import DEAD_LETTER_HEADER
-from worker.producer import Producer
-
-from tests.integration.conftest import AMQP_URL, VENV_BIN, Simulator, dead_letters, free_port, queue_depth, redis_client, wait_until, worker_env, worker_process
+from tests.integration.conftest import (
+    AMQP_URL,
+    VENV_BIN,
+    Simulator,
+    dead_letters,
+    free_port,
+    queue_depth,
+    redis_client,
+    wait_until,
+    worker_env,
+    worker_process,
+)
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.jobs.producer import Producer
+from worker.runtime.app import WorkerApp
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 REDIS_PASSWORD = "tls-redis-pass-5f2c9"

@@ -11,13 +11,19 @@ import pika
 import pika.exceptions
 import pytest
 
-from worker.app import WorkerApp, create_app
-from worker.deadletters import DEAD_LETTER_HEADER
+from tests.integration.conftest import (
+    AMQP_URL,
+    QUEUES,
+    Simulator,
+    dead_letters,
+    queue_depth,
+    wait_until,
+)
 from worker.errors import InvalidJob
-from worker.producer import Producer
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.jobs.producer import Producer
+from worker.runtime.app import WorkerApp, create_app
 from worker.settings import Settings
-
-from tests.integration.conftest import AMQP_URL, QUEUES, Simulator, dead_letters, queue_depth, wait_until
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 TEMPLATE = {

@@ -15,17 +15,25 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from worker.app import WorkerApp
-from worker.cli import cli
-from worker.deadletters import DEAD_LETTER_HEADER
+from tests.integration.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    SANDBOX_PASSWORD,
+    SANDBOX_USER,
+    Simulator,
+    dead_letters,
+    redis_client,
+    wait_until,
+)
+from worker.commands.main import cli
 from worker.errors import PermanentFailure
-from worker.producer import Producer
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.jobs.producer import Producer
+from worker.runtime.app import WorkerApp
+from worker.runtime.services import open_redis, open_verloop_client
 from worker.sandbox import SandboxConfig, SandboxServer
-from worker.services import open_redis, open_verloop_client
 from worker.settings import Settings
 from worker.verloop.tokens import PhoneTokens, SystemToken, token_cache_entries, token_key
-
-from tests.integration.conftest import AMQP_URL, REDIS_URL, SANDBOX_PASSWORD, SANDBOX_USER, Simulator, dead_letters, redis_client, wait_until
 
 TEXT = {"type": "text", "text": {"body": "hello"}}
 

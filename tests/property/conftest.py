@@ -8,8 +8,6 @@ import os
 
 from hypothesis import HealthCheck, Phase, settings
 
-from tests.integration.conftest import _services_answer, clean_state, make_settings, simulator, start_worker
-
 #: Examples per CI run: each publishes a batch and waits for its outcomes (about 1-2 s).
 CI_EXAMPLES = 40
 

@@ -33,11 +33,18 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from worker.deadletters import DEAD_LETTER_HEADER
-from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
-
-from tests.integration.conftest import AMQP_URL, QUEUES, REDIS_URL, Simulator, WorkerStarter, queue_depth, redis_client
+from tests.integration.conftest import (
+    AMQP_URL,
+    QUEUES,
+    REDIS_URL,
+    Simulator,
+    WorkerStarter,
+    queue_depth,
+    redis_client,
+)
 from tests.property.strategies import NONCE, PHONE_STEM, Job, encode, message_id, recipient
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 
 EXCHANGE = "verloop.events"
 WORK_QUEUES = (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE)

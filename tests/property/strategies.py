@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from hypothesis import strategies as st
 
-from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, MAX_JSON_DEPTH, SEND_QUEUE
+from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, MAX_JSON_DEPTH, SEND_QUEUE
 
 #: Placeholder for the per-run nonce (8 ASCII characters; replaced by as many).
 NONCE = "qNONCEq0"

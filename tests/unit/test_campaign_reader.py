@@ -18,10 +18,10 @@ from worker.campaigns.reader import (
     RawRow,
     RowValidator,
 )
-from worker.campaigns.start_command import parse_start_at
+from worker.commands.campaign_start import parse_start_at
 from worker.errors import InvalidJob
-from worker.jobs import CAMPAIGN_QUEUE, parse_job
-from worker.producer import encode_job
+from worker.jobs.models import CAMPAIGN_QUEUE, parse_job
+from worker.jobs.producer import encode_job
 
 SPEC = CampaignSpec(
     campaign_id="camp-1",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from worker.cli import cli
+from worker.commands.main import cli
 
 
 @pytest.mark.parametrize(

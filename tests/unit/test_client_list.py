@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from worker.verloop.clients import client_phones
+from worker.verloop.client_list import client_phones
 
 ACME = [{"client_id": "acme", "phone_ids": ["p1", "p2"]}]
 

@@ -10,7 +10,6 @@ from typing import Any
 import pika
 import pytest
 
-from worker.deadletters import DEAD_LETTER_HEADER
 from worker.dlq import (
     NO_REASON,
     DeadLetterEntry,
@@ -24,6 +23,7 @@ from worker.dlq import (
     redact_secrets,
     short_id,
 )
+from worker.finish.deadletters import DEAD_LETTER_HEADER
 
 NOW_MS = 1_764_000_000_000
 JOB_ID = "5f0c8c52-4d0a-4c47-9d3b-6f7b1b0e8a01"
@@ -212,7 +212,7 @@ def test_token_like_keys_and_urls_are_never_printed() -> None:
 def test_an_unreachable_rabbitmq_is_one_clear_line_without_the_password() -> None:
     from click.testing import CliRunner
 
-    from worker.dlq_cli import dlq
+    from worker.commands.dlq import dlq
 
     env = {
         "AMQP_URL": "amqp://guest:s3cret-passw0rd@127.0.0.1:1/%2F",

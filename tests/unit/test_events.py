@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.events import build_event, routing_key
+from worker.finish.events import build_event, routing_key
 
 
 def test_a_send_s_routing_key_names_outcome_client_number_and_campaign() -> None:

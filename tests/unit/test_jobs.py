@@ -1,4 +1,4 @@
-"""Unit tests for the job contract: worker.jobs.parse_job and SendMessageJob."""
+"""Unit tests for the job contract: worker.jobs.models.parse_job and SendMessageJob."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from worker.errors import InvalidJob
-from worker.jobs import (
+from worker.jobs.models import (
     MAX_METADATA_BYTES,
     TEXT_MAX_CHARS,
     ListClientsJob,
@@ -320,7 +320,7 @@ def test_the_largest_64_bit_integers_are_valid() -> None:
 
 
 def test_kwargs_nested_deeper_than_the_limit_are_invalid_wherever_they_nest() -> None:
-    from worker.jobs import MAX_JSON_DEPTH
+    from worker.jobs.models import MAX_JSON_DEPTH
 
     deep: Any = 1
     for _ in range(MAX_JSON_DEPTH):

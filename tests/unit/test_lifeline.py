@@ -1,4 +1,4 @@
-"""worker.lifeline on real processes: a child stops, once, when its parent dies."""
+"""worker.runtime.lifeline on real processes: a child stops, once, when its parent dies."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PARENT = textwrap.dedent(
     """
     import os, signal, sys, threading, time
-    from worker.lifeline import children_die_with_this_process, watch_parent
+    from worker.runtime.lifeline import children_die_with_this_process, watch_parent
 
     mode, record = sys.argv[1], sys.argv[2]
     threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
@@ -92,7 +92,7 @@ def test_a_parent_that_died_before_the_child_asked_to_follow_it_stops_the_child_
     script = textwrap.dedent(
         """
         import os, time
-        from worker.lifeline import die_with_parent
+        from worker.runtime.lifeline import die_with_parent
         die_with_parent(os.getppid() + 1)  # not the parent: as if it had died already
         time.sleep(30)
         """

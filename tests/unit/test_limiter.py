@@ -13,16 +13,14 @@ import redis
 from worker.errors import ConfigurationError, Deferred, JobFailure
 from worker.limits import (
     Decision,
-    GateSettings,
     LimitPolicy,
     MemoryLimiter,
     RedisLimiter,
-    SendGate,
     Verdict,
     pacing,
 )
-from worker.limits.gate import PAIR_COOLDOWN_S, REDIS_DOWN_RETRY_S
-from worker.services import open_limiter, open_redis
+from worker.runtime.services import open_limiter, open_redis
+from worker.send.gate import PAIR_COOLDOWN_S, REDIS_DOWN_RETRY_S, GateSettings, SendGate
 from worker.settings import Settings
 from worker.verloop.classify import classify_response
 

@@ -10,11 +10,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from worker import errors
-from worker.broker import UNDECODABLE_ACTOR
-from worker.jobs import ACTOR_QUEUES
-from worker.limits import gate
+from worker.jobs.models import ACTOR_QUEUES
 from worker.observability import metrics as metrics_module
 from worker.observability.metrics import DEFERRAL_KINDS, OTHER_LABEL_VALUE, Metrics
+from worker.runtime.broker import UNDECODABLE_ACTOR
+from worker.send import gate
 from worker.verloop.endpoints import DEFAULT_ENDPOINTS
 
 ROOT = Path(__file__).resolve().parents[2]

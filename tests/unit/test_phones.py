@@ -1,4 +1,4 @@
-"""Unit tests for worker.phones: E.164 normalisation and masking."""
+"""Unit tests for worker.jobs.phones: E.164 normalisation and masking."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import phonenumbers
 import pytest
 
-from worker.phones import _canonical_number, mask_phone, normalize_e164
+from worker.jobs.phones import _canonical_number, mask_phone, normalize_e164
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import time
 
-from worker.jobs import SEND_QUEUE
-from worker.producer import encode_job, queue_arguments
+from worker.jobs.models import SEND_QUEUE
+from worker.jobs.producer import encode_job, queue_arguments
 
 KWARGS = {
     "client_id": "acme",

@@ -1,4 +1,4 @@
-"""worker.redis_keys: keys made of producers' ids cannot be made to collide."""
+"""worker.connections.redis_keys: keys made of producers' ids cannot be made to collide."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from worker.redis_keys import join_parts, split_parts
+from worker.connections.redis_keys import join_parts, split_parts
 
 AWKWARD = ["", "a", ":", "a:b", "b:c", "1:a", "4:acme", "::", "é:ü", "x" * 128]
 

@@ -1,4 +1,4 @@
-"""Unit tests for worker.outcomes.RetryPolicy: backoff with jitter, bounded per delay."""
+"""Unit tests for worker.finish.middleware.RetryPolicy: backoff with jitter, bounded per delay."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from worker.outcomes import RetryPolicy
+from worker.finish.middleware import RetryPolicy
 from worker.settings import MAX_SINGLE_DELAY_S
 
 POLICY = RetryPolicy(max_retries=8, min_backoff_s=2.0, max_backoff_s=600.0)

@@ -1,4 +1,5 @@
-"""Unit tests for worker.broker.WireEncoder: every body a consumer reads becomes a message."""
+"""Unit tests for worker.runtime.broker.WireEncoder: every body a consumer reads becomes a
+message."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import dramatiq
 import pytest
 from dramatiq.errors import DecodeError
 
-from worker import broker
-from worker.broker import UNDECODABLE_ACTOR, WireEncoder, raw_body_of
-from worker.producer import encode_job
+from worker.jobs.producer import encode_job
+from worker.runtime import broker
+from worker.runtime.broker import UNDECODABLE_ACTOR, WireEncoder, raw_body_of
 
 QUEUE = "verloop.send"
 MAX_BYTES = 4096

@@ -41,12 +41,20 @@ import pika
 import pika.exceptions
 import pika.spec
 
-from worker.errors import ConfigurationError, EnqueueError
-from worker.jobs import CAMPAIGN_QUEUE
-from worker.observability.logging import mask_url, scrub_text
-from worker.producer import amqp_parameters, queue_arguments
-from worker.campaigns.reader import CampaignFile, CampaignInputError, CampaignSpec, FileFormat, RawRow, RowValidator, file_fingerprint
+from worker.campaigns.reader import (
+    CampaignFile,
+    CampaignInputError,
+    CampaignSpec,
+    FileFormat,
+    RawRow,
+    RowValidator,
+    file_fingerprint,
+)
 from worker.campaigns.store import CampaignRef, CampaignStore
+from worker.errors import ConfigurationError, EnqueueError
+from worker.jobs.models import CAMPAIGN_QUEUE
+from worker.jobs.producer import amqp_parameters, queue_arguments
+from worker.observability.logging import mask_url, scrub_text
 
 __all__ = [
     "CampaignEnqueueError",
@@ -498,7 +506,7 @@ class _Run:
 
 
 def encode_envelope(kwargs: dict[str, Any], message_id: str) -> bytes:
-    """:func:`worker.producer.encode_job` for ``send_message`` on the campaign queue, byte for
+    """:func:`worker.jobs.producer.encode_job` for ``send_message`` on the campaign queue, byte for
     byte (tests/unit/test_campaign_reader.py checks), with orjson: 1 µs instead of 8 per row."""
     return orjson.dumps(
         {
@@ -554,7 +562,7 @@ def enqueue_campaign(
     """Enqueue every valid row of ``path`` as a ``send_message`` job, resuming if the campaign
     exists. ``progress(bytes_read, rows_read)`` is called as the file is read. Jobs go to
     ``exchange`` with the queue name as routing key: ``""`` is the default exchange (the queue
-    is declared first), else the jobs exchange (nothing declared; see worker.jobs_exchange).
+    is declared first), else the jobs exchange (nothing declared; see worker.runtime.jobs_exchange).
 
     Raises:
         CampaignInputError: the file, its columns or ``spec`` cannot make a campaign.

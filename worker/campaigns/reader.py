@@ -13,7 +13,7 @@ CSV) unless given:
 The file is streamed: only the current row is held. Rows are numbered from 1 after the header;
 blank rows (or rows of empty cells) keep their number but are skipped, neither sent nor
 rejected. Every other row is validated exactly as the worker validates a job
-(:func:`worker.jobs.parse_job`, which checks the number with ``phonenumbers``), so a row the
+(:func:`worker.jobs.models.parse_job`, which checks the number with ``phonenumbers``), so a row the
 worker would dead-letter as invalid is rejected here instead, with its reason.
 """
 
@@ -30,10 +30,10 @@ from typing import IO, Any, Final, Literal
 
 import orjson
 
-from worker.errors import InvalidJob
-from worker.jobs import SendMessageJob, parse_job
-from worker.phones import normalize_e164
 from worker.campaigns.store import CampaignRef
+from worker.errors import InvalidJob
+from worker.jobs.models import SendMessageJob, parse_job
+from worker.jobs.phones import normalize_e164
 
 __all__ = [
     "MAX_BODY_PARAMS",
@@ -388,7 +388,7 @@ class RowValidator:
         phone_id: str | None,
         shape: tuple[int, bool],
     ) -> tuple[dict[str, Any] | None, str | None]:
-        """Validate with the worker's own model (:func:`worker.jobs.parse_job`)."""
+        """Validate with the worker's own model (:func:`worker.jobs.models.parse_job`)."""
         kwargs = self._kwargs(to, message, phone_id or self.spec.phone_ids[0])
         try:
             job = parse_job("send_message", (), kwargs)

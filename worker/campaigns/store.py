@@ -2,7 +2,8 @@
 
 A campaign belongs to a client: two clients may pick the same campaign id and never see each
 other's pause, cancel, counts or recipients. One hash per campaign,
-``verloop:client-campaign:<client>:<campaign>`` (ids length-prefixed, :mod:`worker.redis_keys`),
+``verloop:client-campaign:<client>:<campaign>`` (ids length-prefixed,
+:mod:`worker.connections.redis_keys`),
 written by three parties:
 
 * ``campaign start`` (the enqueuer): the definition, then ``rows_done``/``enqueued``/``rejected``
@@ -31,9 +32,9 @@ from typing import Any, Final, Literal
 import redis
 
 from worker.bounded import BoundedDict
+from worker.connections.redis_keys import join_parts, split_parts
+from worker.connections.redis_text import as_text
 from worker.errors import ConfigurationError, RedisUnavailable
-from worker.redis_keys import join_parts, split_parts
-from worker.redis_text import as_text
 
 __all__ = ["OUTCOME_COUNTERS", "CampaignRef", "CampaignState", "CampaignStatus", "CampaignStore"]
 

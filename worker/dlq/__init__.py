@@ -1,8 +1,9 @@
 """Dead-letter tooling: read, filter, replay, purge and export the worker's dead letters.
 
 The worker dead-letters a job to ``<queue>.XQ`` with the reason in the AMQP header
-:data:`~worker.deadletters.DEAD_LETTER_HEADER` (see :mod:`worker.deadletters`). This module
-reads those queues for ``verloop-worker dlq`` (:mod:`worker.dlq_cli`); it has no command-line
+:data:`~worker.finish.deadletters.DEAD_LETTER_HEADER` (see :mod:`worker.finish.deadletters`). This
+module
+reads those queues for ``verloop-worker dlq`` (:mod:`worker.commands.dlq`); it has no command-line
 code of its own.
 
 **Reading never loses anything.** Dead letters are taken with ``basic.get`` *without*
@@ -29,7 +30,22 @@ queue on request); ``pending`` (the outcome of an earlier call is unknown) is re
 request, after the unfinished claim has been forgotten.
 """
 
-from worker.dlq.entries import DLQ_QUEUES, NO_REASON, OUTCOMES, DeadLetterEntry, DlqError, Edit, Filters, apply_edits, format_age, id_matches, parse_duration, parse_edit, redact_secrets, short_id
+from worker.dlq.entries import (
+    DLQ_QUEUES,
+    NO_REASON,
+    OUTCOMES,
+    DeadLetterEntry,
+    DlqError,
+    Edit,
+    Filters,
+    apply_edits,
+    format_age,
+    id_matches,
+    parse_duration,
+    parse_edit,
+    redact_secrets,
+    short_id,
+)
 from worker.dlq.store import DeadLetterStore, Held, ReplayOptions, ReplayResult
 
 __all__ = [

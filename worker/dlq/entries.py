@@ -15,11 +15,11 @@ from typing import Any
 
 from dramatiq.common import xq_name
 
-from worker.broker import UNDECODABLE_ACTOR
-from worker.deadletters import DEAD_LETTER_HEADER
-from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.finish.deadletters import DEAD_LETTER_HEADER
+from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.jobs.phones import mask_phone
 from worker.observability.logging import scrub_text
-from worker.phones import mask_phone
+from worker.runtime.broker import UNDECODABLE_ACTOR
 
 __all__ = [
     "DLQ_QUEUES",

@@ -13,13 +13,13 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from worker.errors import ConfigurationError, EnqueueError, InvalidJob
-from worker.jobs import SendMessageJob, parse_job
-from worker.ledger import Ledger, LedgerKey
-from worker.observability.logging import scrub_text
-from worker.phones import mask_phone
-from worker.producer import Producer, amqp_parameters
 from worker.dlq.entries import DLQ_QUEUES, DeadLetterEntry, DlqError, Edit, Filters, apply_edits
+from worker.errors import ConfigurationError, EnqueueError, InvalidJob
+from worker.jobs.models import SendMessageJob, parse_job
+from worker.jobs.phones import mask_phone
+from worker.jobs.producer import Producer, amqp_parameters
+from worker.observability.logging import scrub_text
+from worker.send.ledger import Ledger, LedgerKey
 
 __all__ = [
     "DeadLetterStore",

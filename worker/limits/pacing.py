@@ -60,7 +60,8 @@ class Decision:
     """A verdict and how long it says to wait, in seconds.
 
     ``holds``: Redis keys of holds this slot was not checked against (it came from a lease);
-    the send checks them itself before calling Verloop (see :meth:`worker.ledger.Ledger.claim`).
+    the send checks them itself before calling Verloop (see
+    :meth:`worker.send.ledger.Ledger.claim`).
     """
 
     verdict: Verdict

@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
+from worker.connections.redis_direct import ThreadConnections
 from worker.errors import RedisUnavailable
-from worker.redis_direct import ThreadConnections
 from worker.limits.pacing import MIN_PENALTY_FACTOR, Decision, Lane, LimitPolicy, Verdict
 
 __all__ = ["LimiterUnavailable", "RedisLimiter"]

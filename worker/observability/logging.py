@@ -28,7 +28,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from worker.phones import mask_phone
+from worker.jobs.phones import mask_phone
 
 __all__ = [
     "REDACTED",

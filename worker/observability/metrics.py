@@ -57,8 +57,8 @@ from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from worker.jobs import ACTOR_QUEUES, CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
-from worker.outbox import PARK_KINDS
+from worker.finish.outbox import PARK_KINDS
+from worker.jobs.models import ACTOR_QUEUES, CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 from worker.verloop.endpoints import DEFAULT_ENDPOINTS
 from worker.verloop.tokens import TokenSource
 
@@ -68,7 +68,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 
-#: The writes after an accepted send (see ``worker.actors``).
+#: The writes after an accepted send (see ``worker.send.actors``).
 AFTER_SEND_STEPS = ("ledger", "campaign", "event")
 
 _FINAL_CAMPAIGN_OUTCOMES = ("sent", "dead_lettered", "suppressed", "cancelled")
@@ -94,7 +94,7 @@ DEFERRAL_KINDS = (
 )
 _SEND_OUTCOMES = ("sent", "suppressed", "cancelled", "retrying", "deferred", "dead_lettered")
 _MANAGE_OUTCOMES = ("done", "retrying", "dead_lettered")
-#: A job whose body was not a job (worker.broker's UNDECODABLE_ACTOR) is dead-lettered.
+#: A job whose body was not a job (worker.runtime.broker's UNDECODABLE_ACTOR) is dead-lettered.
 _UNDECODABLE_ACTOR = "verloop.undecodable"
 #: (outcome, error class) of the dead letters the worker's own errors make.
 _DEAD_LETTER_KINDS = (
@@ -106,7 +106,7 @@ _DEAD_LETTER_KINDS = (
 
 
 def _lane(queue: str) -> str:
-    # As worker.outcomes names a job's lane.
+    # As worker.finish.middleware names a job's lane.
     return "campaign" if queue == CAMPAIGN_QUEUE else "transactional"
 
 
@@ -116,7 +116,7 @@ def _actor_lanes() -> list[tuple[str, str, tuple[str, ...]]]:
     for actor, queue in ACTOR_QUEUES.items():
         send = actor == "send_message"
         lanes = _LANES if send else (_lane(queue),)
-        # rejected: a retry or dead letter RabbitMQ did not confirm (see worker.outcomes).
+        # rejected: a retry or dead letter RabbitMQ did not confirm (see worker.finish.middleware).
         outcomes = (*(_SEND_OUTCOMES if send else _MANAGE_OUTCOMES), "rejected")
         combos.extend((actor, lane, outcomes) for lane in lanes)
     combos.extend((_UNDECODABLE_ACTOR, lane, ("dead_lettered", "rejected")) for lane in _LANES)
@@ -379,7 +379,7 @@ class Metrics:
 
     def observe_parked(self, kind: str) -> None:
         """The relay parked an outbox entry that cannot be published (``kind``: one of
-        ``worker.outbox.PARK_KINDS``)."""
+        ``worker.finish.outbox.PARK_KINDS``)."""
         self._child(self.events_parked, kind).inc()
 
     def observe_outbox_length(self, length: int) -> None:

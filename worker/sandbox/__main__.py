@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from worker.lifeline import follow_parent_from_environment
+from worker.runtime.lifeline import follow_parent_from_environment
 from worker.sandbox.config import DEFAULT_CLIENTS, SandboxConfig
 from worker.sandbox.faults import FaultConfigError, Faults
 from worker.sandbox.server import serve

@@ -34,7 +34,8 @@ partner may use, and Verloop's 401/403 does not say which of the two it refused.
 
 Redis keys: ``verloop:token:phone:<client>:<phone>`` (a hash of the token, the client id and the
 phone id, so ``tokens list`` need not parse keys) and ``verloop:token:lock:<client>:<phone>``
-(the fetch lock). The ids are length-prefixed (:mod:`worker.redis_keys`), so no two pairs share
+(the fetch lock). The ids are length-prefixed (:mod:`worker.connections.redis_keys`), so no two
+pairs share
 a key and a phone id cannot reach into the lock's namespace. Entries of the older format
 (``verloop:phone-token:...``) are ignored: they expire by themselves, and each number's token is
 fetched once more.
@@ -58,10 +59,10 @@ import structlog
 from pydantic import SecretStr
 
 from worker.bounded import BoundedDict
+from worker.connections.redis_keys import join_parts
+from worker.connections.redis_text import as_text
 from worker.errors import FailureDetails, PermanentFailure, RedisUnavailable, TokenInvalid
 from worker.observability.logging import register_secret
-from worker.redis_keys import join_parts
-from worker.redis_text import as_text
 from worker.verloop.client import VerloopClient
 
 __all__ = ["PhoneTokens", "SystemToken", "TokenSource", "token_cache_entries", "token_key"]

@@ -13,8 +13,8 @@ An identifier longer than :data:`MAX_WORD_CHARS` appears as its first characters
 hash of the whole (so a key stays within AMQP's 255 bytes); the body carries it in full.
 
 The body is JSON (see :func:`build_event`). How an event reaches the exchange (through the
-Redis outbox, or directly from the worker thread) is in :mod:`worker.outbox` and
-:mod:`worker.reporting`.
+Redis outbox, or directly from the worker thread) is in :mod:`worker.finish.outbox` and
+:mod:`worker.finish.report`.
 """
 
 from __future__ import annotations

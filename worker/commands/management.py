@@ -17,13 +17,13 @@ import pika
 import pika.exceptions
 import redis
 
-from worker.cli_settings import current_settings
+from worker.commands.context import current_settings
 from worker.errors import ConfigurationError, EnqueueError
-from worker.events import declare_exchange
-from worker.jobs import ACTOR_QUEUES
+from worker.finish.events import declare_exchange
+from worker.jobs.models import ACTOR_QUEUES
+from worker.jobs.producer import Producer, amqp_parameters
 from worker.observability.logging import mask_url
-from worker.producer import Producer, amqp_parameters
-from worker.services import open_redis
+from worker.runtime.services import open_redis
 from worker.settings import Settings
 from worker.verloop.tokens import token_cache_entries
 

@@ -12,12 +12,13 @@ import redis
 from dramatiq.middleware import Middleware
 
 from worker.campaigns.store import CampaignStore
+from worker.connections.redis_direct import ThreadConnections
 from worker.errors import ConfigurationError
-from worker.ledger import Ledger
-from worker.limits import GateSettings, LimitPolicy, MemoryLimiter, RateLimiter, RedisLimiter, SendGate
+from worker.finish.outbox import EventOutbox, OutboxRelay
+from worker.limits import LimitPolicy, MemoryLimiter, RateLimiter, RedisLimiter
 from worker.observability.metrics import Metrics
-from worker.outbox import EventOutbox, OutboxRelay
-from worker.redis_direct import ThreadConnections
+from worker.send.gate import GateSettings, SendGate
+from worker.send.ledger import Ledger
 from worker.settings import REDIS_TIMEOUT_S, Settings
 from worker.verloop.client import VerloopClient
 from worker.verloop.endpoints import resolve_endpoints

@@ -24,12 +24,26 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.cli_settings import SettingsContext
-from worker.dlq import DLQ_QUEUES, OUTCOMES, DeadLetterEntry, DeadLetterStore, DlqError, Edit, Filters, ReplayOptions, format_age, id_matches, parse_duration, parse_edit, short_id
+from worker.commands.context import SettingsContext
+from worker.dlq import (
+    DLQ_QUEUES,
+    OUTCOMES,
+    DeadLetterEntry,
+    DeadLetterStore,
+    DlqError,
+    Edit,
+    Filters,
+    ReplayOptions,
+    format_age,
+    id_matches,
+    parse_duration,
+    parse_edit,
+    short_id,
+)
 from worker.errors import RedisUnavailable
-from worker.ledger import Ledger
 from worker.observability.logging import scrub_text
-from worker.services import open_redis
+from worker.runtime.services import open_redis
+from worker.send.ledger import Ledger
 
 __all__ = ["dlq"]
 
@@ -118,7 +132,7 @@ def _filters(
     ids: tuple[str, ...],
 ) -> Filters:
     if recipient is not None:
-        from worker.phones import normalize_e164
+        from worker.jobs.phones import normalize_e164
 
         try:
             recipient = normalize_e164(recipient)

@@ -11,7 +11,7 @@ becomes a dramatiq message:
   :class:`InvalidJob`;
 
 so both reach the job outcome middleware, which dead-letters them with their reason and keeps
-the original body (see :mod:`worker.outcomes`).
+the original body (see :mod:`worker.finish.middleware`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dramatiq.encoder import JSONEncoder
 from dramatiq.middleware import Middleware
 
 from worker.errors import InvalidJob
-from worker.events import declare_exchange
+from worker.finish.events import declare_exchange
 from worker.settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["UNDECODABLE_ACTOR", "VerloopBroker", "WireEncoder", "build_broker", "raw_body_of"]
@@ -198,7 +198,7 @@ class WireEncoder(JSONEncoder):
         if queue == q_name(queue):
             # A main queue's consumer holds a job with an eta in memory until then, in one of
             # the queue's few prefetch slots: enough of them would stop the queue. The job runs
-            # now instead, and waits for its time through the delay queue (see worker.actors).
+            # now instead, and waits for its time through the delay queue (see worker.send.actors).
             options.pop("eta", None)
             if eta is not None and eta > now_ms:
                 options["not_before"] = max(eta, options.get("not_before", 0))
@@ -380,9 +380,11 @@ def build_broker(
     """Build the broker, set it as dramatiq's global one, and return it.
 
     Dramatiq's default middleware is left out on purpose: retries and dead letters are ours
-    (:mod:`worker.outcomes`); callbacks and pipelines would let a job's options start arbitrary
+    (:mod:`worker.finish.middleware`); callbacks and pipelines would let a job's options start
+    arbitrary
     actors; its time limit interrupts a thread wherever it is, a send halfway included (every
-    wait inside a job has a timeout of its own, and :mod:`worker.health` reports a stuck one).
+    wait inside a job has a timeout of its own, and :mod:`worker.runtime.health` reports a stuck
+    one).
     """
     dramatiq.set_encoder(WireEncoder(max_job_bytes, known_actors, max_delay_s=max_delay_s))
     broker = VerloopBroker(

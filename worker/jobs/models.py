@@ -23,10 +23,10 @@ from pydantic import (
     ValidationError,
 )
 
+from worker.connections.redis_keys import join_parts
 from worker.errors import InvalidJob
-from worker.ledger import LedgerKey
-from worker.phones import normalize_e164
-from worker.redis_keys import join_parts
+from worker.jobs.phones import normalize_e164
+from worker.send.ledger import LedgerKey
 
 __all__ = [
     "ACTOR_QUEUES",
@@ -262,7 +262,8 @@ class SendMessageJob(_Strict):
     def ledger_key(self, message_id: str) -> LedgerKey:
         """The idempotency ledger entry of this job: the producer's key (per client), else one
         derived from the campaign and recipient (per client), else the dramatiq message id (a
-        redelivery keeps it). Ids are length-prefixed (:mod:`worker.redis_keys`); the colon-joined
+        redelivery keeps it). Ids are length-prefixed (:mod:`worker.connections.redis_keys`); the
+        colon-joined
         key of earlier versions is kept as the legacy key, honoured until its entries expire."""
         if self.idempotency_key is not None:
             return LedgerKey(

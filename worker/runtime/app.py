@@ -14,16 +14,16 @@ from pathlib import Path
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from worker.actors import register_actors
-from worker.broker import VerloopBroker, build_broker
-from worker.health import HEALTH_DIR_ENV, ThreadWatch
-from worker.jobs import CAMPAIGN_QUEUE, JOB_MODELS
-from worker.jobs_exchange import JobsExchange
+from worker.finish.middleware import JobOutcomes, RetryPolicy
+from worker.finish.report import OutcomeReporter
+from worker.jobs.models import CAMPAIGN_QUEUE, JOB_MODELS
 from worker.observability.logging import DirectStream, configure_logging
 from worker.observability.metrics import Metrics
-from worker.outcomes import JobOutcomes, RetryPolicy
-from worker.reporting import OutcomeReporter
-from worker.services import Lifecycle
+from worker.runtime.broker import VerloopBroker, build_broker
+from worker.runtime.health import HEALTH_DIR_ENV, ThreadWatch
+from worker.runtime.jobs_exchange import JobsExchange
+from worker.runtime.services import Lifecycle
+from worker.send.actors import register_actors
 from worker.settings import Settings
 
 __all__ = ["GIL_SWITCH_INTERVAL_S", "WorkerApp", "boot", "create_app"]
@@ -94,7 +94,7 @@ def create_app(settings: Settings) -> WorkerApp:
 
 
 def boot() -> None:
-    """Entry point for dramatiq's worker processes (``worker.app:boot``)."""
+    """Entry point for dramatiq's worker processes (``worker.runtime.app:boot``)."""
     settings = Settings.load()
     # Worker threads mostly wait on Verloop, RabbitMQ and Redis. With CPython's default 5 ms
     # GIL switch interval a thread whose answer has arrived can wait that long behind a busy

@@ -24,7 +24,7 @@ import pika.exceptions
 import structlog
 from dramatiq.middleware import Middleware
 
-from worker.jobs import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 
 __all__ = ["JOB_QUEUES", "JobsExchange", "declare_jobs_exchange"]
 

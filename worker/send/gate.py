@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import structlog
 
 from worker.errors import Deferred, JobFailure, RedisUnavailable
-from worker.settings import MAX_SINGLE_DELAY_S
 from worker.limits.pacing import Lane, RateLimiter, Verdict
 from worker.limits.redis_limiter import LimiterUnavailable
+from worker.settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["HOLD_REASON", "Admission", "GateSettings", "SendGate", "held_while_redis_is_down"]
 

@@ -5,7 +5,7 @@ a round trip to RabbitMQ and a wait for its confirm per job: about a fifth of th
 CPU on a busy 2-core machine (``bench/send_path.py``). Instead:
 
 1. A sent job's event is added to the stream ``verloop:events:outbox`` in the same Redis round
-   trip that records the send in the ledger (:meth:`worker.ledger.Ledger.mark_sent`). Other
+   trip that records the send in the ledger (:meth:`worker.send.ledger.Ledger.mark_sent`). Other
    outcomes (dead-lettered, suppressed, cancelled, management jobs) add theirs in one Redis call.
    Either way the event is kept before the job is acknowledged.
 2. A relay thread in every worker process reads the stream as consumer group ``relay``,
@@ -48,9 +48,9 @@ import pika.exceptions
 import redis
 import structlog
 
+from worker.connections.redis_text import as_text
 from worker.errors import RedisUnavailable
-from worker.events import build_event, declare_exchange, routing_key
-from worker.redis_text import as_text
+from worker.finish.events import build_event, declare_exchange, routing_key
 
 __all__ = ["GROUP", "PARKED_STREAM", "PARK_KINDS", "STREAM", "EventOutbox", "OutboxRelay"]
 

@@ -6,8 +6,9 @@ its ledger entry in Redis (one atomic script, Redis's own clock); after Verloop 
 the entry records the message id. A later delivery of the same job finds that and is
 acknowledged as ``suppressed`` without calling Verloop.
 
-Entries (``verloop:ledger:<job's key>``, see :meth:`worker.jobs.SendMessageJob.ledger_key`;
-ids in a key are length-prefixed, :mod:`worker.redis_keys`; an entry under the key an earlier
+Entries (``verloop:ledger:<job's key>``, see :meth:`worker.jobs.models.SendMessageJob.ledger_key`;
+ids in a key are length-prefixed, :mod:`worker.connections.redis_keys`; an entry under the key an
+earlier
 version gave the job is still honoured until it expires):
 
 * ``s:<verloop message id>``: sent. Kept ``LEDGER_TTL_S`` (30 days by default, longer than dead
@@ -39,9 +40,9 @@ from typing import Any, Final, Literal
 
 import redis
 
+from worker.connections.redis_direct import ThreadConnections
+from worker.connections.redis_text import as_text
 from worker.errors import RedisUnavailable
-from worker.redis_direct import ThreadConnections
-from worker.redis_text import as_text
 
 __all__ = ["MAX_UNRECORDED", "Claim", "Ledger", "LedgerEntry", "LedgerKey"]
 

@@ -1,23 +1,24 @@
 """The actors: each job's path, step by step, top to bottom.
 
 ``send_message``:
-  1. validate the job (:func:`worker.jobs.parse_job`)  → invalid: dead letter, no retry
+  1. validate the job (:func:`worker.jobs.models.parse_job`)  → invalid: dead letter, no retry
   2. its ``options.eta`` not reached yet                → re-delayed, no retry used
   3. a campaign job: its campaign's state and window   → cancelled: acknowledged, not sent;
                                                           paused / outside window: re-delayed
   4. find the phone token (file → memory → Redis → Verloop)
   5. wait for the number's slot (:mod:`worker.limits`)  → too far: re-delayed, no retry used
-  6. claim the job's ledger entry (:mod:`worker.ledger`) → already sent: acknowledged as
+  6. claim the job's ledger entry (:mod:`worker.send.ledger`) → already sent: acknowledged as
                                                           ``suppressed``, not sent again
   7. call Verloop's send endpoint                       → clear failure: claim released, retry
                                                           or dead letter; no answer: the claim is
                                                           uncertain (UNCERTAIN_SEND_POLICY)
   8. record the send in the ledger, with its campaign's progress and its outcome event
-     (:mod:`worker.outbox`), in one round trip; nothing after Verloop's acceptance can turn
+     (:mod:`worker.finish.outbox`), in one round trip; nothing after Verloop's acceptance can turn
      the job into a retry
   9. on a rejected token: refresh it once and send again; rejected again: dead letter
 
-Failures are raised, not handled here: :mod:`worker.outcomes` retries or dead-letters them, and
+Failures are raised, not handled here: :mod:`worker.finish.middleware` retries or dead-letters
+them, and
 writes the job's one log line and outcome event, to which each step adds its fields.
 """
 
@@ -35,16 +36,33 @@ import structlog
 
 from worker.campaigns.store import CampaignRef
 from worker.campaigns.window import seconds_until_open
-from worker.errors import Deferred, JobFailure, OutcomeUnknown, PermanentFailure, RedisUnavailable, TokenInvalid, TransientFailure
-from worker.jobs import ACTOR_QUEUES, ID_PATTERN, Job, ListClientsJob, RefreshClientTokensJob, RefreshPhoneTokenJob, SendMessageJob, parse_job
-from worker.ledger import Ledger, LedgerKey
+from worker.errors import (
+    Deferred,
+    JobFailure,
+    OutcomeUnknown,
+    PermanentFailure,
+    RedisUnavailable,
+    TokenInvalid,
+    TransientFailure,
+)
+from worker.finish.middleware import JobRecord, current_job
+from worker.jobs.models import (
+    ACTOR_QUEUES,
+    ID_PATTERN,
+    Job,
+    ListClientsJob,
+    RefreshClientTokensJob,
+    RefreshPhoneTokenJob,
+    SendMessageJob,
+    parse_job,
+)
+from worker.jobs.phones import mask_phone
 from worker.limits import Lane
-from worker.limits.gate import HOLD_REASON, held_while_redis_is_down
-from worker.outcomes import JobRecord, current_job
-from worker.phones import mask_phone
-from worker.services import Lifecycle, Services
+from worker.runtime.services import Lifecycle, Services
+from worker.send.gate import HOLD_REASON, held_while_redis_is_down
+from worker.send.ledger import Ledger, LedgerKey
 from worker.settings import Settings
-from worker.verloop.clients import client_phones
+from worker.verloop.client_list import client_phones
 
 _log = structlog.get_logger()
 

@@ -12,13 +12,25 @@ from zoneinfo import ZoneInfo
 import click
 import redis
 
-from worker.cli_settings import current_settings
-from worker.errors import ConfigurationError, RedisUnavailable
-from worker.observability.logging import scrub_text
-from worker.campaigns.enqueue import CampaignEnqueueError, EnqueueResult, Schedule, default_campaign_id, enqueue_campaign
-from worker.campaigns.reader import MAX_BODY_PARAMS, CampaignInputError, CampaignSpec, FileFormat, detect_format
+from worker.campaigns.enqueue import (
+    CampaignEnqueueError,
+    EnqueueResult,
+    Schedule,
+    default_campaign_id,
+    enqueue_campaign,
+)
+from worker.campaigns.reader import (
+    MAX_BODY_PARAMS,
+    CampaignInputError,
+    CampaignSpec,
+    FileFormat,
+    detect_format,
+)
 from worker.campaigns.store import CampaignStore
 from worker.campaigns.window import check_zone, parse_window
+from worker.commands.context import current_settings
+from worker.errors import ConfigurationError, RedisUnavailable
+from worker.observability.logging import scrub_text
 
 __all__ = ["parse_start_at", "start"]
 

@@ -1,6 +1,6 @@
 """The Python API for upstream systems: validate a job, publish it, and know it arrived.
 
-    from worker.producer import Producer
+    from worker.jobs.producer import Producer
 
     with Producer("amqp://guest:guest@127.0.0.1:5672/%2F") as producer:
         message_id = producer.send_message(
@@ -30,9 +30,9 @@ import pika.exceptions
 from dramatiq.common import xq_name
 
 from worker.errors import ConfigurationError, EnqueueError
-from worker.jobs import ACTOR_QUEUES, SEND_QUEUE, parse_job
-from worker.jobs_exchange import JOB_QUEUES
+from worker.jobs.models import ACTOR_QUEUES, SEND_QUEUE, parse_job
 from worker.observability.logging import unreadable_url
+from worker.runtime.jobs_exchange import JOB_QUEUES
 
 __all__ = ["Producer", "amqp_parameters", "encode_job", "queue_arguments"]
 

@@ -10,9 +10,9 @@ from dramatiq.errors import BrokerConnectionError
 
 from worker.campaigns.store import CampaignRef
 from worker.errors import RedisUnavailable
-from worker.events import declare_exchange, publish_event
-from worker.outcomes import JobRecord
-from worker.services import Lifecycle
+from worker.finish.events import declare_exchange, publish_event
+from worker.finish.middleware import JobRecord
+from worker.runtime.services import Lifecycle
 
 __all__ = ["OutcomeReporter"]
 
@@ -23,7 +23,8 @@ class OutcomeReporter:
     """The outcome middleware's ``on_final``: publish the event, count campaign progress.
 
     Neither may fail the job: it already happened (a message sent cannot be unsent). The event
-    goes to the outbox (:mod:`worker.outbox`) unless it is already there (added with the send)
+    goes to the outbox (:mod:`worker.finish.outbox`) unless it is already there (added with the
+    send)
     or delivery is ``direct``; if Redis does not answer it is published directly instead. A
     failed direct publish is tried once more on a fresh connection; a failure after that is
     logged and the job's log line says ``event_published=false``.

@@ -10,11 +10,11 @@ from typing import Any
 
 import click
 
-from worker.cli_settings import current_settings
-from worker.errors import ConfigurationError, RedisUnavailable
-from worker.services import open_redis
-from worker.campaigns.start_command import start
 from worker.campaigns.store import OUTCOME_COUNTERS, CampaignState, CampaignStatus, CampaignStore
+from worker.commands.campaign_start import start
+from worker.commands.context import current_settings
+from worker.errors import ConfigurationError, RedisUnavailable
+from worker.runtime.services import open_redis
 
 __all__ = ["campaign"]
 

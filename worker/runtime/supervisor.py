@@ -1,10 +1,12 @@
-"""``python -m worker.supervisor DRAMATIQ_ARGS``: dramatiq's process manager for our workers.
+"""``python -m worker.runtime.supervisor DRAMATIQ_ARGS``: dramatiq's process manager for our
+workers.
 
 ``verloop-worker run`` prepares the environment (log format, settings file, the metrics
 directory and port) and starts this module in a fresh interpreter, because dramatiq and
 prometheus-client read that environment when they are first imported. It then runs dramatiq's
-own command line, which forks the worker processes (each calls :func:`worker.app.boot`) and the
-metrics exposition process. All of them stop when ``run`` dies (:mod:`worker.lifeline`).
+own command line, which forks the worker processes (each calls :func:`worker.runtime.app.boot`) and
+the
+metrics exposition process. All of them stop when ``run`` dies (:mod:`worker.runtime.lifeline`).
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import os
 import sys
 from typing import Literal, cast
 
-from worker.lifeline import children_die_with_this_process, follow_parent_from_environment
 from worker.observability.logging import configure_logging
+from worker.runtime.lifeline import children_die_with_this_process, follow_parent_from_environment
 
 
 def main(argv: list[str]) -> int:
     """Run dramatiq's CLI with ``argv``; return its exit code."""
     # This process stops when `verloop-worker run` dies, and the processes dramatiq forks stop
-    # when this one dies (see worker.lifeline): no orphan keeps consuming or holds the port.
+    # when this one dies (see worker.runtime.lifeline): no orphan keeps consuming or holds the port.
     follow_parent_from_environment()
     children_die_with_this_process()
     fmt = cast(Literal["auto", "json", "console"], os.environ.get("LOG_FORMAT", "json"))

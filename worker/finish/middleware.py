@@ -4,7 +4,7 @@ This middleware replaces dramatiq's ``Retries`` so that every failure is classif
 
 * success: the job's outcome (``sent``, ``done``) is logged;
 * :class:`InvalidJob` or another non-retryable :class:`JobFailure`: dead-lettered at once, with
-  its reason (:mod:`worker.deadletters`);
+  its reason (:mod:`worker.finish.deadletters`);
 * :class:`TransientFailure`, or an exception we did not foresee: retried after an exponential
   backoff with jitter (or Verloop's ``Retry-After``), each delay under RabbitMQ's 30-minute
   consumer timeout; after ``RETRY_MAX_RETRIES`` retries it is dead-lettered as ``gave_up``.
@@ -31,12 +31,12 @@ from dramatiq.common import q_name
 from dramatiq.errors import BrokerConnectionError
 from dramatiq.middleware import Middleware
 
-from worker.broker import UNDECODABLE_ACTOR, raw_body_of
-from worker.deadletters import DeadLetter, publish_dead_letter
 from worker.errors import Deferred, FailureDetails, InvalidJob, JobFailure, VerloopWorkerError
-from worker.jobs import CAMPAIGN_QUEUE
+from worker.finish.deadletters import DeadLetter, publish_dead_letter
+from worker.jobs.models import CAMPAIGN_QUEUE
 from worker.observability.logging import scrub_text
 from worker.observability.metrics import Metrics
+from worker.runtime.broker import UNDECODABLE_ACTOR, raw_body_of
 from worker.settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["FINAL_OUTCOMES", "JobOutcomes", "JobRecord", "OnFinal", "RetryPolicy", "current_job"]
@@ -63,13 +63,14 @@ class JobRecord:
     #: What the outcome event carries besides the log fields (the unmasked recipient, the
     #: producer's metadata, management results); never logged.
     extra: dict[str, Any] = field(default_factory=dict)
-    #: The campaign's progress was counted with the send (see ``worker.actors``).
+    #: The campaign's progress was counted with the send (see ``worker.send.actors``).
     campaign_counted: bool = False
-    #: The outcome event was added to the outbox with the send (see ``worker.outbox``).
+    #: The outcome event was added to the outbox with the send (see ``worker.finish.outbox``).
     event_queued: bool = False
     #: Steps after a send was accepted that failed (logged and counted, never a resend).
     after_send_failures: list[str] = field(default_factory=list)
-    #: ``options.eta`` of a job whose time has not come yet (Unix ms; see ``worker.broker``).
+    #: ``options.eta`` of a job whose time has not come yet (Unix ms; see
+    # ``worker.runtime.broker``).
     not_before_ms: int | None = None
 
     def bind(self, **values: Any) -> None:

@@ -23,18 +23,24 @@ import pika
 import pika.exceptions
 import redis
 
-from worker.campaigns.cli import campaign
-from worker.cli_settings import SettingsContext
-from worker.dlq_cli import dlq
+from worker.commands.campaign import campaign
+from worker.commands.context import SettingsContext
+from worker.commands.dlq import dlq
+from worker.commands.management import clients, tokens
 from worker.errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
-from worker.health import HEALTH_DIR_ENV, health_dir, read_health
-from worker.jobs import SEND_QUEUE, jobs_json_schema
-from worker.lifeline import PARENT_PID_VARIABLE
-from worker.management_cli import clients, tokens
-from worker.observability.logging import configure_logging, mask_url, resolve_log_format, scrub_text, unreadable_url
-from worker.phones import mask_phone
-from worker.producer import amqp_parameters
-from worker.services import open_redis, open_verloop_client
+from worker.jobs.models import SEND_QUEUE, jobs_json_schema
+from worker.jobs.phones import mask_phone
+from worker.jobs.producer import amqp_parameters
+from worker.observability.logging import (
+    configure_logging,
+    mask_url,
+    resolve_log_format,
+    scrub_text,
+    unreadable_url,
+)
+from worker.runtime.health import HEALTH_DIR_ENV, health_dir, read_health
+from worker.runtime.lifeline import PARENT_PID_VARIABLE
+from worker.runtime.services import open_redis, open_verloop_client
 from worker.settings import Settings
 from worker.verloop.tokens import SystemToken
 
@@ -152,10 +158,10 @@ def run(
             _enqueue_demo(settings, demo)
         if settings.metrics_port:
             os.environ.update(_metrics_environment(settings))
-        # The worker processes' health files (worker.health), read by `check --live`.
+        # The worker processes' health files (worker.runtime.health), read by `check --live`.
         os.environ[HEALTH_DIR_ENV] = str(_emptied(health_dir(settings), "*.json"))
         args = [
-            "worker.app:boot",
+            "worker.runtime.app:boot",
             "--processes",
             str(processes),
             "--threads",
@@ -166,7 +172,7 @@ def run(
         ]
         if queues:
             args += ["--queues", *queues]
-        code = _supervise([sys.executable, "-m", "worker.supervisor", *args])
+        code = _supervise([sys.executable, "-m", "worker.runtime.supervisor", *args])
     sys.exit(code)
 
 
@@ -199,7 +205,7 @@ def _supervise(command: list[str]) -> int:
 
     A session of its own means a terminal's Ctrl-C reaches it once, through us, instead of
     twice (dramatiq takes a second signal as "kill now"). It stops when we die, even by
-    SIGKILL (:mod:`worker.lifeline`).
+    SIGKILL (:mod:`worker.runtime.lifeline`).
     """
     proc = subprocess.Popen(  # noqa: S603 - our own module
         command, start_new_session=True, env=_child_environment()
@@ -351,7 +357,7 @@ def _banner(url: str) -> None:
 
 
 def _enqueue_demo(settings: Settings, count: int) -> None:
-    from worker.producer import Producer
+    from worker.jobs.producer import Producer
 
     with Producer(settings.amqp_url.get_secret_value()) as producer:
         for n in range(count):
@@ -397,7 +403,7 @@ def send(
     queue: str,
 ) -> None:
     """Enqueue one message (validated first; confirmed by RabbitMQ)."""
-    from worker.producer import Producer
+    from worker.jobs.producer import Producer
 
     message = _message_from_options(text, template, language, params, message_json)
     settings = obj.settings()

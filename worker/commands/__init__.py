@@ -1,0 +1,1 @@
+"""Every `verloop-worker` command: one module per command group, all on one click convention."""

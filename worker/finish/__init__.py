@@ -1,0 +1,1 @@
+"""Finishing a job: its outcome, retry or dead letter, ledger record, campaign count and event."""
