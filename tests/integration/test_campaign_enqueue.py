@@ -27,7 +27,7 @@ from tests.integration.conftest import AMQP_URL, REDIS_URL, redis_client
 from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
 from worker.campaigns.reader import CampaignSpec
 from worker.campaigns.store import CampaignRef, CampaignStore
-from worker.commands.campaign_start import start
+from worker.commands.campaign import start
 from worker.jobs.models import CAMPAIGN_QUEUE, parse_job
 from worker.jobs.producer import queue_arguments
 

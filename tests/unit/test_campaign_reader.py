@@ -18,7 +18,7 @@ from worker.campaigns.reader import (
     RawRow,
     RowValidator,
 )
-from worker.commands.campaign_start import parse_start_at
+from worker.commands.campaign_support import parse_start_at
 from worker.errors import InvalidJob
 from worker.jobs.models import CAMPAIGN_QUEUE, parse_job
 from worker.jobs.producer import encode_job

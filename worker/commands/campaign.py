@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
 
 import click
+import redis
 
-from worker.campaigns.store import OUTCOME_COUNTERS, CampaignState, CampaignStatus, CampaignStore
-from worker.commands.campaign_start import start
+from worker.campaigns.enqueue import CampaignEnqueueError, default_campaign_id, enqueue_campaign
+from worker.campaigns.reader import (
+    MAX_BODY_PARAMS,
+    CampaignInputError,
+    CampaignSpec,
+    FileFormat,
+    detect_format,
+)
+from worker.campaigns.store import CampaignState, CampaignStore
+from worker.commands.campaign_support import (
+    Progress,
+    describe,
+    eta_text,
+    print_summary,
+    schedule_from_options,
+)
 from worker.commands.context import current_settings
 from worker.errors import ConfigurationError, RedisUnavailable
+from worker.observability.logging import scrub_text
 from worker.runtime.services import open_redis
 
 __all__ = ["campaign"]
@@ -29,10 +46,11 @@ def _store() -> Iterator[CampaignStore]:
         cache.close()
 
 
-def _fail(exc: Exception) -> None:
+def _failure(exc: Exception) -> click.ClickException:
+    """The exit-1 error for a store that failed (a campaign not found included)."""
     if isinstance(exc, RedisUnavailable):
-        raise click.ClickException(f"{exc}; is Redis running? (`verloop-worker check`)")
-    raise click.ClickException(str(exc))
+        return click.ClickException(f"{exc}; is Redis running? (`verloop-worker check`)")
+    return click.ClickException(str(exc))
 
 
 @click.group()
@@ -54,46 +72,158 @@ def campaign() -> None:
     """
 
 
-campaign.add_command(start)
+@campaign.command(short_help="Enqueue a campaign from a CSV or JSON Lines file (resumable).")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path))
+@click.option("--client-id", required=True, help="Verloop client id sending the campaign.")
+@click.option(
+    "--phone-id",
+    "phone_ids",
+    multiple=True,
+    help="Sending number (repeatable: rows are spread over them by recipient, the same way on "
+    "every run). A phone_id column overrides it per row.",
+)
+@click.option("--template", required=True, help="Approved WhatsApp template name.")
+@click.option("--language", default="en_US", show_default=True, help="Template language code.")
+@click.option(
+    "--body-params",
+    type=click.IntRange(0, MAX_BODY_PARAMS),
+    help="Body parameters the template takes; rows with another count are rejected. "
+    "CSV default: the number of body_N columns. Required for JSON Lines.",
+)
+@click.option(
+    "--campaign-id",
+    help="Campaign id. Default: derived from the file and template, so the same command "
+    "resumes the same campaign.",
+)
+@click.option(
+    "--rejects",
+    "rejects_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Where to write rejected rows with their reason [default: FILE.rejects.csv].",
+)
+@click.option("--window", help="Send window, e.g. 09:00-21:00 (enforced by the workers).")
+@click.option("--timezone", help="IANA time zone of --window and --start-at [default: UTC].")
+@click.option("--start-at", help="Send nothing before this time (ISO 8601).")
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["csv", "jsonl"]),
+    help="File format [default: from the name: .jsonl/.ndjson is JSON Lines, else CSV].",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 100_000),
+    default=2000,
+    show_default=True,
+    help="Messages in flight unconfirmed at once; also the most a crash can publish twice.",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Settings file (dotenv format); environment variables win.",
+)
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
+def start(
+    file: Path,
+    client_id: str,
+    phone_ids: tuple[str, ...],
+    template: str,
+    language: str,
+    body_params: int | None,
+    campaign_id: str | None,
+    rejects_path: Path | None,
+    window: str | None,
+    timezone: str | None,
+    start_at: str | None,
+    file_format: FileFormat | None,
+    batch_size: int,
+    env_file: Path | None,
+    no_progress: bool,
+) -> None:
+    """Enqueue one template message per row of FILE to the verloop.campaign queue.
 
+    \b
+    CSV: a header row, then one row per recipient. Columns:
+      to            recipient, E.164 (+919876543210)
+      body_1..N     the template's body parameters, in order
+      header_1      optional: the template's text header parameter
+      phone_id      optional: sending number for this row (overrides --phone-id)
+    JSON Lines (.jsonl): one object per line:
+      {"to": "+91...", "body": ["Asha", "42"], "header": ["Diwali"], "phone_id": "123"}
 
-def _describe(status: CampaignStatus) -> dict[str, Any]:
-    fields = status.fields
-    eta = status.eta_s
-    return {
-        "campaign_id": status.campaign_id,
-        "state": status.state,
-        "template": fields.get("template"),
-        "client_id": status.ref.client_id,
-        "total_rows": status.count("total_rows") if "total_rows" in fields else None,
-        "rows_read": status.count("rows_done"),
-        "enqueued": status.count("enqueued"),
-        "rejected": status.count("rejected"),
-        "enqueue_finished": "enqueue_finished" in fields,
-        **{name: status.count(name) for name in OUTCOME_COUNTERS},
-        "dead_lettered_by_kind": {
-            kind: status.count(f"dead_lettered:{kind}") for kind in ("invalid", "failed", "gave_up")
-        },
-        "pending": max(0, status.count("enqueued") - status.finished),
-        "rate_per_s": round(status.rate_per_s, 2),
-        "eta_s": None if eta is None else round(eta, 1),
-        "window": (
-            f"{fields['window_start']}-{fields['window_end']} {fields.get('timezone', 'UTC')}"
-            if "window_start" in fields
-            else None
-        ),
-        "created_at": float(fields.get("created_at", 0) or 0),
-    }
+    Every row is validated as the worker would (number, parameter count...). Bad rows are
+    written to the rejects file with their reason and not enqueued. Every message is confirmed
+    by RabbitMQ; a refused one stops the run with exit code 1.
 
+    Resumable: progress is checkpointed in Redis as RabbitMQ confirms. Run the same command
+    again after a crash or Ctrl-C and it continues after the last checkpoint. Ctrl-C waits for
+    the messages in flight to be confirmed (press it twice to stop at once). After a crash, up
+    to --batch-size rows published after the last checkpoint are enqueued twice; the workers
+    send each recipient of a campaign once, so nobody gets the message twice.
 
-def _eta_text(seconds: float | None, state: str) -> str:
-    if seconds is None:
-        return "unknown (paused)" if state == "paused" else "unknown (no sends in the last minute)"
-    if seconds <= 0:
-        return "done"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+    The send window and start time are stored with the campaign; the workers hold its
+    messages until then. Exit codes: 0 done, 1 failed (resume by running again), 2 bad usage.
+    """
+    try:
+        schedule = schedule_from_options(window, timezone, start_at)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = current_settings(env_file)
+    fmt = file_format or detect_format(file)
+    campaign_id = campaign_id or default_campaign_id(
+        file, client_id=client_id, template=template, language=language
+    )
+    spec = CampaignSpec(
+        campaign_id=campaign_id,
+        client_id=client_id,
+        phone_ids=tuple(dict.fromkeys(phone_ids)),
+        template=template,
+        language=language,
+        body_params=body_params,
+    )
+    cache = redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        decode_responses=True,
+        socket_timeout=5.0,
+        socket_connect_timeout=5.0,
+    )
+    show = not no_progress and sys.stdout.isatty()
+    try:
+        with Progress(file.stat().st_size, enabled=show) as progress:
+            result = enqueue_campaign(
+                file,
+                spec,
+                amqp_url=settings.amqp_url.get_secret_value(),
+                exchange=settings.producer_exchange,
+                store=CampaignStore(cache),
+                rejects_path=rejects_path,
+                file_format=fmt,
+                batch_size=batch_size,
+                schedule=schedule,
+                max_job_bytes=settings.max_job_bytes,
+                progress=progress.update if show else None,
+            )
+    except (CampaignInputError, ConfigurationError) as exc:
+        raise click.UsageError(scrub_text(str(exc))) from None
+    except (CampaignEnqueueError, RedisUnavailable) as exc:
+        raise click.ClickException(f"campaign {campaign_id}: {scrub_text(str(exc))}") from None
+    except redis.RedisError as exc:
+        raise click.ClickException(
+            f"campaign {campaign_id}: Redis did not answer ({type(exc).__name__}); "
+            "run the same command again to resume"
+        ) from None
+    except OSError as exc:
+        raise click.ClickException(f"campaign {campaign_id}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ninterrupted: campaign {campaign_id} is checkpointed; run the same command "
+            "again to resume",
+            err=True,
+        )
+        sys.exit(1)
+    finally:
+        cache.close()
+    print_summary(result)
 
 
 _CLIENT = click.option(
@@ -110,10 +240,9 @@ def status(campaign_id: str, client_id: str | None, as_json: bool) -> None:
     """Show a campaign's progress: counts by outcome, current rate and ETA."""
     try:
         with _store() as store:
-            info = _describe(store.get(store.find(campaign_id, client_id)))
+            info = describe(store.get(store.find(campaign_id, client_id)))
     except (ConfigurationError, RedisUnavailable) as exc:
-        _fail(exc)
-        return
+        raise _failure(exc) from None
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -130,7 +259,7 @@ def status(campaign_id: str, client_id: str | None, as_json: bool) -> None:
         f"cancelled  {info['cancelled']}",
         f"pending    {info['pending']}",
         f"rate       {info['rate_per_s']}/s over the last minute",
-        f"eta        {_eta_text(info['eta_s'], info['state'])}",
+        f"eta        {eta_text(info['eta_s'], info['state'])}",
     ]
     if info["window"]:
         lines.append(f"window     {info['window']}")
@@ -142,8 +271,7 @@ def _change_state(campaign_id: str, client_id: str | None, state: CampaignState,
         with _store() as store:
             previous = store.set_state(store.find(campaign_id, client_id), state)
     except (ConfigurationError, RedisUnavailable) as exc:
-        _fail(exc)
-        return
+        raise _failure(exc) from None
     if previous == state:
         click.echo(f"campaign {campaign_id} was already {state}")
     else:
@@ -184,10 +312,9 @@ def list_campaigns(limit: int, as_json: bool) -> None:
     """List campaigns, newest first."""
     try:
         with _store() as store:
-            infos = [_describe(status) for status in store.list(limit)]
+            infos = [describe(status) for status in store.list(limit)]
     except RedisUnavailable as exc:
-        _fail(exc)
-        return
+        raise _failure(exc) from None
     if as_json:
         for info in infos:
             click.echo(json.dumps(info))

@@ -15,7 +15,7 @@ import click
 from worker.errors import ConfigurationError
 from worker.settings import Settings
 
-__all__ = ["SettingsContext", "current_settings"]
+__all__ = ["SettingsContext", "current_env_file", "current_settings"]
 
 
 class SettingsContext:
@@ -31,10 +31,15 @@ class SettingsContext:
             raise click.UsageError(str(exc)) from None
 
 
+def current_env_file(env_file: Path | None = None) -> Path | None:
+    """``env_file`` if given, else the nearest enclosing group's ``--env-file`` (or None)."""
+    if env_file is not None:
+        return env_file
+    outer = click.get_current_context().find_object(SettingsContext)
+    return outer.env_file if outer is not None else None
+
+
 def current_settings(env_file: Path | None = None) -> Settings:
     """Settings for the running command: ``env_file`` if given, else the nearest enclosing
     group's ``--env-file``, else the environment alone."""
-    if env_file is None:
-        outer = click.get_current_context().find_object(SettingsContext)
-        env_file = outer.env_file if outer is not None else None
-    return SettingsContext(env_file).settings()
+    return SettingsContext(current_env_file(env_file)).settings()
