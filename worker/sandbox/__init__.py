@@ -7,8 +7,10 @@ benchmarks (``python -m worker.sandbox``).  Besides the partner API it serves
 
 from worker.sandbox.app import Sandbox, create_app
 from worker.sandbox.config import DEFAULT_CLIENTS, SandboxConfig
-from worker.sandbox.faults import FaultConfigError, Faults, ScriptedResponse
+from worker.sandbox.faults import Faults
+from worker.sandbox.script import ScriptedResponse
 from worker.sandbox.server import SandboxServer, serve
+from worker.sandbox.validation import FaultConfigError
 
 __all__ = [
     "DEFAULT_CLIENTS",

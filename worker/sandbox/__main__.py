@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 from worker.runtime.lifeline import follow_parent_from_environment
 from worker.sandbox.config import DEFAULT_CLIENTS, SandboxConfig
-from worker.sandbox.faults import FaultConfigError, Faults
+from worker.sandbox.faults import Faults
 from worker.sandbox.server import serve
+from worker.sandbox.validation import FaultConfigError
 
 
 def _key_value(text: str) -> tuple[str, str]:

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from worker.sandbox.faults import FaultConfigError, Faults, ScriptedResponse, digits_of
+from worker.sandbox.faults import Faults
 from worker.sandbox.responses import INVALID_JSON, json_response, read_json
+from worker.sandbox.script import ScriptedResponse
+from worker.sandbox.validation import FaultConfigError, digits_of
 
 if TYPE_CHECKING:
     from worker.sandbox.app import Sandbox

@@ -10,13 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from worker.sandbox.faults import (
-    FaultResponse,
-    ScriptedResponse,
-    default_error,
-    digits_of,
-    refusal_code,
-)
+from worker.sandbox.faults import FaultResponse, default_error, refusal_code
 from worker.sandbox.responses import (
     INVALID_JSON,
     bearer_token,
@@ -25,7 +19,9 @@ from worker.sandbox.responses import (
     read_json,
     twirp_error,
 )
+from worker.sandbox.script import ScriptedResponse
 from worker.sandbox.state import MessageRecord
+from worker.sandbox.validation import digits_of
 
 if TYPE_CHECKING:
     from worker.sandbox.app import Sandbox

@@ -1,7 +1,8 @@
 """Fault configuration and fault decisions for the Verloop sandbox.
 
-Pure Python (no aiohttp) so the decision logic can be unit-tested without a
-server.  Everything random goes through a ``random.Random`` seeded from
+Each value's checks are in :mod:`worker.sandbox.validation`, scripted responses in
+:mod:`worker.sandbox.script`. Pure Python (no aiohttp) so the decision logic can be
+unit-tested without a server.  Everything random goes through a ``random.Random`` seeded from
 ``Faults.seed`` so a failing test run can be replayed exactly.
 """
 
@@ -9,13 +10,22 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from worker.sandbox.limits import PairWindow, TokenBucket
+from worker.sandbox.script import ScriptQueue
+from worker.sandbox.validation import (
+    FaultConfigError,
+    integer,
+    json_object,
+    number,
+    probability,
+    reject_unknown,
+    status_code,
+)
 
 __all__ = [
     "FaultConfigError",
@@ -23,14 +33,9 @@ __all__ = [
     "FaultResponse",
     "Faults",
     "LimitVerdict",
-    "ScriptQueue",
-    "ScriptedResponse",
     "default_error",
-    "digits_of",
     "refusal_code",
 ]
-
-_NON_DIGITS: Final = re.compile(r"\D")
 
 # (Graph API error code, message) per HTTP status, modelled on what Meta's
 # WhatsApp Cloud API returns, so client code parses realistic bodies.
@@ -55,15 +60,6 @@ _REFUSAL_CODES: Final[Mapping[int, str]] = {
 _TYPED_STATUSES: Final = frozenset({400, 401, 403, 404})
 
 
-class FaultConfigError(ValueError):
-    """Raised when a fault or script configuration is invalid."""
-
-
-def digits_of(phone: str) -> str:
-    """Return only the digits of ``phone`` (the WhatsApp ``wa_id`` form)."""
-    return _NON_DIGITS.sub("", phone)
-
-
 def refusal_code(status: int) -> str:
     """The Twirp code of a get_phone_token refusal with ``status`` (401, 403 or 404)."""
     return _REFUSAL_CODES[status]
@@ -79,57 +75,6 @@ def default_error(status: int) -> tuple[dict[str, Any], dict[str, str]]:
         error["type"] = "OAuthException"
     headers = {"Retry-After": "1"} if status == 429 else {}
     return {"error": error}, headers
-
-
-# --- validation helpers -------------------------------------------------------
-
-
-def _number(name: str, value: object, *, minimum: float = 0.0, strict: bool = False) -> float:
-    # bool is an int subclass; "true" as a latency is a caller bug, not 1 ms.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise FaultConfigError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        relation = ">" if strict else ">="
-        raise FaultConfigError(f"{name} must be {relation} {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def _probability(name: str, value: object) -> float:
-    number = _number(name, value)
-    if number > 1.0:
-        raise FaultConfigError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return number
-
-
-def _integer(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FaultConfigError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise FaultConfigError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
-
-
-def _status(name: str, value: object, *, low: int, high: int = 599) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    status = _integer(name, value, minimum=-(2**31))
-    if not low <= status <= high:
-        raise FaultConfigError(f"{name} must be an HTTP status in [{low}, {high}], got {value!r}")
-    return status
-
-
-def _object(name: str, value: object) -> Mapping[str, object]:
-    if not isinstance(value, Mapping):
-        raise FaultConfigError(f"{name} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _reject_unknown(name: str, data: Mapping[str, object], allowed: Iterable[str]) -> None:
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise FaultConfigError(
-            f"unknown {name} field(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
-        )
 
 
 # --- fault configuration ------------------------------------------------------
@@ -172,44 +117,44 @@ class Faults:
         """Validate every field and take private copies of the mappings."""
         # Normalise ints to floats so to_json() is stable whatever the caller passed.
         floats = {
-            "latency_ms": _number("latency_ms", self.latency_ms),
-            "latency_jitter_ms": _number("latency_jitter_ms", self.latency_jitter_ms),
-            "timeout_rate": _probability("timeout_rate", self.timeout_rate),
-            "timeout_s": _number("timeout_s", self.timeout_s, strict=True),
-            "per_pair_window_s": _number("per_pair_window_s", self.per_pair_window_s, strict=True),
+            "latency_ms": number("latency_ms", self.latency_ms),
+            "latency_jitter_ms": number("latency_jitter_ms", self.latency_jitter_ms),
+            "timeout_rate": probability("timeout_rate", self.timeout_rate),
+            "timeout_s": number("timeout_s", self.timeout_s, strict=True),
+            "per_pair_window_s": number("per_pair_window_s", self.per_pair_window_s, strict=True),
         }
         if self.per_number_rate is not None:
-            floats["per_number_rate"] = _number(
-                "per_number_rate", self.per_number_rate, strict=True
-            )
+            floats["per_number_rate"] = number("per_number_rate", self.per_number_rate, strict=True)
         if self.per_pair_rate is not None:
-            _integer("per_pair_rate", self.per_pair_rate, minimum=1)
+            integer("per_pair_rate", self.per_pair_rate, minimum=1)
         if self.seed is not None:
-            _integer("seed", self.seed, minimum=-(2**63))
+            integer("seed", self.seed, minimum=-(2**63))
         if not isinstance(self.enforce_limits, bool):
             raise FaultConfigError(f"enforce_limits must be a boolean, got {self.enforce_limits!r}")
         error_rates = {
-            _status("error_rates key", status, low=400): _probability(
+            status_code("error_rates key", status, low=400): probability(
                 f"error_rates[{status}]", rate
             )
-            for status, rate in _object("error_rates", self.error_rates).items()
+            for status, rate in json_object("error_rates", self.error_rates).items()
         }
         if sum(error_rates.values()) + self.timeout_rate > 1.0 + 1e-9:
             raise FaultConfigError("sum of error_rates and timeout_rate must not exceed 1")
         overrides = {
-            str(phone): _number(f"per_number_rate_overrides[{phone}]", rate, strict=True)
-            for phone, rate in _object(
+            str(phone): number(f"per_number_rate_overrides[{phone}]", rate, strict=True)
+            for phone, rate in json_object(
                 "per_number_rate_overrides", self.per_number_rate_overrides
             ).items()
         }
         refusals = {}
-        for target, status in _object("phone_token_refusals", self.phone_token_refusals).items():
+        for target, status in json_object(
+            "phone_token_refusals", self.phone_token_refusals
+        ).items():
             if not isinstance(target, str) or not target or target.count("/") > 1:
                 raise FaultConfigError(
                     f"phone_token_refusals keys must be 'client_id' or 'client_id/phone_id', "
                     f"got {target!r}"
                 )
-            code = _status(f"phone_token_refusals[{target}]", status, low=401, high=404)
+            code = status_code(f"phone_token_refusals[{target}]", status, low=401, high=404)
             if code not in _REFUSAL_CODES:
                 raise FaultConfigError(
                     f"phone_token_refusals[{target}] must be 401, 403 or 404, got {status!r}"
@@ -225,8 +170,8 @@ class Faults:
     @classmethod
     def from_json(cls, data: object) -> Faults:
         """Build from a JSON object (as sent to ``PUT /admin/faults``); missing keys default."""
-        obj = _object("faults", data)
-        _reject_unknown("faults", obj, cls.__dataclass_fields__)
+        obj = json_object("faults", data)
+        reject_unknown("faults", obj, cls.__dataclass_fields__)
         try:
             return cls(**obj)  # type: ignore[arg-type]  # values are validated in __post_init__
         except TypeError as exc:  # e.g. error_rates given as a list
@@ -257,121 +202,6 @@ class Faults:
     def rate_for(self, phone_id: str) -> float | None:
         """Return the per-second send limit for ``phone_id`` (None = unlimited)."""
         return self.per_number_rate_overrides.get(phone_id, self.per_number_rate)
-
-
-# --- scripted responses -------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ScriptedResponse:
-    """One entry of ``POST /admin/script``: a canned answer for the next matching send(s).
-
-    A 2xx entry without ``body`` lets the send through normally (it is recorded, and
-    answered after ``delay_ms``), which is how a script says "fail twice, then succeed" or
-    "succeed slowly" for one recipient while random faults stay configured.
-    """
-
-    status: int = 504
-    body: Any = None
-    """JSON to return; None = the default body for ``status``."""
-    headers: Mapping[str, str] | None = None
-    """None = default headers for ``status`` (429 gets ``Retry-After: 1``)."""
-    count: int = 1
-    to: str | None = None
-    """Only sends to this recipient (compared by digits) consume the entry."""
-    delay_ms: float = 0.0
-    timeout: bool = False
-    """Hang ``Faults.timeout_s`` seconds, then answer 504 (``status`` is ignored)."""
-    after_accept: str | None = None
-    """Accept and record the send, then never answer it: ``"hang"`` (until ``timeout_s``, a
-    client's read timeout) or ``"drop"`` (close the connection). The sender cannot know."""
-
-    def __post_init__(self) -> None:
-        """Validate the entry."""
-        _status("status", self.status, low=200)
-        if self.after_accept not in (None, "hang", "drop"):
-            raise FaultConfigError(f"after_accept must be hang or drop, got {self.after_accept!r}")
-        _integer("count", self.count, minimum=1)
-        _number("delay_ms", self.delay_ms)
-        if not isinstance(self.timeout, bool):
-            raise FaultConfigError(f"timeout must be a boolean, got {self.timeout!r}")
-        if self.to is not None and (not isinstance(self.to, str) or not digits_of(self.to)):
-            raise FaultConfigError(f"to must be a phone number string, got {self.to!r}")
-        if self.headers is not None:
-            headers = _object("headers", self.headers)
-            if not all(isinstance(v, str) for v in headers.values()):
-                raise FaultConfigError("headers values must be strings")
-            object.__setattr__(self, "headers", {str(k): str(v) for k, v in headers.items()})
-
-    @classmethod
-    def from_json(cls, data: object) -> ScriptedResponse:
-        """Build from one JSON entry; ``status`` is required unless ``timeout`` is true."""
-        obj = _object("script entry", data)
-        _reject_unknown("script entry", obj, cls.__dataclass_fields__)
-        if "status" not in obj and obj.get("timeout") is not True:
-            if obj.get("after_accept") is None:
-                raise FaultConfigError("script entry needs a status (or timeout: true)")
-            obj = {**obj, "status": 200}
-        try:
-            return cls(**obj)  # type: ignore[arg-type]  # values are validated in __post_init__
-        except TypeError as exc:
-            raise FaultConfigError(str(exc)) from exc
-
-    @property
-    def passes_through(self) -> bool:
-        """True if the matching send should be processed normally."""
-        return not self.timeout and 200 <= self.status < 300 and self.body is None
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the JSON form of this entry."""
-        return {
-            "status": self.status,
-            "body": self.body,
-            "headers": None if self.headers is None else dict(self.headers),
-            "count": self.count,
-            "to": self.to,
-            "delay_ms": self.delay_ms,
-            "timeout": self.timeout,
-            "after_accept": self.after_accept,
-        }
-
-
-class ScriptQueue:
-    """Scripted responses, consumed in order by the sends they match."""
-
-    def __init__(self) -> None:
-        """Create an empty queue."""
-        # [entry, recipient digits or None, remaining uses]; a list because
-        # entries restricted to other recipients must be skipped, not popped.
-        self._entries: list[tuple[ScriptedResponse, str | None, list[int]]] = []
-
-    def extend(self, entries: Iterable[ScriptedResponse]) -> None:
-        """Append entries after the ones already queued."""
-        for entry in entries:
-            wa_id = None if entry.to is None else digits_of(entry.to)
-            self._entries.append((entry, wa_id, [entry.count]))
-
-    def take(self, wa_id: str) -> ScriptedResponse | None:
-        """Consume one use of the first entry matching recipient ``wa_id``."""
-        for index, (entry, target, remaining) in enumerate(self._entries):
-            if target is None or target == wa_id:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    del self._entries[index]
-                return entry
-        return None
-
-    def pending(self) -> int:
-        """Return how many scripted responses are still to be consumed."""
-        return sum(remaining[0] for _, _, remaining in self._entries)
-
-    def clear(self) -> None:
-        """Drop all queued entries."""
-        self._entries.clear()
-
-    def to_json(self) -> list[dict[str, Any]]:
-        """Return the queued entries, ``count`` being the remaining uses."""
-        return [{**entry.to_json(), "count": remaining[0]} for entry, _, remaining in self._entries]
 
 
 # --- decisions ----------------------------------------------------------------

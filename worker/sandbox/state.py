@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from worker.sandbox.faults import digits_of
+from worker.sandbox.validation import digits_of
 
 __all__ = ["Counters", "MessageLog", "MessageRecord", "SandboxState", "TokenRegistry"]
 
