@@ -2,7 +2,7 @@
 
 No validation, no token lookup, no classification, no log line: what a first draft of this
 worker would be. It reads its settings from the environment at import, as such drafts do;
-``bench/send_path.py`` and ``bench/rate_limits.py`` set them.
+``bench/send_path.py`` and ``bench/high_rate.py`` set them.
 """
 
 from __future__ import annotations
