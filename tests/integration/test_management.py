@@ -66,3 +66,21 @@ def test_without_a_running_worker_the_command_says_so_instead_of_hanging(
     assert result.exit_code == 1
     assert "no worker answered within 0.5s" in result.output
     assert "verloop.manage" in result.output
+
+
+def test_a_timeout_says_the_job_was_published_and_where_to_look_not_that_it_stays_queued(
+    simulator: Simulator,
+) -> None:
+    """Without an outcome all that is known is that the job went out: a worker may yet run it,
+    or have run it with its event arriving late."""
+    result = run("tokens", "refresh", "--client-id", "acme", "--timeout", "0.5")
+    assert result.exit_code == 1
+    assert "stays queued" not in result.output
+    text = " ".join(result.output.split())
+    assert "refresh_client_tokens job" in text
+    assert "published to verloop.manage" in text
+    assert "may still run, or may have run" in text
+    assert "outcome event" in text
+    assert "worker's log" in text
+    message_id = text.split("refresh_client_tokens job ", 1)[1].split()[0]
+    assert len(message_id) == 36  # the job's message id, to find its event or log line

@@ -2,7 +2,8 @@
 
 Each of those commands enqueues a management job on ``verloop.manage`` and waits for its
 outcome event on the events exchange, so what it prints is what a running worker did (with the
-worker's credentials, rate limits and logs). No worker running: it says so after ``--timeout``.
+worker's credentials, rate limits and logs). No outcome within ``--timeout``: it says so, and
+where to look, since the job was published and may run (or have run) all the same.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def run_management_job(
     """Enqueue one management job and return its outcome event.
 
     Raises:
-        click.ClickException: RabbitMQ unreachable, or no outcome within ``timeout_s``.
+        click.ClickException: RabbitMQ unreachable, or no outcome within ``timeout_s`` (the
+            job was published all the same: it may still run, or have run).
     """
     if not settings.outcome_exchange:
         raise click.ClickException("EVENTS_ENABLED is false: workers publish no results to read")
@@ -67,9 +69,14 @@ def run_management_job(
             event = json.loads(body)
             if event.get("message_id") == message_id:
                 return dict(event)
+        # All that is known: the job was published and no outcome came back in time. A
+        # worker may be about to run it, or may have run it with its event arriving late.
         raise click.ClickException(
-            f"no worker answered within {timeout_s:g}s; the job stays queued on "
-            f"{ACTOR_QUEUES[actor]}. Is a worker running? (`verloop-worker run`)"
+            f"no worker answered within {timeout_s:g}s. The {actor} job {message_id} was "
+            f"published to {ACTOR_QUEUES[actor]}; it may still run, or may have run with its "
+            "result arriving too late. Its outcome event (routing key "
+            f"manage.{actor}.<outcome> on {settings.outcome_exchange}, this message_id) or the "
+            "worker's log says which. Is a worker running? (`verloop-worker run`)"
         )
     finally:
         if connection.is_open:
