@@ -383,6 +383,22 @@ def test_run_sandbox_url_accepts_a_base_url_naming_that_simulator(
     assert b"SANDBOX MODE" in (tmp_path / "worker.log").read_bytes()
 
 
+def test_check_without_verloop_credentials_points_a_sandbox_setup_to_services_only(
+    simulator: Simulator,
+) -> None:
+    """A setup that only ever runs the simulator has no Verloop login: check says so, exits 1,
+    and says how to check the rest (and run) without one."""
+    result = cli(simulator, "check", VERLOOP_USERNAME="", VERLOOP_PASSWORD="")
+    assert result.returncode == 1
+    assert "✓ RabbitMQ" in result.stdout
+    assert "✓ Redis" in result.stdout
+    assert "✗ Verloop: no credentials" in result.stdout
+    assert "verloop-worker check --services-only" in result.stdout
+    assert "verloop-worker run --sandbox" in result.stdout
+    services_only = cli(simulator, "check", "--services-only", VERLOOP_USERNAME="")
+    assert services_only.returncode == 0, services_only.stdout
+
+
 def test_run_refuses_to_start_without_verloop_credentials(simulator: Simulator) -> None:
     """No token and no username/password: a usage error that says what to set."""
     result = cli(simulator, "run", VERLOOP_USERNAME="", VERLOOP_PASSWORD="")

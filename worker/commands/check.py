@@ -23,6 +23,14 @@ from worker.verloop.tokens import SystemToken
 
 __all__ = ["check", "service_problems"]
 
+#: What ``check`` says without Verloop credentials: a setup that runs only against the
+#: simulator has none (``run --sandbox`` brings the simulator's login).
+NO_CREDENTIALS = (
+    "no credentials: set VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and VERLOOP_PASSWORD. "
+    "Only using the simulator? It brings its own login: check RabbitMQ and Redis with "
+    "`verloop-worker check --services-only`, and start with `verloop-worker run --sandbox`"
+)
+
 
 @click.command(short_help="Check RabbitMQ, Redis and Verloop auth.")
 @click.option("--services-only", is_flag=True, help="Check RabbitMQ and Redis, not Verloop.")
@@ -124,7 +132,7 @@ def _tls_hint(exc: BaseException, setting: str, ca_option: str) -> str | None:
 
 def _verloop_problem(settings: Settings) -> str | None:
     if not settings.has_verloop_credentials:
-        return "no credentials: set VERLOOP_SYSTEM_TOKEN, or VERLOOP_USERNAME and VERLOOP_PASSWORD"
+        return NO_CREDENTIALS
     client = open_verloop_client(settings, threads=1)
     system = SystemToken(
         client,
