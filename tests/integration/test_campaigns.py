@@ -154,6 +154,35 @@ def test_campaign_list_and_status_say_what_runs(store: CampaignStore) -> None:
     assert "no campaign 'no-such-campaign'" in missing.output
 
 
+def test_a_campaign_with_every_job_done_shows_as_done_not_running(store: CampaignStore) -> None:
+    """Everything enqueued has an outcome and the file is read: status and list say done.
+    A campaign still being enqueued, or with jobs pending, still shows as running."""
+    for campaign_id in ("all-sent", "still-reading", "one-pending"):
+        create(store, campaign_id, 3)
+    for campaign_id, outcomes in (
+        ("all-sent", ("sent", "sent", "dead_lettered")),
+        ("still-reading", ("sent", "sent", "sent")),
+        ("one-pending", ("sent", "sent")),
+    ):
+        ref = CampaignRef("acme", campaign_id)
+        for outcome in outcomes:
+            store.count_outcome(ref, outcome)
+        if campaign_id != "still-reading":
+            store.finish_enqueue(ref, total_rows=3)
+    status = cli_run("campaign", "status", "all-sent")
+    assert status.exit_code == 0, status.output
+    assert "campaign   all-sent  (done)" in status.output
+    states = {
+        info["campaign_id"]: info["state"]
+        for info in map(json.loads, cli_run("campaign", "list", "--json").output.splitlines())
+    }
+    assert states == {"all-sent": "done", "still-reading": "running", "one-pending": "running"}
+    listed = cli_run("campaign", "list").output.splitlines()
+    [row] = [line for line in listed if line.startswith("all-sent ")]
+    assert row.split()[2] == "done"
+    assert store.get(CampaignRef("acme", "all-sent")).state == "running"  # as stored
+
+
 def _settled(status: CampaignStatus) -> int:
     # A job sent but not acknowledged before the kill is counted "sent", then "suppressed"
     # when redelivered; sent + dead-lettered counts each recipient once.

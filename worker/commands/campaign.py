@@ -237,7 +237,11 @@ _CLIENT = click.option(
 @_CLIENT
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(campaign_id: str, client_id: str | None, as_json: bool) -> None:
-    """Show a campaign's progress: counts by outcome, current rate and ETA."""
+    """Show a campaign's progress: counts by outcome, current rate and ETA.
+
+    A running campaign shows as done once its file is all enqueued and every job has an
+    outcome (sent, dead-lettered, suppressed or cancelled).
+    """
     try:
         with _store() as store:
             info = describe(store.get(store.find(campaign_id, client_id)))

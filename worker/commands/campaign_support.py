@@ -22,6 +22,7 @@ __all__ = [
     "parse_start_at",
     "print_summary",
     "schedule_from_options",
+    "shown_state",
 ]
 
 
@@ -93,13 +94,26 @@ def print_summary(result: EnqueueResult) -> None:
     click.echo("\n".join(lines))
 
 
+def shown_state(status: CampaignStatus) -> str:
+    """The state ``status`` and ``list`` show: the stored one, except ``done`` for a running
+    campaign whose file is all enqueued and whose every job has an outcome.
+
+    Computed here from the counters: Redis keeps ``running``, which workers and ``resume``
+    read, and a campaign's jobs may still arrive from elsewhere.
+    """
+    pending = status.count("enqueued") - status.finished
+    if status.state == "running" and "enqueue_finished" in status.fields and pending <= 0:
+        return "done"
+    return status.state
+
+
 def describe(status: CampaignStatus) -> dict[str, Any]:
     """A campaign's figures, as ``campaign status --json`` prints them."""
     fields = status.fields
     eta = status.eta_s
     return {
         "campaign_id": status.campaign_id,
-        "state": status.state,
+        "state": shown_state(status),
         "template": fields.get("template"),
         "client_id": status.ref.client_id,
         "total_rows": status.count("total_rows") if "total_rows" in fields else None,
