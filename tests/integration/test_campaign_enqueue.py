@@ -225,6 +225,28 @@ def test_bad_rows_go_to_the_rejects_file_with_their_reason(tmp_path: Path) -> No
     assert (fields["rows_done"], fields["enqueued"], fields["rejected"]) == ("11", "2", "8")
 
 
+def test_the_rejects_file_s_row_numbering_is_said_where_the_user_meets_it(
+    tmp_path: Path,
+) -> None:
+    """The rejects file's ``row`` is not the file's line (the header is not counted): the
+    summary that points to the file, and ``--help``, say which numbering it is."""
+    path = tmp_path / "one-bad.csv"
+    path.write_text("to,body_1\n+919876543210,Asha\n12345,Ravi\n", encoding="utf-8")
+    out = run_cli(
+        str(path),
+        *("--client-id", "acme", "--phone-id", "phone-a", "--template", "diwali_offer"),
+        *("--campaign-id", "one-bad", "--no-progress"),
+    )
+    assert out.exit_code == 0, out.output
+    assert "rejected   1" in out.output
+    assert "'row' counts data rows from 1, the header not counted" in out.output
+    rejects = (tmp_path / "one-bad.csv.rejects.csv").read_text(encoding="utf-8").splitlines()
+    assert rejects[1].startswith("2,")  # the second data row, on the file's third line
+    help_text = " ".join(run_cli("--help").output.split())
+    assert "'row' column counts data rows from 1, the CSV header not counted" in help_text
+    assert "row's number among the data rows, from 1, the header not counted" in help_text
+
+
 def test_rejected_cells_a_spreadsheet_would_run_as_formulas_are_written_as_text(
     tmp_path: Path,
 ) -> None:

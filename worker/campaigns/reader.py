@@ -51,6 +51,8 @@ _FINGERPRINT_BYTES: Final = 1024 * 1024
 class RawRow:
     """One data row as read: its 1-based number and its original values."""
 
+    #: Among the data rows, from 1, the CSV header not counted (not the file's line number:
+    #: the rejects file and the resume checkpoint count rows this way).
     number: int
     #: CSV: the cells; JSON Lines: the line's text (one value).
     fields: list[str]

@@ -99,7 +99,8 @@ def campaign() -> None:
     "--rejects",
     "rejects_path",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
-    help="Where to write rejected rows with their reason [default: FILE.rejects.csv].",
+    help="Where to write rejected rows with their reason [default: FILE.rejects.csv]. Its "
+    "'row' column counts data rows from 1, the CSV header not counted: not the line number.",
 )
 @click.option("--window", help="Send window, e.g. 09:00-21:00 (enforced by the workers).")
 @click.option("--timezone", help="IANA time zone of --window and --start-at [default: UTC].")
@@ -152,8 +153,10 @@ def start(
       {"to": "+91...", "body": ["Asha", "42"], "header": ["Diwali"], "phone_id": "123"}
 
     Every row is validated as the worker would (number, parameter count...). Bad rows are
-    written to the rejects file with their reason and not enqueued. Every message is confirmed
-    by RabbitMQ; a refused one stops the run with exit code 1.
+    written to the rejects file with their reason and not enqueued. Its "row" column is the
+    row's number among the data rows, from 1, the header not counted: in a CSV file row N is
+    usually line N+1 (later, after a quoted cell that spans lines), in JSON Lines line N.
+    Every message is confirmed by RabbitMQ; a refused one stops the run with exit code 1.
 
     Resumable: progress is checkpointed in Redis as RabbitMQ confirms. Run the same command
     again after a crash or Ctrl-C and it continues after the last checkpoint. Ctrl-C waits for

@@ -16,6 +16,7 @@ from worker.campaigns.window import check_zone, parse_window
 from worker.errors import ConfigurationError
 
 __all__ = [
+    "REJECTS_NUMBERING",
     "Progress",
     "describe",
     "eta_text",
@@ -24,6 +25,9 @@ __all__ = [
     "schedule_from_options",
     "shown_state",
 ]
+
+#: How the rejects file numbers its rows, said wherever a user meets that number.
+REJECTS_NUMBERING = "(its 'row' counts data rows from 1, the header not counted)"
 
 
 def parse_start_at(value: str, timezone: str | None) -> float:
@@ -88,6 +92,8 @@ def print_summary(result: EnqueueResult) -> None:
         f"rejected   {result.rejected}"
         + (f"  → {result.rejects_path}" if result.rejects_path and result.rejected else ""),
     ]
+    if result.rejects_path and result.rejected:
+        lines.append(f"           {REJECTS_NUMBERING}")
     if result.blank:
         lines.append(f"blank      {result.blank} (skipped)")
     lines.append(f"time       {result.seconds:.1f} s ({result.rows_per_s:,.0f} rows/s)")
