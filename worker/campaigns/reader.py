@@ -32,8 +32,9 @@ import orjson
 
 from worker.campaigns.store import CampaignRef
 from worker.errors import InvalidJob
-from worker.jobs.models import SendMessageJob, parse_job
+from worker.jobs.models import SendMessageJob
 from worker.jobs.phones import normalize_e164
+from worker.jobs.registry import parse_job
 
 __all__ = [
     "MAX_BODY_PARAMS",

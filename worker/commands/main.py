@@ -28,9 +28,10 @@ from worker.commands.context import SettingsContext
 from worker.commands.dlq import dlq
 from worker.commands.management import clients, tokens
 from worker.errors import ConfigurationError, EnqueueError, InvalidJob, JobFailure
-from worker.jobs.models import SEND_QUEUE, jobs_json_schema
+from worker.jobs.models import SEND_QUEUE
 from worker.jobs.phones import mask_phone
 from worker.jobs.producer import amqp_parameters
+from worker.jobs.registry import jobs_json_schema
 from worker.observability.logging import (
     configure_logging,
     mask_url,

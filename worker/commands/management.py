@@ -20,8 +20,8 @@ import redis
 from worker.commands.context import current_settings
 from worker.errors import ConfigurationError, EnqueueError
 from worker.finish.events import declare_exchange
-from worker.jobs.models import ACTOR_QUEUES
 from worker.jobs.producer import Producer, amqp_parameters
+from worker.jobs.registry import JOB_TYPES
 from worker.observability.logging import mask_url
 from worker.runtime.services import open_redis
 from worker.settings import Settings
@@ -73,7 +73,7 @@ def run_management_job(
                 return dict(event)
         raise click.ClickException(
             f"no worker answered within {timeout_s:g}s; the job stays queued on "
-            f"{ACTOR_QUEUES[actor]}. Is a worker running? (`verloop-worker run`)"
+            f"{JOB_TYPES[actor].queue}. Is a worker running? (`verloop-worker run`)"
         )
     finally:
         if connection.is_open:
