@@ -28,8 +28,9 @@ from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
 from worker.campaigns.reader import CampaignSpec
 from worker.campaigns.store import CampaignRef, CampaignStore
 from worker.commands.campaign import start
-from worker.jobs.models import CAMPAIGN_QUEUE, parse_job
+from worker.jobs.models import CAMPAIGN_QUEUE
 from worker.jobs.producer import queue_arguments
+from worker.jobs.registry import parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
 PHONES = ("phone-a", "phone-b", "phone-c")

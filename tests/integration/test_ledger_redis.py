@@ -8,7 +8,8 @@ import pytest
 
 from tests.integration.conftest import REDIS_URL, OwnRedis, redis_client
 from worker.errors import RedisUnavailable
-from worker.jobs.models import SendMessageJob, parse_job
+from worker.jobs.models import SendMessageJob
+from worker.jobs.registry import parse_job
 from worker.runtime.services import open_redis
 from worker.send.ledger import Ledger, LedgerKey
 from worker.settings import Settings

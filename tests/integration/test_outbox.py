@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     wait_until,
 )
 from tests.integration.test_ledger_and_events import Events, send
+from worker.connections.redis_direct import ThreadConnections
 from worker.finish.outbox import GROUP, PARKED_STREAM, STREAM, EventOutbox, OutboxRelay
 from worker.jobs.models import SEND_QUEUE
 from worker.jobs.producer import Producer, encode_job
@@ -210,14 +211,15 @@ def test_when_redis_refuses_the_event_it_is_published_directly(
     start_worker: Callable[..., WorkerApp],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A dead-lettered job's event goes to the outbox in its own call; if Redis does not
-    answer that call, the event is published on the worker's channel instead, not lost."""
+    """A dead-lettered job's event goes to the outbox in the finisher's round trip; if Redis
+    does not answer it, the event is published on the worker's channel instead, not lost."""
     subscriber = Events("send.#")
     try:
         app = start_worker()
         services = app.lifecycle.services
-        # The outbox's own client points at a port nobody listens on (the ledger's is fine).
-        services.outbox = EventOutbox(redis.Redis(port=free_port(), socket_connect_timeout=0.5))
+        # The finisher's connections point at a port nobody listens on (the ledger's are fine).
+        dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+        services.connections = ThreadConnections(dead)
         kwargs = {"client_id": "acme", "phone_id": "phone-1", "to": "not-a-number", "message": {}}
         job_id = str(uuid.uuid4())
         body = encode_job("send_message", kwargs, queue=SEND_QUEUE, message_id=job_id)

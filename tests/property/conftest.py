@@ -8,6 +8,14 @@ import os
 
 from hypothesis import HealthCheck, Phase, settings
 
+from tests.integration.conftest import (  # noqa: F401 - fixtures, found by pytest by name
+    _services_answer,
+    clean_state,
+    make_settings,
+    simulator,
+    start_worker,
+)
+
 #: Examples per CI run: each publishes a batch and waits for its outcomes (about 1-2 s).
 CI_EXAMPLES = 40
 

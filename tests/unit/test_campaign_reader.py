@@ -20,8 +20,9 @@ from worker.campaigns.reader import (
 )
 from worker.commands.campaign_support import parse_start_at
 from worker.errors import InvalidJob
-from worker.jobs.models import CAMPAIGN_QUEUE, parse_job
+from worker.jobs.models import CAMPAIGN_QUEUE
 from worker.jobs.producer import encode_job
+from worker.jobs.registry import parse_job
 
 SPEC = CampaignSpec(
     campaign_id="camp-1",

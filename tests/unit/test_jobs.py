@@ -14,8 +14,8 @@ from worker.jobs.models import (
     ListClientsJob,
     RefreshPhoneTokenJob,
     SendMessageJob,
-    parse_job,
 )
+from worker.jobs.registry import parse_job
 
 TO = "+919876543210"
 

@@ -10,7 +10,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from worker import errors
-from worker.jobs.models import ACTOR_QUEUES
+from worker.finish.outcome import Failure, JobContext, JobFacts, JobOutcome, JobRun, Outcome
+from worker.jobs.registry import JOB_TYPES
+from worker.limits.pacing import Lane
 from worker.observability import metrics as metrics_module
 from worker.observability.metrics import DEFERRAL_KINDS, OTHER_LABEL_VALUE, Metrics
 from worker.runtime.broker import UNDECODABLE_ACTOR
@@ -40,17 +42,24 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
     return registry.get_sample_value(name, labels)
 
 
-def send_job(metrics: Metrics, client_id: str, phone_id: str, **extra: Any) -> None:
-    fields = {
-        "actor": "send_message",
-        "lane": "transactional",
-        "outcome": "sent",
-        "client_id": client_id,
-        "phone_id": phone_id,
-        "message_type": "text",
-        **extra,
-    }
-    metrics.observe_job(fields, 0.01)
+def send_job(
+    metrics: Metrics,
+    client_id: str,
+    phone_id: str,
+    *,
+    lane: Lane = "transactional",
+    campaign_id: str | None = None,
+    code: str | None = None,
+) -> None:
+    """A valid send job's delivery that ended ``sent`` (or dead-lettered, with ``code``)."""
+    run = JobRun(JobContext("m-1", "send_message", "verloop.send", lane, attempt=1))
+    run.facts = JobFacts(client_id, phone_id, message_type="text", campaign_id=campaign_id)
+    if code is None:
+        run.outcome = JobOutcome(Outcome.SENT, verloop_message_id="wamid.1")
+    else:
+        failure = Failure("PermanentFailure", "spam rate limit", 400, code)
+        run.outcome = JobOutcome(Outcome.DEAD_LETTERED, failure=failure, dead_letter="failed")
+    metrics.observe_job(run, 0.01)
 
 
 # --- series that exist from the start -----------------------------------------------------------
@@ -172,7 +181,7 @@ def test_every_deferral_kind_and_error_class_the_worker_uses_is_initialised() ->
         assert issubclass(getattr(errors, error), errors.JobFailure)
     assert metrics_module._UNDECODABLE_ACTOR == UNDECODABLE_ACTOR
     assert {actor for actor, _, _ in metrics_module._actor_lanes()} == {
-        *ACTOR_QUEUES,
+        *JOB_TYPES,
         UNDECODABLE_ACTOR,
     }
 
@@ -189,7 +198,7 @@ def test_client_phone_and_campaign_ids_beyond_the_cap_are_counted_as_other() -> 
     assert {dict(labels)["phone_id"] for labels in sends} == {"p1", "p2", OTHER_LABEL_VALUE}
     assert {dict(labels)["client_id"] for labels in sends} == {"c1", "c2", OTHER_LABEL_VALUE}
     assert sum(sends.values()) == 5
-    other = {"lane": "transactional", "outcome": "sent"}
+    other = {"lane": "transactional", "outcome": "dead_lettered"}
     assert (
         value(registry, "verloop_sends_total", client_id="_other", phone_id="_other", **other) == 3
     )
@@ -199,7 +208,12 @@ def test_client_phone_and_campaign_ids_beyond_the_cap_are_counted_as_other() -> 
         "camp2",
         OTHER_LABEL_VALUE,
     }
-    assert value(registry, "verloop_campaign_jobs_total", campaign_id="_other", outcome="sent") == 3
+    assert (
+        value(
+            registry, "verloop_campaign_jobs_total", campaign_id="_other", outcome="dead_lettered"
+        )
+        == 3
+    )
     assert value(registry, "verloop_quality_pauses_total", phone_id="_other") == 3
     limits = samples(registry, "verloop_number_rate_limit")
     assert limits == {

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from worker.jobs.models import jobs_json_schema
+from worker.jobs.registry import jobs_json_schema
 
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "config" / "jobs.schema.json"
 

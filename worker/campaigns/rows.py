@@ -1,5 +1,5 @@
 """Turning a campaign file's rows into ``send_message`` job kwargs, or a reason to reject
-them, exactly as the worker would judge the job (:func:`worker.jobs.models.parse_job`)."""
+them, exactly as the worker would judge the job (:func:`worker.jobs.registry.parse_job`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from worker.campaigns.spec import (
     template_message,
 )
 from worker.errors import InvalidJob
-from worker.jobs.models import SendMessageJob, parse_job
+from worker.jobs.models import SendMessageJob
 from worker.jobs.phones import normalize_e164
+from worker.jobs.registry import parse_job
 
 if TYPE_CHECKING:
     from worker.campaigns.reader import CampaignFile, RawRow
@@ -185,7 +186,7 @@ class RowValidator:
         phone_id: str | None,
         shape: tuple[int, bool],
     ) -> tuple[dict[str, Any] | None, str | None]:
-        """Validate with the worker's own model (:func:`worker.jobs.models.parse_job`)."""
+        """Validate with the worker's own model (:func:`worker.jobs.registry.parse_job`)."""
         kwargs = self._kwargs(to, message, phone_id or self.spec.phone_ids[0])
         try:
             job = parse_job("send_message", (), kwargs)

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from worker.campaigns.store import CampaignRef
 from worker.errors import InvalidJob
-from worker.jobs.models import parse_job
+from worker.jobs.registry import parse_job
 
 __all__ = [
     "IDENTIFIER",

@@ -35,6 +35,7 @@ from worker.bounded import BoundedDict
 from worker.connections.redis_keys import join_parts, split_parts
 from worker.connections.redis_text import as_text
 from worker.errors import ConfigurationError, RedisUnavailable
+from worker.finish.outcome import CAMPAIGN_OUTCOMES
 
 __all__ = ["OUTCOME_COUNTERS", "CampaignRef", "CampaignState", "CampaignStatus", "CampaignStore"]
 
@@ -50,7 +51,7 @@ MAX_CACHED_CAMPAIGNS: Final = 10_000
 CampaignState = Literal["running", "paused", "cancelled"]
 STATES: Final = ("running", "paused", "cancelled")
 #: Final job outcomes counted per campaign (the outcome middleware's names).
-OUTCOME_COUNTERS: Final = ("sent", "dead_lettered", "suppressed", "cancelled")
+OUTCOME_COUNTERS: Final = tuple(outcome.value for outcome in CAMPAIGN_OUTCOMES)
 
 # KEYS: 1 the campaign's key, 2 its legacy key, 3 the index, 4 the legacy index. ARGV: 1 client
 # id, 2 the index member, 3 the campaign id, 4... fields to read. Moves a legacy hash of this

@@ -19,8 +19,8 @@ import pika.exceptions
 
 from worker.errors import ConfigurationError, EnqueueError
 from worker.finish.events import declare_exchange
-from worker.jobs.models import ACTOR_QUEUES
 from worker.jobs.producer import Producer, amqp_parameters
+from worker.jobs.registry import JOB_TYPES
 from worker.observability.logging import mask_url
 from worker.settings import Settings
 
@@ -73,7 +73,7 @@ def run_management_job(
         # worker may be about to run it, or may have run it with its event arriving late.
         raise click.ClickException(
             f"no worker answered within {timeout_s:g}s. The {actor} job {message_id} was "
-            f"published to {ACTOR_QUEUES[actor]}; it may still run, or may have run with its "
+            f"published to {JOB_TYPES[actor].queue}; it may still run, or may have run with its "
             "result arriving too late. Its outcome event (routing key "
             f"manage.{actor}.<outcome> on {settings.outcome_exchange}, this message_id) or the "
             "worker's log says which. Is a worker running? (`verloop-worker run`)"

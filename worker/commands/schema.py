@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from worker.jobs.models import jobs_json_schema
+from worker.jobs.registry import jobs_json_schema
 
 __all__ = ["schema"]
 

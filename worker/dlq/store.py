@@ -15,9 +15,10 @@ from dramatiq.common import xq_name
 
 from worker.dlq.entries import DLQ_QUEUES, DeadLetterEntry, DlqError, Edit, Filters, apply_edits
 from worker.errors import ConfigurationError, EnqueueError, InvalidJob
-from worker.jobs.models import SendMessageJob, parse_job
+from worker.jobs.models import SendMessageJob
 from worker.jobs.phones import mask_phone
 from worker.jobs.producer import Producer, amqp_parameters
+from worker.jobs.registry import parse_job
 from worker.observability.logging import scrub_text
 from worker.send.ledger import Ledger, LedgerKey
 

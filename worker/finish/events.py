@@ -14,7 +14,7 @@ hash of the whole (so a key stays within AMQP's 255 bytes); the body carries it 
 
 The body is JSON (see :func:`build_event`). How an event reaches the exchange (through the
 Redis outbox, or directly from the worker thread) is in :mod:`worker.finish.outbox` and
-:mod:`worker.finish.report`.
+:mod:`worker.finish.finish`.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ import random
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import structlog
 from dramatiq.common import q_name
@@ -33,58 +33,42 @@ from dramatiq.middleware import Middleware
 
 from worker.errors import Deferred, FailureDetails, InvalidJob, JobFailure, VerloopWorkerError
 from worker.finish.deadletters import DeadLetter, publish_dead_letter
+from worker.finish.outcome import (
+    KEPT_OUTCOMES,
+    DeadLetterKind,
+    Failure,
+    JobContext,
+    JobOutcome,
+    JobRun,
+    Outcome,
+)
 from worker.jobs.models import CAMPAIGN_QUEUE
 from worker.observability.logging import scrub_text
 from worker.observability.metrics import Metrics
 from worker.runtime.broker import UNDECODABLE_ACTOR, raw_body_of
 from worker.settings import MAX_SINGLE_DELAY_S
 
-__all__ = ["FINAL_OUTCOMES", "JobOutcomes", "JobRecord", "OnFinal", "RetryPolicy", "current_job"]
+__all__ = ["JobOutcomes", "OnFinal", "RetryPolicy", "current_run"]
 
-#: Outcomes after which a job is gone from the queues for good (each gets an outcome event).
-FINAL_OUTCOMES = frozenset({"sent", "suppressed", "cancelled", "done", "dead_lettered"})
 #: The longest reason kept (in the log line, the dead letter's header and the event).
 MAX_REASON_CHARS = 1000
-#: Outcomes after which the job is safe: finished, or a copy of it is on RabbitMQ.
-_KEPT = FINAL_OUTCOMES | {"retrying", "deferred"}
-#: Called with (broker, message, record) once a job's outcome is final.
-OnFinal = Callable[[Any, Any, "JobRecord"], None]
+#: Called with (broker, run) once a job's outcome is final.
+OnFinal = Callable[[Any, JobRun], None]
 
 _log = structlog.get_logger()
 _LOGGER_NAME = "verloop_worker.job"  # the same "logger" field the library lines carry
 
-
-@dataclass
-class JobRecord:
-    """Fields of the job's one log line, filled in as the job runs."""
-
-    fields: dict[str, Any]
-    started: float = field(default_factory=time.perf_counter)
-    #: What the outcome event carries besides the log fields (the unmasked recipient, the
-    #: producer's metadata, management results); never logged.
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: The campaign's progress was counted with the send (see ``worker.send.actors``).
-    campaign_counted: bool = False
-    #: The outcome event was added to the outbox with the send (see ``worker.finish.outbox``).
-    event_queued: bool = False
-    #: Steps after a send was accepted that failed (logged and counted, never a resend).
-    after_send_failures: list[str] = field(default_factory=list)
-    #: ``options.eta`` of a job whose time has not come yet (Unix ms; see
-    # ``worker.runtime.broker``).
-    not_before_ms: int | None = None
-
-    def bind(self, **values: Any) -> None:
-        """Add fields to the job's log line."""
-        self.fields.update(values)
+_current: ContextVar[JobRun | None] = ContextVar("verloop_current_job", default=None)
 
 
-_current: ContextVar[JobRecord | None] = ContextVar("verloop_current_job", default=None)
-
-
-def current_job() -> JobRecord:
-    """The record of the job this thread is running (a throwaway one outside a job)."""
-    record = _current.get()
-    return record if record is not None else JobRecord(fields={})
+def current_run() -> JobRun:
+    """The run of the job this thread is running (a throwaway one outside a job)."""
+    run = _current.get()
+    if run is None:
+        return JobRun(
+            JobContext(message_id="", actor="", queue="", lane="transactional", attempt=1)
+        )
+    return run
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +91,18 @@ class RetryPolicy:
         return min(delay, MAX_SINGLE_DELAY_S)
 
 
+def _details_of(exception: BaseException) -> tuple[FailureDetails, bool]:
+    """(details, retryable) of a job's failure, its reason scrubbed and cut short (it quotes
+    the producer's field names and travels in an AMQP header)."""
+    if isinstance(exception, JobFailure):
+        details, retryable = exception.details, exception.retryable
+    else:
+        # Not foreseen (a bug, an interruption): retry it, and keep its class in the reason.
+        details = FailureDetails(reason=f"unexpected {type(exception).__name__}: {exception}")
+        retryable = True
+    return replace(details, reason=scrub_text(details.reason)[:MAX_REASON_CHARS]), retryable
+
+
 def _retries_so_far(options: dict[str, Any]) -> int:
     value = options.get("retries", 0)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
@@ -123,21 +119,17 @@ class JobOutcomes(Middleware):
         self.on_final = on_final
 
     def before_process_message(self, broker: Any, message: Any) -> None:
-        attempt = _retries_so_far(message.options) + 1
         queue = q_name(message.queue_name)
         not_before = message.options.get("not_before")
-        _current.set(
-            JobRecord(
-                fields={
-                    "message_id": message.message_id,
-                    "actor": message.actor_name,
-                    "queue": queue,
-                    "lane": "campaign" if queue == CAMPAIGN_QUEUE else "transactional",
-                    "attempt": attempt,
-                },
-                not_before_ms=not_before if isinstance(not_before, int) else None,
-            )
+        context = JobContext(
+            message_id=message.message_id,
+            actor=message.actor_name,
+            queue=queue,
+            lane="campaign" if queue == CAMPAIGN_QUEUE else "transactional",
+            attempt=_retries_so_far(message.options) + 1,
+            not_before_ms=not_before if isinstance(not_before, int) else None,
         )
+        _current.set(JobRun(context))
 
     def after_process_message(
         self,
@@ -147,57 +139,69 @@ class JobOutcomes(Middleware):
         result: Any = None,
         exception: BaseException | None = None,
     ) -> None:
-        record = current_job()
+        run = current_run()
         _current.set(None)
         try:
-            self._settle(broker, message, record, exception)
+            self._settle(broker, message, run, result, exception)
         except BaseException:  # noqa: BLE001 - nothing may escape into dramatiq's worker thread
             # What happened to the job is unknown here: reject the delivery (RabbitMQ
             # dead-letters it) rather than let it be acknowledged with nothing kept.
-            if record.fields.get("outcome") not in _KEPT:
+            if run.kind not in KEPT_OUTCOMES:
                 message.fail()
             _log.exception("settling a job failed", message_id=message.message_id)
 
     def _settle(
-        self, broker: Any, message: Any, record: JobRecord, exception: BaseException | None
+        self,
+        broker: Any,
+        message: Any,
+        run: JobRun,
+        result: Any,
+        exception: BaseException | None,
     ) -> None:
         if exception is None:
-            record.fields.setdefault("outcome", "done")
-            self._finish(broker, message, record)
-            self._log(record, "info")
+            run.outcome = result if isinstance(result, JobOutcome) else JobOutcome(Outcome.DONE)
+            self._finish(broker, run)
+            self._log(run, "info")
             return
+        failure: Failure | None = None
         try:
             if isinstance(exception, Deferred):
-                self._defer(broker, message, exception, record)
-                self._log(record, "info")
+                run.outcome = self._defer(broker, message, exception)
+                self._log(run, "info")
                 return
-            level = self._settle_failure(broker, message, exception, record)
-            if record.fields.get("outcome") == "dead_lettered":
-                self._finish(broker, message, record)
+            details, retryable = _details_of(exception)
+            failure = Failure(
+                type(exception).__name__, details.reason, details.http_status, details.code
+            )
+            invalid = isinstance(exception, InvalidJob)
+            level = self._settle_failure(broker, message, details, retryable, invalid, failure, run)
+            if run.kind is Outcome.DEAD_LETTERED:
+                self._finish(broker, run)
         except (VerloopWorkerError, BrokerConnectionError) as exc:
             # The retry or dead letter was not confirmed: reject the delivery so RabbitMQ
             # dead-letters it itself, rather than acknowledging a job we did not keep.
             message.fail()
-            record.bind(outcome="rejected", publish_error=f"{type(exc).__name__}: {exc}")
+            run.outcome = JobOutcome(Outcome.REJECTED, failure=failure)
+            run.note(publish_error=f"{type(exc).__name__}: {exc}")
             level = "error"
         except Exception:  # noqa: BLE001 - whatever broke, the delivery must not be acked unkept
             message.fail()
-            record.bind(outcome="rejected")
+            run.outcome = JobOutcome(Outcome.REJECTED, failure=failure)
             _log.exception("settling a failed job failed; rejected it to the dead-letter queue")
             level = "error"
         # A failure we did not foresee is a bug or an outage: keep its traceback.
         unforeseen = None if isinstance(exception, JobFailure) else exception
-        self._log(record, level, unforeseen)
+        self._log(run, level, unforeseen)
 
     @staticmethod
-    def _defer(broker: Any, message: Any, deferred: Deferred, record: JobRecord) -> None:
+    def _defer(broker: Any, message: Any, deferred: Deferred) -> JobOutcome:
         """Send the job again later with its retry count unchanged."""
         delay_s = min(max(deferred.delay_s, 0.0), MAX_SINGLE_DELAY_S)
         deferrals = message.options.get("deferrals", 0)
         deferrals = deferrals + 1 if isinstance(deferrals, int) else 1
         broker.enqueue(message.copy(options={"deferrals": deferrals}), delay=int(delay_s * 1000))
-        record.bind(
-            outcome="deferred",
+        return JobOutcome(
+            Outcome.DEFERRED,
             deferral=deferred.kind,
             reason=deferred.reason,
             retry_in_s=round(delay_s, 3),
@@ -205,23 +209,16 @@ class JobOutcomes(Middleware):
         )
 
     def _settle_failure(
-        self, broker: Any, message: Any, exception: BaseException, record: JobRecord
+        self,
+        broker: Any,
+        message: Any,
+        details: FailureDetails,
+        retryable: bool,
+        invalid: bool,
+        failure: Failure,
+        run: JobRun,
     ) -> str:
-        if isinstance(exception, JobFailure):
-            details = exception.details
-            retryable = exception.retryable
-        else:
-            # Not foreseen (a bug, a time limit): retry it, and keep its class in the reason.
-            details = FailureDetails(reason=f"unexpected {type(exception).__name__}: {exception}")
-            retryable = True
-        # A reason quotes the producer's field names: kept short, it travels in an AMQP header.
-        details = replace(details, reason=scrub_text(details.reason)[:MAX_REASON_CHARS])
-        record.bind(
-            error=type(exception).__name__,
-            reason=details.reason,
-            http_status=details.http_status,
-            code=details.code,
-        )
+        """Retry or dead-letter a failed job; returns the log line's level."""
         retries = _retries_so_far(message.options)
         if retryable and retries < self.policy.max_retries:
             delay_s = self.policy.delay_s(retries, details.retry_after)
@@ -229,21 +226,23 @@ class JobOutcomes(Middleware):
                 message.copy(options={"retries": retries + 1, "last_error": details.reason[:500]}),
                 delay=int(delay_s * 1000),
             )
-            record.bind(outcome="retrying", retry_in_s=round(delay_s, 3))
+            run.outcome = JobOutcome(
+                Outcome.RETRYING, failure=failure, retry_in_s=round(delay_s, 3)
+            )
             return "warning"
 
-        outcome: Literal["invalid", "failed", "gave_up"]
-        if isinstance(exception, InvalidJob):
-            outcome = "invalid"
+        kind: DeadLetterKind
+        if invalid:
+            kind = "invalid"
         elif retryable:
-            outcome = "gave_up"
+            kind = "gave_up"
             details = replace(
                 details,
                 reason=f"gave up after {retries + 1} attempts: {details.reason}",
                 retry_after=None,
             )
         else:
-            outcome = "failed"
+            kind = "failed"
         body = (
             raw_body_of(message.kwargs)
             if message.actor_name == UNDECODABLE_ACTOR
@@ -254,40 +253,39 @@ class JobOutcomes(Middleware):
             body,
             DeadLetter(
                 details=details,
-                error=type(exception).__name__,
-                outcome=outcome,
+                error=failure.error,
+                outcome=kind,
                 attempts=retries + 1,
                 queue=message.queue_name,
                 actor=message.actor_name,
                 message_id=message.message_id,
             ),
         )
-        record.bind(outcome="dead_lettered", dead_letter=outcome, reason=details.reason)
-        return "error" if outcome != "invalid" else "warning"
+        failure = replace(failure, reason=details.reason)
+        run.outcome = JobOutcome(Outcome.DEAD_LETTERED, failure=failure, dead_letter=kind)
+        return "error" if kind != "invalid" else "warning"
 
-    def _finish(self, broker: Any, message: Any, record: JobRecord) -> None:
-        """Report a final outcome (event, campaign progress); never fails the job."""
+    def _finish(self, broker: Any, run: JobRun) -> None:
+        """Finish a final outcome (record, campaign progress, event); never fails the job."""
         if self.on_final is None:
             return
         try:
-            self.on_final(broker, message, record)
-        except Exception:  # noqa: BLE001 - the job's outcome stands whatever reporting does
-            record.bind(event_published=False)
-            _log.exception("reporting a job's outcome failed")
+            self.on_final(broker, run)
+        except Exception:  # noqa: BLE001 - the job's outcome stands whatever finishing does
+            run.note(event_published=False)
+            _log.exception("finishing a job's outcome failed")
 
-    def _log(self, record: JobRecord, level: str, exc_info: BaseException | None = None) -> None:
-        fields = {k: v for k, v in record.fields.items() if v is not None}
-        seconds = time.perf_counter() - record.started
-        fields["duration_ms"] = round(seconds * 1000, 1)
-        if record.after_send_failures:
-            fields["after_send_failures"] = record.after_send_failures
+    def _log(self, run: JobRun, level: str, exc_info: BaseException | None = None) -> None:
+        seconds = time.perf_counter() - run.started
         if self.metrics is not None:
             try:
-                self.metrics.observe_job(fields, seconds)
-                for step in record.after_send_failures:
-                    self.metrics.observe_after_send_failure(step)
+                self.metrics.observe_job(run, seconds)
             except Exception:  # noqa: BLE001 - a metric must not change a job's outcome
                 _log.exception("counting a job in metrics failed")
+        fields = run.log_fields()
+        fields["duration_ms"] = round(seconds * 1000, 1)
+        if run.after_send_failures:
+            fields["after_send_failures"] = run.after_send_failures
         fields["logger"] = _LOGGER_NAME
         try:
             getattr(_log, level)("job", exc_info=exc_info, **fields)

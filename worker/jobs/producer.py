@@ -30,7 +30,8 @@ import pika.exceptions
 from dramatiq.common import xq_name
 
 from worker.errors import ConfigurationError, EnqueueError
-from worker.jobs.models import ACTOR_QUEUES, SEND_QUEUE, parse_job
+from worker.jobs.models import SEND_QUEUE
+from worker.jobs.registry import JOB_TYPES, parse_job
 from worker.observability.logging import unreadable_url
 from worker.runtime.jobs_exchange import JOB_QUEUES
 
@@ -126,7 +127,7 @@ class Producer:
             EnqueueError: RabbitMQ did not confirm the job.
         """
         job = parse_job(actor_name, (), kwargs)
-        queue = queue or ACTOR_QUEUES[actor_name]
+        queue = queue or JOB_TYPES[actor_name].queue
         message_id = str(uuid.uuid4())
         body = encode_job(
             actor_name,

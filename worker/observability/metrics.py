@@ -52,13 +52,21 @@ verloop_worker_thread_deaths_total         worker threads that died
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.finish.outbox import PARK_KINDS
-from worker.jobs.models import ACTOR_QUEUES, CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.finish.outcome import (
+    CAMPAIGN_OUTCOMES,
+    MANAGE_OUTCOMES,
+    SEND_OUTCOMES,
+    JobRun,
+    Outcome,
+)
+from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.jobs.registry import JOB_TYPES
 from worker.verloop.endpoints import DEFAULT_ENDPOINTS
 from worker.verloop.tokens import TokenSource
 
@@ -68,10 +76,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 
-#: The writes after an accepted send (see ``worker.send.actors``).
+#: The writes after an accepted send (see ``worker.finish.finish``).
 AFTER_SEND_STEPS = ("ledger", "campaign", "event")
-
-_FINAL_CAMPAIGN_OUTCOMES = ("sent", "dead_lettered", "suppressed", "cancelled")
 
 #: The label value that stands for every client, number or campaign beyond the cap.
 OTHER_LABEL_VALUE = "_other"
@@ -92,8 +98,6 @@ DEFERRAL_KINDS = (
     "redis_unavailable",
     "other",
 )
-_SEND_OUTCOMES = ("sent", "suppressed", "cancelled", "retrying", "deferred", "dead_lettered")
-_MANAGE_OUTCOMES = ("done", "retrying", "dead_lettered")
 #: A job whose body was not a job (worker.runtime.broker's UNDECODABLE_ACTOR) is dead-lettered.
 _UNDECODABLE_ACTOR = "verloop.undecodable"
 #: (outcome, error class) of the dead letters the worker's own errors make.
@@ -113,13 +117,14 @@ def _lane(queue: str) -> str:
 def _actor_lanes() -> list[tuple[str, str, tuple[str, ...]]]:
     """(actor, lane, outcomes) of every job the worker can finish."""
     combos: list[tuple[str, str, tuple[str, ...]]] = []
-    for actor, queue in ACTOR_QUEUES.items():
+    for actor, queue in ((t.name, t.queue) for t in JOB_TYPES.values()):
         send = actor == "send_message"
         lanes = _LANES if send else (_lane(queue),)
         # rejected: a retry or dead letter RabbitMQ did not confirm (see worker.finish.middleware).
-        outcomes = (*(_SEND_OUTCOMES if send else _MANAGE_OUTCOMES), "rejected")
+        outcomes = tuple(o.value for o in (SEND_OUTCOMES if send else MANAGE_OUTCOMES))
         combos.extend((actor, lane, outcomes) for lane in lanes)
-    combos.extend((_UNDECODABLE_ACTOR, lane, ("dead_lettered", "rejected")) for lane in _LANES)
+    undecodable = (Outcome.DEAD_LETTERED.value, Outcome.REJECTED.value)
+    combos.extend((_UNDECODABLE_ACTOR, lane, undecodable) for lane in _LANES)
     return combos
 
 
@@ -336,7 +341,7 @@ class Metrics:
             client, _ = self._client_ids(client_id)
             phone = self._phone(phone_id)
             for lane in _LANES:
-                for outcome in (*_SEND_OUTCOMES, "rejected"):
+                for outcome in (o.value for o in SEND_OUTCOMES):
                     self._child(self.sends, lane, outcome, client, phone)
         for phone_id in phone_ids:
             self._phone(phone_id)
@@ -398,44 +403,45 @@ class Metrics:
         else:
             self._child(self.events_relayed, "failed").inc()
 
-    def observe_job(self, fields: Mapping[str, Any], seconds: float) -> None:
-        """One finished job, from the fields of its log line (the outcome middleware calls
-        this, so logs and metrics cannot disagree)."""
-        actor = str(fields.get("actor", ""))
-        lane = str(fields.get("lane", ""))
-        outcome = str(fields.get("outcome", ""))
+    def observe_job(self, run: JobRun, seconds: float) -> None:
+        """One finished delivery (the outcome middleware calls this with the run it logs, so
+        logs and metrics cannot disagree)."""
+        ctx, facts, outcome = run.ctx, run.facts, run.outcome
+        if outcome is None:
+            return
+        actor, lane, kind = ctx.actor, ctx.lane, outcome.kind
+        failure = outcome.failure
         child = self._child
-        child(self.jobs, actor, lane, outcome).inc()
+        child(self.jobs, actor, lane, kind.value).inc()
         child(self.job_duration, actor, lane).observe(seconds)
-        # message_type is bound only once a send_message job has been validated.
-        if actor == "send_message" and "message_type" in fields:
-            phone = self._phone(fields["phone_id"])
-            client, _ = self._client_ids(fields["client_id"])
-            child(self.sends, lane, outcome, client, phone).inc()
-            if fields.get("code") == "131048":
+        if actor == "send_message" and facts.is_valid_send:
+            phone = self._phone(facts.phone_id or "")
+            client, _ = self._client_ids(facts.client_id or "")
+            child(self.sends, lane, kind.value, client, phone).inc()
+            if failure is not None and failure.code == "131048":
                 child(self.quality_pauses, phone).inc()
-        campaign_id = fields.get("campaign_id")
-        if campaign_id and outcome in _FINAL_CAMPAIGN_OUTCOMES:
-            campaign, new = self._campaign_ids(campaign_id)
+        if facts.campaign_id and kind in CAMPAIGN_OUTCOMES:
+            campaign, new = self._campaign_ids(facts.campaign_id)
             if new:
-                for final in _FINAL_CAMPAIGN_OUTCOMES:
-                    child(self.campaign_jobs, campaign, final)
-            child(self.campaign_jobs, campaign, outcome).inc()
-        if outcome == "dead_lettered":
+                for final in CAMPAIGN_OUTCOMES:
+                    child(self.campaign_jobs, campaign, final.value)
+            child(self.campaign_jobs, campaign, kind.value).inc()
+        if kind is Outcome.DEAD_LETTERED:
             child(
                 self.dead_letters,
-                fields.get("queue", ""),
-                fields.get("dead_letter", ""),
-                fields.get("error", ""),
+                ctx.queue,
+                outcome.dead_letter or "",
+                "" if failure is None else failure.error,
             ).inc()
-        elif outcome == "retrying":
+        elif kind is Outcome.RETRYING:
             child(self.retries, actor, lane).inc()
-        elif outcome == "deferred":
-            child(self.deferrals, lane, fields.get("deferral", "")).inc()
-        if "limit_wait_ms" in fields:
-            child(self.limit_wait, lane).observe(fields["limit_wait_ms"] / 1000)
-        source = fields.get("token_source")
-        if source:
-            child(self.token_lookups, source).inc()
-        if fields.get("token_refreshed"):
+        elif kind is Outcome.DEFERRED:
+            child(self.deferrals, lane, outcome.deferral or "").inc()
+        if run.limit_wait_ms is not None:
+            child(self.limit_wait, lane).observe(run.limit_wait_ms / 1000)
+        if run.token_source:
+            child(self.token_lookups, run.token_source).inc()
+        if run.token_refreshed:
             self.token_refreshes.inc()
+        for step in run.after_send_failures:
+            self.observe_after_send_failure(step)

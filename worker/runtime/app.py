@@ -14,16 +14,18 @@ from pathlib import Path
 import dramatiq
 from dramatiq.middleware import Middleware
 
+from worker.finish.finish import JobFinisher
 from worker.finish.middleware import JobOutcomes, RetryPolicy
-from worker.finish.report import OutcomeReporter
-from worker.jobs.models import CAMPAIGN_QUEUE, JOB_MODELS
+from worker.finish.outcome import JobOutcome
+from worker.jobs.models import CAMPAIGN_QUEUE
+from worker.jobs.registry import JOB_TYPES
 from worker.observability.logging import DirectStream, configure_logging
 from worker.observability.metrics import Metrics
+from worker.runtime.actors import register_actors
 from worker.runtime.broker import VerloopBroker, build_broker
 from worker.runtime.health import HEALTH_DIR_ENV, ThreadWatch
 from worker.runtime.jobs_exchange import JobsExchange
 from worker.runtime.services import Lifecycle
-from worker.send.actors import register_actors
 from worker.settings import Settings
 
 __all__ = ["GIL_SWITCH_INTERVAL_S", "WorkerApp", "boot", "create_app"]
@@ -38,7 +40,7 @@ class WorkerApp:
     settings: Settings
     broker: VerloopBroker
     lifecycle: Lifecycle
-    actors: dict[str, dramatiq.Actor[..., None]]
+    actors: dict[str, dramatiq.Actor[..., JobOutcome]]
 
 
 def create_app(settings: Settings) -> WorkerApp:
@@ -70,12 +72,12 @@ def create_app(settings: Settings) -> WorkerApp:
             max_backoff_s=settings.retry_max_backoff_s,
         ),
         metrics,
-        on_final=OutcomeReporter(lifecycle, settings.outcome_exchange),
+        on_final=JobFinisher(lifecycle, settings.outcome_exchange),
     )
     broker = build_broker(
         settings.amqp_url.get_secret_value(),
         max_job_bytes=settings.max_job_bytes,
-        known_actors=frozenset(JOB_MODELS),
+        known_actors=frozenset(JOB_TYPES),
         low_priority_queues=frozenset({CAMPAIGN_QUEUE}),
         events_exchange=settings.outcome_exchange,
         max_delay_s=settings.max_job_delay_s,

@@ -116,6 +116,8 @@ class Services:
     gate: SendGate
     ledger: Ledger
     campaigns: CampaignStore
+    #: One Redis connection per worker thread (the ledger's and the finisher's round trips).
+    connections: ThreadConnections
     #: Where outcome events go first (None: events are off, or published directly).
     outbox: EventOutbox | None = None
 
@@ -172,7 +174,18 @@ class Services:
             if settings.outcome_exchange and settings.events_delivery == "outbox"
             else None
         )
-        return cls(settings, verloop, cache, system, phone_tokens, gate, ledger, campaigns, outbox)
+        return cls(
+            settings,
+            verloop,
+            cache,
+            system,
+            phone_tokens,
+            gate,
+            ledger,
+            campaigns,
+            connections,
+            outbox,
+        )
 
     def close(self) -> None:
         """Close the HTTP pool and the Redis connections."""

@@ -1,0 +1,137 @@
+"""The one place a job is finished: its ledger record, campaign counter and event, together.
+
+For every final outcome :class:`JobFinisher` builds the Redis commands first, then sends them
+in one round trip, in this order: the ledger record of a sent message, the campaign's
+counters, the event for the outbox. A message Verloop accepted is therefore recorded before
+anything else is tried, and nothing that fails afterwards turns it into a retry (a resend):
+each failure is logged and counted. If Redis does not answer, the event is published straight
+to RabbitMQ instead (also when ``EVENTS_DELIVERY=direct``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pika.exceptions
+import redis
+import structlog
+from dramatiq.errors import BrokerConnectionError
+
+from worker.campaigns.store import CampaignRef
+from worker.errors import RedisUnavailable
+from worker.finish.events import declare_exchange, publish_event
+from worker.finish.outcome import JobOutcome, JobRun, Outcome
+
+if TYPE_CHECKING:
+    from worker.runtime.services import Lifecycle, Services
+
+__all__ = ["JobFinisher"]
+
+_log = structlog.get_logger()
+
+
+class JobFinisher:
+    """The outcome middleware's ``on_final``: write what a final outcome leaves behind."""
+
+    def __init__(self, lifecycle: Lifecycle, exchange: str) -> None:
+        self.lifecycle = lifecycle
+        self.exchange = exchange
+
+    def __call__(self, broker: Any, run: JobRun) -> None:
+        outcome = run.outcome
+        if outcome is None or not outcome.final:
+            return
+        services = self.lifecycle.services
+        sent = outcome.kind is Outcome.SENT and outcome.ledger_key is not None
+        commands: list[Sequence[Any]] = []
+        steps: list[str] = []
+        campaign = _campaign_of(run)
+        if campaign is not None:
+            counted = services.campaigns.outcome_commands(
+                campaign, outcome.kind.value, outcome.dead_letter
+            )
+            commands += counted
+            steps += ["campaign"] * len(counted)
+        event_pending = bool(self.exchange)
+        if event_pending and services.outbox is not None:
+            try:
+                commands.append(services.outbox.command(*run.event_fields()))
+                steps.append("event")
+            except Exception:  # noqa: BLE001 - an event that cannot be built must not undo the job
+                event_pending = False
+                run.note(event_published=False)
+                self._failed(run, sent, "event", "the outcome event could not be encoded")
+        try:
+            replies = self._write(services, outcome, commands) if sent or commands else []
+        except RedisUnavailable:
+            if sent:
+                # Sent, but not written down: acknowledging is right (sending again is not).
+                # The ledger writes the record with its next claim that reaches Redis; a
+                # redelivery before that finds the claim and treats it as an uncertain outcome.
+                run.note(ledger="not_recorded")
+                self._failed(run, sent, "ledger", "a sent message could not be recorded")
+            if campaign is not None:
+                run.note(campaign_counted=False)
+                _log.warning("campaign progress not counted: Redis did not answer")
+            if "event" in steps:
+                run.note(event_outbox=False)
+                self._publish(broker, run)
+            elif event_pending:
+                self._publish(broker, run)
+            return
+        failed = {
+            step for step, reply in zip(steps, replies, strict=True) if isinstance(reply, Exception)
+        }
+        for step in sorted(failed):
+            self._failed(run, sent, step, f"Redis refused the job's {step} update")
+        if "campaign" in failed:
+            run.note(campaign_counted=False)
+        if event_pending and (services.outbox is None or "event" in failed):
+            self._publish(broker, run)
+
+    @staticmethod
+    def _write(services: Services, outcome: JobOutcome, commands: list[Sequence[Any]]) -> list[Any]:
+        """Send the commands in one round trip (after the ledger record, for a send)."""
+        if outcome.kind is Outcome.SENT and outcome.ledger_key is not None:
+            return services.ledger.mark_sent(
+                outcome.ledger_key, outcome.verloop_message_id, also=commands
+            )
+        try:
+            return services.connections.execute(commands, raise_refusals=False)
+        except redis.RedisError as exc:
+            raise RedisUnavailable(f"finishing a job: {type(exc).__name__}") from None
+
+    @staticmethod
+    def _failed(run: JobRun, sent: bool, step: str, what: str) -> None:
+        if sent:
+            run.after_send_failures.append(step)
+            _log.error(what + "; the message was sent and is not sent again", step=step)
+        else:
+            _log.warning(what, step=step)
+
+    def _publish(self, broker: Any, run: JobRun) -> None:
+        """Publish the event straight to RabbitMQ: tried once more on a fresh connection."""
+        fields, extra = run.event_fields()
+        for attempt in (1, 2):
+            try:
+                publish_event(broker.channel, self.exchange, fields, extra)
+                return
+            except (pika.exceptions.AMQPError, BrokerConnectionError) as exc:
+                # A missing exchange closes the channel (404); a dead connection is replaced.
+                del broker.connection
+                if attempt == 2:
+                    run.note(event_published=False)
+                    _log.error("outcome event not published", error=type(exc).__name__)
+                    return
+                try:
+                    declare_exchange(broker.channel, self.exchange)
+                except (pika.exceptions.AMQPError, BrokerConnectionError):
+                    del broker.connection
+
+
+def _campaign_of(run: JobRun) -> CampaignRef | None:
+    facts = run.facts
+    if facts.campaign_id and facts.client_id:
+        return CampaignRef(facts.client_id, facts.campaign_id)
+    return None

@@ -1,0 +1,103 @@
+"""The actors on the broker: one per job type, each runs the job through the same prologue.
+
+Every actor: names the job by its well-formed ids (so even an invalid job's log line and event
+say whose it was), validates it (:func:`worker.jobs.registry.parse_job`; invalid: dead letter,
+no retry), sends it back to wait if its ``options.eta`` has not come (no retry used), then
+runs its handler and returns the handler's outcome to the outcome middleware.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+
+from worker.errors import Deferred
+from worker.finish.middleware import current_run
+from worker.finish.outcome import JobContext, JobFacts, JobOutcome
+from worker.jobs.models import ID_PATTERN, Job, RefreshPhoneTokenJob, SendMessageJob
+from worker.jobs.registry import JOB_TYPES, JobType, parse_job
+from worker.runtime.services import Lifecycle
+
+__all__ = ["SCHEDULE_SLACK_S", "register_actors"]
+
+#: A job due within this long of now runs now (a delay round trip would take about as long).
+SCHEDULE_SLACK_S = 0.05
+_IDENTIFIER = re.compile(ID_PATTERN)
+
+
+def register_actors(
+    broker: dramatiq.Broker, lifecycle: Lifecycle
+) -> dict[str, dramatiq.Actor[..., JobOutcome]]:
+    """Declare every job type's actor on ``broker``."""
+    return {
+        name: dramatiq.Actor(
+            _actor(job_type, lifecycle),
+            broker=broker,
+            actor_name=name,
+            queue_name=job_type.queue,
+            priority=0,
+            options={},
+        )
+        for name, job_type in JOB_TYPES.items()
+    }
+
+
+def _actor(job_type: JobType, lifecycle: Lifecycle) -> Callable[..., JobOutcome]:
+    def run(*args: Any, **kwargs: Any) -> JobOutcome:
+        current = current_run()
+        _describe_unvalidated(current.facts, kwargs)
+        job = parse_job(job_type.name, args, kwargs)
+        _describe(current.facts, job)
+        _wait_for_schedule(current.ctx)
+        return job_type.handler(lifecycle.services, job, current)
+
+    run.__name__ = run.__qualname__ = job_type.name
+    return run
+
+
+def _describe(facts: JobFacts, job: Job) -> None:
+    """What a valid job says about itself."""
+    if isinstance(job, SendMessageJob):
+        facts.client_id = job.client_id
+        facts.phone_id = job.phone_id
+        facts.to = job.to
+        facts.message_type = job.message.type
+        facts.idempotency_key = job.idempotency_key
+        facts.campaign_id = job.campaign_id
+    elif isinstance(job, RefreshPhoneTokenJob):
+        facts.client_id = job.client_id
+        facts.phone_id = job.phone_id
+    if job.metadata is not None:
+        facts.metadata = job.metadata
+
+
+def _describe_unvalidated(facts: JobFacts, kwargs: dict[str, Any]) -> None:
+    """The job's ids that are well-formed, before validation (an id that is not goes nowhere;
+    the dead letter's reason names it)."""
+    for key in ("client_id", "phone_id"):
+        value = kwargs.get(key)
+        if isinstance(value, str) and _IDENTIFIER.match(value):
+            setattr(facts, key, value)
+    to = kwargs.get("to")
+    if isinstance(to, str) and to.isascii() and to.isprintable():
+        facts.unchecked_to = to[:32]
+
+
+def _wait_for_schedule(ctx: JobContext) -> None:
+    """A job whose ``options.eta`` has not come yet goes back to wait for it, in hops through
+    the delay queue (each under RabbitMQ's consumer timeout), without using a retry."""
+    if ctx.not_before_ms is None:
+        return
+    wait_s = ctx.not_before_ms / 1000 - time.time()
+    if wait_s > SCHEDULE_SLACK_S:
+        when = dt.datetime.fromtimestamp(ctx.not_before_ms / 1000, dt.UTC)
+        raise Deferred(
+            wait_s,
+            f"scheduled for {when.isoformat(timespec='seconds')} (options.eta)",
+            kind="scheduled",
+        )
