@@ -112,6 +112,21 @@ json_values = st.recursive(
     max_leaves=12,
 )
 
+#: Any JSON value the contract takes inside a message: integers within 64 bits.
+contract_json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=20),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
 #: Metadata the contract allows and every part of the worker handles: small, plain JSON.
 plain_metadata = st.dictionaries(
     st.text(max_size=12),
@@ -159,7 +174,7 @@ _template_params = st.lists(
         # Parameters allow extra fields: the content key depends on the type.
         st.fixed_dictionaries(
             {"type": st.sampled_from(["currency", "date_time", "payload", "coupon_code"])},
-            optional={"extra": json_values, "text": st.text(max_size=10)},
+            optional={"extra": contract_json_values, "text": st.text(max_size=10)},
         ),
     ),
     max_size=5,
@@ -209,7 +224,7 @@ def valid_messages(draw: st.DrawFn) -> dict[str, Any]:
             st.just({"buttons": [{"type": "reply", "reply": {"id": "1", "title": "Yes"}}]}),
             # Within the contract: kwargs, message, interactive and action take four levels.
             st.builds(lambda d: {"nested": _nested(d, "leaf")}, st.integers(1, MAX_JSON_DEPTH - 4)),
-            st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+            st.dictionaries(st.text(max_size=8), contract_json_values, max_size=4),
         )
     )
     return {
