@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from worker.campaigns.enqueue import _truncate_rejects, default_campaign_id, encode_envelope
+from worker.campaigns.enqueue import default_campaign_id, encode_envelope
 from worker.campaigns.reader import (
     CampaignFile,
     CampaignInputError,
@@ -18,6 +18,7 @@ from worker.campaigns.reader import (
     RawRow,
     RowValidator,
 )
+from worker.campaigns.rejects import _truncate_rejects
 from worker.commands.campaign_support import parse_start_at
 from worker.errors import InvalidJob
 from worker.jobs.models import CAMPAIGN_QUEUE

@@ -17,9 +17,10 @@ import click
 import pika
 import pika.exceptions
 
+from worker.connections.amqp import open_connection
 from worker.errors import ConfigurationError, EnqueueError
 from worker.finish.events import declare_exchange
-from worker.jobs.producer import Producer, amqp_parameters
+from worker.jobs.producer import Producer
 from worker.jobs.registry import JOB_TYPES
 from worker.observability.logging import mask_url
 from worker.settings import Settings
@@ -40,7 +41,7 @@ def run_management_job(
         raise click.ClickException("EVENTS_ENABLED is false: workers publish no results to read")
     url = settings.amqp_url.get_secret_value()
     try:
-        connection = pika.BlockingConnection(amqp_parameters(url))
+        connection = open_connection(url)
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
     except pika.exceptions.AMQPError as exc:

@@ -30,22 +30,16 @@ queue on request); ``pending`` (the outcome of an earlier call is unknown) is re
 request, after the unfinished claim has been forgotten.
 """
 
+from worker.dlq.edits import Edit, apply_edits, parse_edit
 from worker.dlq.entries import (
     DLQ_QUEUES,
     NO_REASON,
     OUTCOMES,
     DeadLetterEntry,
     DlqError,
-    Edit,
-    Filters,
-    apply_edits,
-    format_age,
-    id_matches,
-    parse_duration,
-    parse_edit,
     redact_secrets,
-    short_id,
 )
+from worker.dlq.filters import Filters, format_age, id_matches, parse_duration, short_id
 from worker.dlq.store import DeadLetterStore, Held, ReplayOptions, ReplayResult
 
 __all__ = [

@@ -1,4 +1,6 @@
-"""Dead letters as the tooling sees them: entries, filters, edits and small parsers."""
+"""One dead letter as the tooling sees it: what it says (reason, outcome, job, age) and how it is
+shown (``dlq list``, ``dlq show``, ``dlq export``), with secrets redacted and recipients
+masked."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import datetime as dt
 import hashlib
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -18,6 +19,7 @@ from dramatiq.common import xq_name
 from worker.finish.deadletters import DEAD_LETTER_HEADER
 from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 from worker.jobs.phones import mask_phone
+from worker.jobs.wire import ENVELOPE_FIELDS
 from worker.observability.logging import scrub_text
 from worker.runtime.broker import UNDECODABLE_ACTOR
 
@@ -27,15 +29,7 @@ __all__ = [
     "OUTCOMES",
     "DeadLetterEntry",
     "DlqError",
-    "Edit",
-    "Filters",
-    "apply_edits",
-    "format_age",
-    "id_matches",
-    "parse_duration",
-    "parse_edit",
     "redact_secrets",
-    "short_id",
 ]
 
 #: The work queues whose dead-letter queues the tooling reads, in this order.
@@ -45,125 +39,12 @@ NO_REASON = "no reason recorded"
 #: ``outcome`` values; ``unknown`` is a dead letter without our header.
 OUTCOMES: tuple[str, ...] = ("invalid", "failed", "gave_up", "unknown")
 
-_ENVELOPE_FIELDS = frozenset(
-    {"queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp"}
-)
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|authorization|api[_-]?key", re.I)
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.I)
-_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 
 class DlqError(Exception):
     """A dead-letter operation could not go on (RabbitMQ gone, a publish not confirmed).
     The message is safe to print: it holds no secrets or recipients."""
-
-
-# --- small parsers -------------------------------------------------------------------------------
-def parse_duration(text: str) -> float:
-    """``"90s"``, ``"30m"``, ``"2h"``, ``"1h30m"``, ``"7d"`` → seconds.
-
-    Raises:
-        ValueError: saying what is accepted.
-    """
-    compact = text.strip().replace(" ", "")
-    parts = _DURATION_PART.findall(compact)
-    if not compact or "".join(n + u for n, u in parts).lower() != compact.lower():
-        raise ValueError(f"{text!r} is not a duration like 90s, 30m, 2h, 1h30m or 7d")
-    return sum(float(n) * _UNITS_S[u.lower()] for n, u in parts)
-
-
-def format_age(seconds: float | None) -> str:
-    """``42s``, ``12m``, ``3h05m``, ``2d04h``; ``-`` when unknown."""
-    if seconds is None:
-        return "-"
-    s = max(int(seconds), 0)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86_400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86_400}d{s % 86_400 // 3600:02d}h"
-
-
-#: The shortest id prefix ``--id`` and ``show`` accept.
-MIN_ID_PREFIX = 8
-
-
-def short_id(entry_id: str) -> str:
-    """The id as tables show it: enough characters to find it again with ``--id``."""
-    keep = MIN_ID_PREFIX + (len("sha256-") if entry_id.startswith("sha256-") else 0)
-    return entry_id[:keep]
-
-
-def id_matches(entry_id: str, wanted: str) -> bool:
-    """``wanted`` is the id itself or a prefix of at least :data:`MIN_ID_PREFIX` characters."""
-    return entry_id == wanted or (len(wanted) >= MIN_ID_PREFIX and entry_id.startswith(wanted))
-
-
-@dataclass(frozen=True, slots=True)
-class Edit:
-    """``--set message.template.name=order_v2``: a dotted path into the job's kwargs."""
-
-    path: tuple[str, ...]
-    value: Any
-
-    @property
-    def dotted(self) -> str:
-        return ".".join(self.path)
-
-
-def parse_edit(text: str) -> Edit:
-    """``PATH=VALUE``; VALUE is JSON if it parses as JSON, else the plain string.
-
-    Raises:
-        ValueError: no ``=`` or an empty path segment.
-    """
-    path, sep, raw = text.partition("=")
-    if not sep or not path.strip():
-        raise ValueError(f"{text!r} is not PATH=VALUE (e.g. message.template.name=order_v2)")
-    parts = tuple(p.strip() for p in path.split("."))
-    if any(not p for p in parts):
-        raise ValueError(f"{path!r} has an empty segment")
-    try:
-        value: Any = json.loads(raw)
-    except ValueError:
-        value = raw
-    return Edit(parts, value)
-
-
-def apply_edits(kwargs: dict[str, Any], edits: Sequence[Edit]) -> dict[str, Any]:
-    """A deep copy of ``kwargs`` with each edit applied (lists take integer indexes).
-
-    A missing last key is added; a missing intermediate one is an error (a typo should not
-    silently build a new branch).
-
-    Raises:
-        ValueError: naming the path that does not fit the job.
-    """
-    result = copy.deepcopy(kwargs)
-    for edit in edits:
-        node: Any = result
-        for depth, key in enumerate(edit.path):
-            last = depth == len(edit.path) - 1
-            where = ".".join(edit.path[: depth + 1])
-            if isinstance(node, dict):
-                if last:
-                    node[key] = edit.value
-                elif key not in node:
-                    raise ValueError(f"{where}: no such field in the job")
-                else:
-                    node = node[key]
-            elif isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
-                    raise ValueError(f"{where}: not an index of a list of {len(node)}")
-                if last:
-                    node[int(key)] = edit.value
-                else:
-                    node = node[int(key)]
-            else:
-                raise ValueError(f"{where}: {'.'.join(edit.path[:depth])} is not an object")
-    return result
 
 
 def redact_secrets(value: Any) -> Any:
@@ -343,7 +224,7 @@ class DeadLetterEntry:
             or payload is None
             or not isinstance(payload.get("actor_name"), str)
             or not isinstance(payload.get("kwargs"), dict)
-            or not set(payload) <= _ENVELOPE_FIELDS
+            or not set(payload) <= ENVELOPE_FIELDS
         )
 
     # --- views -----------------------------------------------------------------------------------
@@ -417,45 +298,3 @@ class DeadLetterEntry:
 
 
 # --- filters -------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """Which dead letters a command applies to; every given criterion must match."""
-
-    reason: str | None = None
-    outcomes: frozenset[str] = frozenset()
-    client_id: str | None = None
-    phone_id: str | None = None
-    campaign_id: str | None = None
-    recipient: str | None = None
-    older_than_s: float | None = None
-    newer_than_s: float | None = None
-    ids: frozenset[str] = frozenset()
-
-    @property
-    def empty(self) -> bool:
-        return self == Filters()
-
-    def matches(self, entry: DeadLetterEntry, now_ms: int) -> bool:
-        if self.ids and not any(id_matches(entry.id, wanted) for wanted in self.ids):
-            return False
-        if self.reason is not None and self.reason.casefold() not in entry.reason.casefold():
-            return False
-        if self.outcomes and entry.outcome not in self.outcomes:
-            return False
-        if self.client_id is not None and entry.client_id != self.client_id:
-            return False
-        if self.phone_id is not None and entry.phone_id != self.phone_id:
-            return False
-        if self.campaign_id is not None and entry.campaign_id != self.campaign_id:
-            return False
-        if self.recipient is not None and entry.recipient != self.recipient:
-            return False
-        if self.older_than_s is not None or self.newer_than_s is not None:
-            age = entry.age_s(now_ms)
-            if age is None:
-                return False
-            if self.older_than_s is not None and age < self.older_than_s:
-                return False
-            if self.newer_than_s is not None and age > self.newer_than_s:
-                return False
-        return True

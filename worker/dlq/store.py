@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -13,12 +12,16 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from worker.dlq.entries import DLQ_QUEUES, DeadLetterEntry, DlqError, Edit, Filters, apply_edits
+from worker.connections.amqp import amqp_parameters, close_quietly, open_connection
+from worker.dlq.edits import Edit, apply_edits
+from worker.dlq.entries import DLQ_QUEUES, DeadLetterEntry, DlqError
+from worker.dlq.filters import Filters
 from worker.errors import ConfigurationError, EnqueueError, InvalidJob
 from worker.jobs.models import SendMessageJob
 from worker.jobs.phones import mask_phone
-from worker.jobs.producer import Producer, amqp_parameters
+from worker.jobs.producer import Producer
 from worker.jobs.registry import parse_job
+from worker.jobs.wire import encode_job
 from worker.observability.logging import scrub_text
 from worker.send.ledger import Ledger, LedgerKey
 
@@ -27,6 +30,7 @@ __all__ = [
     "Held",
     "ReplayOptions",
     "ReplayResult",
+    "replay_body",
 ]
 
 
@@ -93,18 +97,20 @@ class DeadLetterStore:
     def __init__(self, amqp_url: str, queues: Sequence[str] = DLQ_QUEUES) -> None:
         self.queues = tuple(queues)
         try:
-            params = amqp_parameters(amqp_url)
+            # No heartbeats: the connection idles while an operator reads a purge prompt, and
+            # its unacknowledged messages must still be there when they answer. A dead peer is
+            # noticed by TCP; RabbitMQ's consumer timeout (30 minutes) bounds the wait.
+            params = amqp_parameters(
+                amqp_url,
+                connection_attempts=1,
+                socket_timeout=5,
+                blocked_connection_timeout=30,
+                heartbeat=0,
+            )
         except ConfigurationError as exc:
             raise DlqError(str(exc)) from None
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        params.blocked_connection_timeout = 30
-        # No heartbeats: the connection idles while an operator reads a purge prompt, and
-        # its unacknowledged messages must still be there when they answer. A dead peer is
-        # noticed by TCP; RabbitMQ's consumer timeout (30 minutes) bounds the wait.
-        params.heartbeat = 0
         try:
-            self._connection = pika.BlockingConnection(params)
+            self._connection = open_connection(params)
         except (pika.exceptions.AMQPError, OSError) as exc:
             raise DlqError(f"cannot connect to RabbitMQ ({type(exc).__name__})") from None
         # Replays go through the producer's confirmed publishing, on a connection of its own.
@@ -121,9 +127,7 @@ class DeadLetterStore:
         """Close the connection: every dead letter read and not removed is back in its queue."""
         self._reading = []
         self._producer.close()
-        if self._connection.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                self._connection.close()
+        close_quietly(self._connection)
 
     # --- reading ---------------------------------------------------------------------------------
     def depths(self) -> dict[str, int]:
@@ -274,20 +278,7 @@ class DeadLetterStore:
             return ReplayResult(
                 entry.id, entry.queue, "would_replay", f"would replay{edited}", masked
             )
-        body = json.dumps(
-            {
-                "queue_name": entry.queue,
-                "actor_name": actor,
-                "args": [],
-                "kwargs": kwargs,
-                "options": {},
-                "message_id": message_id,
-                "message_timestamp": int(time.time() * 1000),
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        ).encode("utf-8")
-        self._publish(entry.queue, body, message_id)
+        self._publish(entry.queue, replay_body(entry, actor, kwargs, message_id), message_id)
         try:
             held.remove()
         except DlqError:
@@ -350,3 +341,11 @@ class DeadLetterStore:
             self._producer.publish_body(queue, body, message_id)
         except EnqueueError as exc:
             raise DlqError(f"{scrub_text(str(exc))}; it stays a dead letter") from None
+
+
+def replay_body(
+    entry: DeadLetterEntry, actor: str, kwargs: dict[str, Any], message_id: str
+) -> bytes:
+    """The body a dead letter is replayed as: a new envelope for its original queue, keeping
+    its message id, with no args and no options (retry and deferral counts start again)."""
+    return encode_job(actor, kwargs, queue=entry.queue, message_id=message_id)

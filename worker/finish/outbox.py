@@ -32,7 +32,6 @@ Redis restart must not lose the few events not yet relayed (the ledger asks the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import struct
@@ -48,6 +47,7 @@ import pika.exceptions
 import redis
 import structlog
 
+from worker.connections.amqp import close_quietly, open_connection
 from worker.connections.redis_text import as_text
 from worker.errors import RedisUnavailable
 from worker.finish.events import build_event, declare_exchange, routing_key
@@ -385,7 +385,7 @@ class OutboxRelay:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self._close()
-        self._connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        self._connection = open_connection(self.amqp_url)
         channel = self._connection.channel()
         declare_exchange(channel, self.exchange)
         channel.tx_select()
@@ -394,6 +394,4 @@ class OutboxRelay:
 
     def _close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-                connection.close()
+        close_quietly(connection)

@@ -18,8 +18,6 @@ connection, the job is published again, which is why sends carry an ``idempotenc
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 import uuid
 from types import TracebackType
@@ -29,12 +27,15 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from worker.errors import ConfigurationError, EnqueueError
+from worker.connections.amqp import ReconnectingChannel, amqp_parameters
+from worker.errors import EnqueueError
 from worker.jobs.models import SEND_QUEUE
 from worker.jobs.registry import JOB_TYPES, parse_job
-from worker.observability.logging import unreadable_url
+from worker.jobs.wire import encode_job
 from worker.runtime.jobs_exchange import JOB_QUEUES
 
+#: encode_job (worker.jobs.wire) and amqp_parameters (worker.connections.amqp) are re-exported:
+#: they are part of the producer's public API.
 __all__ = ["Producer", "amqp_parameters", "encode_job", "queue_arguments"]
 
 #: How long a publish may block while RabbitMQ applies flow control before we give up.
@@ -44,37 +45,9 @@ _ACCESS_REFUSED = 403
 _NOT_FOUND = 404
 
 
-def amqp_parameters(url: str) -> pika.URLParameters:
-    """pika's connection parameters for ``url``.
-
-    Raises:
-        ConfigurationError: pika cannot read the URL. The message names at most the parameter
-            it refused: pika's own messages can quote a value (it evaluates ``ssl_options``,
-            which may hold a key file's password).
-    """
-    try:
-        return pika.URLParameters(url)
-    except Exception as exc:  # noqa: BLE001 - pika raises many kinds, a SyntaxError among them
-        raise ConfigurationError(unreadable_url("AMQP_URL", url, exc)) from None
-
-
 def queue_arguments(queue: str) -> dict[str, Any]:
     """The arguments dramatiq declares its queues with; a producer must declare the same."""
     return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
-
-
-def encode_job(actor_name: str, kwargs: dict[str, Any], *, queue: str, message_id: str) -> bytes:
-    """The dramatiq message body (the public wire format; see README, "Wire format")."""
-    envelope = {
-        "queue_name": queue,
-        "actor_name": actor_name,
-        "args": [],
-        "kwargs": kwargs,
-        "options": {},
-        "message_id": message_id,
-        "message_timestamp": int(time.time() * 1000),
-    }
-    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 class Producer:
@@ -87,11 +60,11 @@ class Producer:
     """
 
     def __init__(self, amqp_url: str, *, exchange: str = "") -> None:
-        self._parameters = amqp_parameters(amqp_url)
-        self._parameters.blocked_connection_timeout = _BLOCKED_TIMEOUT_S
         self.exchange = exchange
-        self._connection: Any = None
-        self._channel: Any = None
+        self._amqp = ReconnectingChannel(
+            amqp_parameters(amqp_url, blocked_connection_timeout=_BLOCKED_TIMEOUT_S),
+            setup=self._setup_channel,
+        )
         self._declared: set[str] = set()
 
     # --- jobs -----------------------------------------------------------------------------------
@@ -185,18 +158,19 @@ class Producer:
         ) from None
 
     def _ensure_channel(self, queue: str) -> Any:
-        if self._connection is None or not self._connection.is_open:
-            self._connection = pika.BlockingConnection(self._parameters)
-            self._channel = self._connection.channel()
-            self._channel.confirm_delivery()
-            self._declared.clear()
-            if self.exchange:
-                # Needs no permission, and a missing exchange is named before any publish.
-                self._channel.exchange_declare(self.exchange, passive=True)
+        channel = self._amqp.channel()
         if not self.exchange and queue not in self._declared:
-            self._channel.queue_declare(queue=queue, durable=True, arguments=queue_arguments(queue))
+            channel.queue_declare(queue=queue, durable=True, arguments=queue_arguments(queue))
             self._declared.add(queue)
-        return self._channel
+        return channel
+
+    def _setup_channel(self, channel: Any) -> None:
+        """Prepare each new channel: publisher confirms, and nothing declared on it yet."""
+        channel.confirm_delivery()
+        self._declared.clear()
+        if self.exchange:
+            # Needs no permission, and a missing exchange is named before any publish.
+            channel.exchange_declare(self.exchange, passive=True)
 
     def _unroutable(self, queue: str) -> str:
         if not self.exchange:
@@ -215,11 +189,8 @@ class Producer:
         return f"RabbitMQ refused the job: {exc.reply_text}"
 
     def _reset(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            # It may be broken already; a new one is opened on the next publish.
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                connection.close()
+        # The connection may be broken already; a new one is opened on the next publish.
+        self._amqp.reset()
 
     def close(self) -> None:
         """Close the connection."""

@@ -15,15 +15,14 @@ through it.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any, Final
 
-import pika
 import pika.exceptions
 import structlog
 from dramatiq.middleware import Middleware
 
+from worker.connections.amqp import close_quietly, open_connection
 from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 
 __all__ = ["JOB_QUEUES", "JobsExchange", "declare_jobs_exchange"]
@@ -74,7 +73,7 @@ class JobsExchange(Middleware):
 
     def _declare(self, *, log_failure: bool) -> bool:
         try:
-            connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+            connection = open_connection(self.amqp_url)
         except (pika.exceptions.AMQPError, OSError) as exc:
             return self._failed(exc, log_failure)
         try:
@@ -82,8 +81,7 @@ class JobsExchange(Middleware):
         except (pika.exceptions.AMQPError, OSError) as exc:
             return self._failed(exc, log_failure)
         finally:
-            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-                connection.close()
+            close_quietly(connection)
         return True
 
     def _failed(self, exc: BaseException, log_failure: bool) -> bool:

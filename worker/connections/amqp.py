@@ -1,0 +1,120 @@
+"""Blocking connections to RabbitMQ outside dramatiq: reading ``AMQP_URL``, opening, closing,
+and a channel that is opened again, on a new connection, after a failure.
+
+The producer, the dead-letter tooling, the events relay, the jobs exchange and the CLI each
+hold a pika ``BlockingConnection`` of their own; they open and close it here, so a URL pika
+cannot read is reported the same way everywhere (without quoting a secret), and closing a
+connection that may be broken already never raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from worker.errors import ConfigurationError
+from worker.observability.logging import unreadable_url
+
+__all__ = ["ReconnectingChannel", "amqp_parameters", "close_quietly", "open_connection"]
+
+
+def amqp_parameters(
+    url: str,
+    *,
+    connection_attempts: int | None = None,
+    socket_timeout: float | None = None,
+    blocked_connection_timeout: float | None = None,
+    heartbeat: int | None = None,
+) -> pika.URLParameters:
+    """pika's connection parameters for ``url``, with those given here set over the URL's.
+
+    Raises:
+        ConfigurationError: pika cannot read the URL. The message names at most the parameter
+            it refused: pika's own messages can quote a value (it evaluates ``ssl_options``,
+            which may hold a key file's password).
+    """
+    try:
+        parameters = pika.URLParameters(url)
+    except Exception as exc:  # noqa: BLE001 - pika raises many kinds, a SyntaxError among them
+        raise ConfigurationError(unreadable_url("AMQP_URL", url, exc)) from None
+    if connection_attempts is not None:
+        parameters.connection_attempts = connection_attempts
+    if socket_timeout is not None:
+        parameters.socket_timeout = socket_timeout
+    if blocked_connection_timeout is not None:
+        parameters.blocked_connection_timeout = blocked_connection_timeout
+    if heartbeat is not None:
+        parameters.heartbeat = heartbeat
+    return parameters
+
+
+def open_connection(target: str | pika.ConnectionParameters) -> Any:
+    """A new ``BlockingConnection`` to ``target`` (a URL, read by :func:`amqp_parameters`).
+
+    Raises:
+        ConfigurationError: the URL cannot be read.
+        pika.exceptions.AMQPError, OSError: RabbitMQ could not be reached or refused us.
+    """
+    parameters = amqp_parameters(target) if isinstance(target, str) else target
+    return pika.BlockingConnection(parameters)
+
+
+def close_quietly(connection: Any) -> None:
+    """Close ``connection`` if it is open; one that breaks while closing is closed all the same."""
+    if connection is not None and connection.is_open:
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            connection.close()
+
+
+class ReconnectingChannel:
+    """One channel on one blocking connection, opened on first use and opened again, on a new
+    connection, once either is closed or :meth:`reset` was called (after a failure).
+
+    ``setup`` prepares each new channel (publisher confirms, a declaration...) before it is
+    handed out; should it fail, the connection is closed on the next :meth:`reset` or
+    :meth:`channel`. Not thread-safe, like the connection itself.
+    """
+
+    def __init__(
+        self,
+        target: str | pika.ConnectionParameters,
+        *,
+        setup: Callable[[Any], None] | None = None,
+    ) -> None:
+        self._target = target
+        self._setup = setup
+        self._connection: Any = None
+        self._channel: Any = None
+
+    @property
+    def connection(self) -> Any:
+        """The connection now held, or None."""
+        return self._connection
+
+    def channel(self) -> Any:
+        """The channel, opened now (with ``setup``) unless the one held is still open.
+
+        Raises:
+            ConfigurationError: the URL cannot be read.
+            pika.exceptions.AMQPError, OSError: from opening or ``setup``; call :meth:`reset`
+                (or just this again) to try once more on a new connection.
+        """
+        channel, connection = self._channel, self._connection
+        if channel is not None and channel.is_open and connection.is_open:
+            return channel
+        self.reset()
+        self._connection = open_connection(self._target)
+        channel = self._connection.channel()
+        if self._setup is not None:
+            self._setup(channel)
+        self._channel = channel
+        return channel
+
+    def reset(self) -> None:
+        """Forget the channel and close its connection (quietly: it may be broken already)."""
+        connection, self._connection, self._channel = self._connection, None, None
+        close_quietly(connection)
