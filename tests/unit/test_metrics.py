@@ -13,8 +13,9 @@ from worker import errors
 from worker.finish.outcome import Failure, JobContext, JobFacts, JobOutcome, JobRun, Outcome
 from worker.jobs.registry import JOB_TYPES
 from worker.limits.pacing import Lane
-from worker.observability import metrics as metrics_module
-from worker.observability.metrics import DEFERRAL_KINDS, OTHER_LABEL_VALUE, Metrics
+from worker.observability import labels as label_values
+from worker.observability.labels import DEFERRAL_KINDS, OTHER_LABEL_VALUE
+from worker.observability.metrics import Metrics
 from worker.runtime.broker import UNDECODABLE_ACTOR
 from worker.send import gate
 from worker.verloop.endpoints import DEFAULT_ENDPOINTS
@@ -177,10 +178,10 @@ def test_every_deferral_kind_and_error_class_the_worker_uses_is_initialised() ->
         used |= set(re.findall(r'held_while_redis_is_down\(\s*\w+,\s*"([a-z_]+)"', text))
     assert {"in_flight", "redis_unavailable", "limiter_unavailable"} <= used
     assert used <= set(DEFERRAL_KINDS), sorted(used - set(DEFERRAL_KINDS))
-    for _, error in metrics_module._DEAD_LETTER_KINDS:
+    for _, error in label_values.DEAD_LETTER_KINDS:
         assert issubclass(getattr(errors, error), errors.JobFailure)
-    assert metrics_module._UNDECODABLE_ACTOR == UNDECODABLE_ACTOR
-    assert {actor for actor, _, _ in metrics_module._actor_lanes()} == {
+    assert label_values.UNDECODABLE_ACTOR == UNDECODABLE_ACTOR
+    assert {actor for actor, _, _ in label_values.actor_lanes()} == {
         *JOB_TYPES,
         UNDECODABLE_ACTOR,
     }

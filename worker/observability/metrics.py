@@ -51,7 +51,6 @@ verloop_worker_thread_deaths_total         worker threads that died
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any, get_args
 
@@ -60,93 +59,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from worker.finish.outbox import PARK_KINDS
 from worker.finish.outcome import (
     CAMPAIGN_OUTCOMES,
-    MANAGE_OUTCOMES,
     SEND_OUTCOMES,
     JobRun,
     Outcome,
 )
 from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
-from worker.jobs.registry import JOB_TYPES
+from worker.observability.labels import (
+    AFTER_SEND_STEPS,
+    DEAD_LETTER_KINDS,
+    DEFERRAL_KINDS,
+    LANES,
+    OTHER_LABEL_VALUE,
+    Capped,
+    actor_lanes,
+)
 from worker.verloop.endpoints import DEFAULT_ENDPOINTS
 from worker.verloop.tokens import TokenSource
 
-__all__ = ["DEFERRAL_KINDS", "OTHER_LABEL_VALUE", "Metrics"]
+__all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
-
-
-#: The writes after an accepted send (see ``worker.finish.finish``).
-AFTER_SEND_STEPS = ("ledger", "campaign", "event")
-
-#: The label value that stands for every client, number or campaign beyond the cap.
-OTHER_LABEL_VALUE = "_other"
-
-# --- label values known in advance (their series exist at zero from the start) ---------------
-_LANES = ("transactional", "campaign")
-#: Every ``Deferred.kind`` the worker raises (tests/unit/test_metrics.py keeps this complete).
-DEFERRAL_KINDS = (
-    "rate_limit",
-    "recipient_cooling",
-    "number_paused",
-    "campaign_paused",
-    "campaign_scheduled",
-    "scheduled",
-    "send_window",
-    "in_flight",
-    "limiter_unavailable",
-    "redis_unavailable",
-    "other",
-)
-#: A job whose body was not a job (worker.runtime.broker's UNDECODABLE_ACTOR) is dead-lettered.
-_UNDECODABLE_ACTOR = "verloop.undecodable"
-#: (outcome, error class) of the dead letters the worker's own errors make.
-_DEAD_LETTER_KINDS = (
-    ("invalid", "InvalidJob"),
-    ("failed", "PermanentFailure"),
-    ("failed", "TokenInvalid"),
-    ("gave_up", "TransientFailure"),
-)
-
-
-def _lane(queue: str) -> str:
-    # As worker.finish.middleware names a job's lane.
-    return "campaign" if queue == CAMPAIGN_QUEUE else "transactional"
-
-
-def _actor_lanes() -> list[tuple[str, str, tuple[str, ...]]]:
-    """(actor, lane, outcomes) of every job the worker can finish."""
-    combos: list[tuple[str, str, tuple[str, ...]]] = []
-    for actor, queue in ((t.name, t.queue) for t in JOB_TYPES.values()):
-        send = actor == "send_message"
-        lanes = _LANES if send else (_lane(queue),)
-        # rejected: a retry or dead letter RabbitMQ did not confirm (see worker.finish.middleware).
-        outcomes = tuple(o.value for o in (SEND_OUTCOMES if send else MANAGE_OUTCOMES))
-        combos.extend((actor, lane, outcomes) for lane in lanes)
-    undecodable = (Outcome.DEAD_LETTERED.value, Outcome.REJECTED.value)
-    combos.extend((_UNDECODABLE_ACTOR, lane, undecodable) for lane in _LANES)
-    return combos
-
-
-class _Capped:
-    """Admits at most ``limit`` distinct values of one label; later ones become ``_other``."""
-
-    def __init__(self, limit: int) -> None:
-        self._admitted: set[str] = set()
-        self._limit = limit
-        self._lock = threading.Lock()
-
-    def __call__(self, value: str) -> tuple[str, bool]:
-        """The label value to use, and whether ``value`` was admitted just now."""
-        if value in self._admitted:
-            return value, False
-        with self._lock:
-            if value in self._admitted:
-                return value, False
-            if len(self._admitted) >= self._limit:
-                return OTHER_LABEL_VALUE, False
-            self._admitted.add(value)
-            return value, True
 
 
 class Metrics:
@@ -162,9 +95,9 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._limits_set: set[str] = set()
         self._other_limit = 0.0
-        self._client_ids = _Capped(max_label_values)
-        self._phone_ids = _Capped(max_label_values)
-        self._campaign_ids = _Capped(max_label_values)
+        self._client_ids = Capped(max_label_values)
+        self._phone_ids = Capped(max_label_values)
+        self._campaign_ids = Capped(max_label_values)
         # A registry of its own: in multiprocess mode values go to files whatever the registry,
         # and a private one lets tests create several instances in one process.
         registry = registry or CollectorRegistry(auto_describe=True)
@@ -312,18 +245,18 @@ class Metrics:
             child(self.events_parked, kind)
         for state in ("expected", "alive", "dead", "stuck"):
             child(self.worker_threads, state)  # set by the thread watch once it has looked
-        for actor, lane, outcomes in _actor_lanes():
+        for actor, lane, outcomes in actor_lanes():
             for outcome in outcomes:
                 child(self.jobs, actor, lane, outcome)
             if "retrying" in outcomes:
                 child(self.retries, actor, lane)
             child(self.job_duration, actor, lane)
-        for lane in _LANES:
+        for lane in LANES:
             child(self.limit_wait, lane)
             for kind in DEFERRAL_KINDS:
                 child(self.deferrals, lane, kind)
         for queue in (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE):
-            for outcome, error in _DEAD_LETTER_KINDS:
+            for outcome, error in DEAD_LETTER_KINDS:
                 child(self.dead_letters, queue, outcome, error)
         for endpoint in DEFAULT_ENDPOINTS:
             child(self.api_latency, endpoint)
@@ -340,7 +273,7 @@ class Metrics:
         for client_id, phone_id in pairs:
             client, _ = self._client_ids(client_id)
             phone = self._phone(phone_id)
-            for lane in _LANES:
+            for lane in LANES:
                 for outcome in (o.value for o in SEND_OUTCOMES):
                     self._child(self.sends, lane, outcome, client, phone)
         for phone_id in phone_ids:
