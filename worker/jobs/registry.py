@@ -124,6 +124,7 @@ def jobs_json_schema() -> dict[str, Any]:
         ),
         "actors": {
             name: {
+                "description": job_type.summary,
                 "queue": job_type.queue,
                 # Campaign sends: the same contract on their own queue, paced behind the rest.
                 **({"campaign_queue": job_type.lane_queue} if job_type.lane_queue else {}),
