@@ -32,8 +32,8 @@ from typing import Any, Final, Literal
 import redis
 
 from worker.bounded import BoundedDict
+from worker.connections.redis import as_text
 from worker.connections.redis_keys import join_parts, split_parts
-from worker.connections.redis_text import as_text
 from worker.errors import ConfigurationError, RedisUnavailable
 from worker.finish.outcome import CAMPAIGN_OUTCOMES
 

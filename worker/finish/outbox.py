@@ -48,7 +48,7 @@ import pika.exceptions
 import redis
 import structlog
 
-from worker.connections.redis_text import as_text
+from worker.connections.redis import as_text
 from worker.errors import RedisUnavailable
 from worker.finish.events import build_event, declare_exchange, routing_key
 

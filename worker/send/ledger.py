@@ -40,8 +40,8 @@ from typing import Any, Final, Literal
 
 import redis
 
+from worker.connections.redis import as_text
 from worker.connections.redis_direct import ThreadConnections
-from worker.connections.redis_text import as_text
 from worker.errors import RedisUnavailable
 
 __all__ = ["MAX_UNRECORDED", "Claim", "Ledger", "LedgerEntry", "LedgerKey"]

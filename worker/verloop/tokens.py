@@ -59,8 +59,8 @@ import structlog
 from pydantic import SecretStr
 
 from worker.bounded import BoundedDict
+from worker.connections.redis import as_text
 from worker.connections.redis_keys import join_parts
-from worker.connections.redis_text import as_text
 from worker.errors import FailureDetails, PermanentFailure, RedisUnavailable, TokenInvalid
 from worker.observability.logging import register_secret
 from worker.verloop.client import VerloopClient
