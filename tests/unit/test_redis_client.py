@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.runtime.services import open_redis
+from worker.connections.redis import open_redis
 from worker.settings import REDIS_TIMEOUT_S, Settings
 
 

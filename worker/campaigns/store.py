@@ -32,9 +32,9 @@ from typing import Any, Final, Literal
 import redis
 
 from worker.bounded import BoundedDict
+from worker.connections.redis import RedisErrors, as_text
 from worker.connections.redis_keys import join_parts, split_parts
-from worker.connections.redis_text import as_text
-from worker.errors import ConfigurationError, RedisUnavailable
+from worker.errors import ConfigurationError
 from worker.finish.outcome import CAMPAIGN_OUTCOMES
 
 __all__ = ["OUTCOME_COUNTERS", "CampaignRef", "CampaignState", "CampaignStatus", "CampaignStore"]
@@ -47,6 +47,8 @@ _RATE_BUCKET_S: Final = 10
 _RATE_WINDOW_BUCKETS: Final = 6  # the current rate is measured over the last minute
 #: A worker process remembers at most this many campaigns' states (the least recently used go).
 MAX_CACHED_CAMPAIGNS: Final = 10_000
+#: Every Redis error of the store becomes RedisUnavailable("campaign store: <error>").
+_REDIS: Final = RedisErrors("campaign store: {error}")
 
 CampaignState = Literal["running", "paused", "cancelled"]
 STATES: Final = ("running", "paused", "cancelled")
@@ -134,7 +136,8 @@ class _Cached:
 
 
 class CampaignStore:
-    """Reads and writes campaigns; every Redis error becomes :class:`RedisUnavailable`.
+    """Reads and writes campaigns; every Redis error becomes
+    :class:`~worker.errors.RedisUnavailable`.
 
     Args:
         state_cache_s: how long a worker process trusts a campaign state it read.
@@ -162,7 +165,7 @@ class CampaignStore:
         """Create the campaign if it does not exist; return False if it did (a resume)."""
         values = {k: v for k, v in definition.items() if v is not None}
         values.update(id=ref.campaign_id, state="running", created_at=f"{time.time():.3f}")
-        try:
+        with _REDIS:
             self._adopt_legacy(ref)
             created = bool(self.cache.hsetnx(ref.key, "id", ref.campaign_id))
             if created:
@@ -170,8 +173,6 @@ class CampaignStore:
                 self.cache.persist(ref.key)  # counted by workers before it was started
                 self.cache.zadd(_INDEX, {ref.member: time.time()})
             return created
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
 
     def checkpoint(self, ref: CampaignRef, *, rows_done: int, enqueued: int, rejected: int) -> None:
         """Record how far the file has been read and confirmed by RabbitMQ."""
@@ -189,11 +190,9 @@ class CampaignStore:
         """
         if client_id is not None:
             return CampaignRef(client_id, campaign_id)
-        try:
+        with _REDIS:
             members = [as_text(m) for m in self.cache.zrange(_INDEX, 0, -1)]
             legacy = self.cache.hget(_LEGACY_PREFIX + campaign_id, "client_id")
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
         clients = {
             client for client, campaign in map(_parse_member, members) if campaign == campaign_id
         }
@@ -222,7 +221,7 @@ class CampaignStore:
 
     def get(self, ref: CampaignRef) -> CampaignStatus:
         bucket = int(time.time()) // _RATE_BUCKET_S
-        try:
+        with _REDIS:
             self._adopt_legacy(ref)
             pipe = self.cache.pipeline(transaction=False)
             pipe.hgetall(ref.key)
@@ -230,8 +229,6 @@ class CampaignStore:
             for n in range(1, _RATE_WINDOW_BUCKETS + 1):
                 pipe.get(f"{ref.key}:rate:{bucket - n}")
             fields, *buckets = pipe.execute()
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
         if not fields:
             raise ConfigurationError(f"no campaign {ref} (see `verloop-worker campaign list`)")
         fields = {as_text(k): as_text(v) for k, v in fields.items()}
@@ -247,12 +244,10 @@ class CampaignStore:
         """The newest ``limit`` campaigns, newest first (those of earlier versions too)."""
         scored: Any
         legacy: Any
-        try:
+        with _REDIS:
             scored = self.cache.zrevrange(_INDEX, 0, limit - 1, withscores=True)
             legacy = self.cache.zrevrange(_LEGACY_INDEX, 0, limit - 1, withscores=True)
             owners = [self.cache.hget(_LEGACY_PREFIX + as_text(c), "client_id") for c, _ in legacy]
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
         refs: list[tuple[float, CampaignRef]] = [
             (float(score), CampaignRef(*_parse_member(as_text(member)))) for member, score in scored
         ]
@@ -283,10 +278,8 @@ class CampaignStore:
         if cached is not None and now - cached.read_at <= self.state_cache_s:
             return cached
         fields = ("id", "state", "window_start", "window_end", "timezone", "start_at")
-        try:
+        with _REDIS:
             found, state, start, end, tz, start_at = self._adopt_legacy(ref, fields)
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
         window = (as_text(start), as_text(end), as_text(tz or "UTC")) if start and end else None
         cached = _Cached(
             as_text(state or "running"),
@@ -299,13 +292,11 @@ class CampaignStore:
 
     def count_outcome(self, ref: CampaignRef, outcome: str, extra: str | None = None) -> None:
         """Count one job's final outcome (and, for sends, the current rate)."""
-        try:
+        with _REDIS:
             pipe = self.cache.pipeline(transaction=False)
             for command in self.outcome_commands(ref, outcome, extra):
                 pipe.execute_command(*command)  # type: ignore[no-untyped-call]
             pipe.execute()
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
 
     def outcome_commands(
         self, ref: CampaignRef, outcome: str, extra: str | None = None
@@ -337,10 +328,8 @@ class CampaignStore:
         return tuple(self._adopt_and_read(keys=keys, args=args))
 
     def _hset(self, ref: CampaignRef, **values: Any) -> None:
-        try:
+        with _REDIS:
             self.cache.hset(ref.key, mapping={k: str(v) for k, v in values.items()})
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"campaign store: {type(exc).__name__}") from None
 
 
 def _parse_member(member: str) -> tuple[str, str]:

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pika.exceptions
-import redis
 import structlog
 from dramatiq.errors import BrokerConnectionError
 
 from worker.campaigns.store import CampaignRef
+from worker.connections.redis import RedisErrors
 from worker.errors import RedisUnavailable
 from worker.finish.events import declare_exchange, publish_event
 from worker.finish.outcome import JobOutcome, JobRun, Outcome
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["JobFinisher"]
 
 _log = structlog.get_logger()
+#: A Redis error of the finishing round trip becomes RedisUnavailable("finishing a job: <error>").
+_REDIS = RedisErrors("finishing a job: {error}")
 
 
 class JobFinisher:
@@ -97,10 +99,8 @@ class JobFinisher:
             return services.ledger.mark_sent(
                 outcome.ledger_key, outcome.verloop_message_id, also=commands
             )
-        try:
+        with _REDIS:
             return services.connections.execute(commands, raise_refusals=False)
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"finishing a job: {type(exc).__name__}") from None
 
     @staticmethod
     def _failed(run: JobRun, sent: bool, step: str, what: str) -> None:

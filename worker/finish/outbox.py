@@ -48,8 +48,7 @@ import redis
 import structlog
 
 from worker.connections.amqp import close_quietly, open_connection
-from worker.connections.redis_text import as_text
-from worker.errors import RedisUnavailable
+from worker.connections.redis import RedisErrors, as_text
 from worker.finish.events import build_event, declare_exchange, routing_key
 
 __all__ = ["GROUP", "PARKED_STREAM", "PARK_KINDS", "STREAM", "EventOutbox", "OutboxRelay"]
@@ -73,6 +72,8 @@ _ENTRY_FAULTS = (
 )
 
 _log = structlog.get_logger()
+#: Adding an event: a Redis error becomes RedisUnavailable("events outbox: <error>").
+_REDIS: Final = RedisErrors("events outbox: {error}")
 
 
 def _entry(fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[Any, Any]:
@@ -117,10 +118,8 @@ class EventOutbox:
             TypeError, ValueError: the event cannot be encoded.
         """
         entry = _entry(fields, extra)
-        try:
+        with _REDIS:
             self.cache.xadd(self.stream, entry, maxlen=self.max_len, approximate=True)
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"events outbox: {type(exc).__name__}") from None
 
 
 #: Why entries are parked, as metrics count them.

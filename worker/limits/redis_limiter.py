@@ -17,6 +17,7 @@ from typing import Any
 
 import redis
 
+from worker.connections.redis import RedisErrors
 from worker.connections.redis_direct import ThreadConnections
 from worker.errors import RedisUnavailable
 from worker.limits.pacing import MIN_PENALTY_FACTOR, Decision, Lane, LimitPolicy, Verdict
@@ -90,6 +91,10 @@ return tostring(factor)
 
 class LimiterUnavailable(RedisUnavailable):
     """Redis did not answer the limiter: no send may go out until it does."""
+
+
+#: Every Redis error of the limiter becomes LimiterUnavailable.
+_REDIS = RedisErrors("rate limiter unavailable (Redis: {error})", LimiterUnavailable)
 
 
 #: A lease covers at most this long of a number's sends (at its rate, and at this process's
@@ -227,12 +232,10 @@ class RedisLimiter:
             lease_slots,
         ]
         asked_at = time.monotonic()
-        try:
+        with _REDIS:
             code, wait_us, slots, granted_interval_us = self._direct.evalsha(
                 self._acquire, keys, args
             )
-        except redis.RedisError as exc:
-            raise _unavailable(exc) from None
         wait_s = int(wait_us) / 1_000_000
         if leased is not None and int(slots) > 1:
             first = asked_at + wait_s
@@ -290,11 +293,9 @@ class RedisLimiter:
         self._direct.close()
 
     @staticmethod
+    @_REDIS
     def _run(script: Any, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return script(keys=keys, args=args)
-        except redis.RedisError as exc:
-            raise _unavailable(exc) from None
+        return script(keys=keys, args=args)
 
 
 def _number_key(phone_id: str) -> str:
@@ -303,7 +304,3 @@ def _number_key(phone_id: str) -> str:
 
 def _pair_key(phone_id: str, recipient: str) -> str:
     return f"{_number_key(phone_id)}:pair:{recipient}"
-
-
-def _unavailable(exc: redis.RedisError) -> LimiterUnavailable:
-    return LimiterUnavailable(f"rate limiter unavailable (Redis: {type(exc).__name__})")

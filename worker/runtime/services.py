@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +10,7 @@ import redis
 from dramatiq.middleware import Middleware
 
 from worker.campaigns.store import CampaignStore
+from worker.connections.redis import open_redis
 from worker.connections.redis_direct import ThreadConnections
 from worker.errors import ConfigurationError
 from worker.finish.outbox import EventOutbox, OutboxRelay
@@ -19,55 +18,12 @@ from worker.limits import LimitPolicy, MemoryLimiter, RateLimiter, RedisLimiter
 from worker.observability.metrics import Metrics
 from worker.send.gate import GateSettings, SendGate
 from worker.send.ledger import Ledger
-from worker.settings import REDIS_TIMEOUT_S, Settings
+from worker.settings import Settings
 from worker.verloop.client import VerloopClient
 from worker.verloop.endpoints import resolve_endpoints
 from worker.verloop.tokens import PhoneTokens, SystemToken
 
 __all__ = ["Lifecycle", "Services", "open_limiter", "open_redis", "open_verloop_client"]
-
-
-class _KernelTimeoutConnection(redis.Connection):
-    """A TCP connection to Redis whose timeout is kept by the kernel (``SO_RCVTIMEO`` and
-    ``SO_SNDTIMEO`` on a blocking socket) rather than by Python.
-
-    With a Python socket timeout every read is a ``poll`` and then a ``recv``, and each system
-    call lets go of the interpreter lock, a point where a worker thread may have to wait for
-    another to hand it back; the send path makes two or three Redis calls per job on every
-    thread. Here a read is one ``recv``. (Measured: fewer system calls per job; the effect on
-    the send-path benchmark was within its noise.) A read or write that takes longer than the
-    timeout still fails, as a ``ConnectionError``, and the call is retried or reported as Redis
-    being down, as before. ``rediss://`` and ``unix://`` keep redis-py's own classes.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        self._io_timeout_s = kwargs.pop("socket_timeout", None) or REDIS_TIMEOUT_S
-        super().__init__(socket_timeout=None, **kwargs)  # type: ignore[no-untyped-call]
-
-    def _connect(self) -> socket.socket:
-        # Connected, and blocking (its Python timeout is None).
-        sock: socket.socket = super()._connect()  # type: ignore[no-untyped-call]
-        seconds = int(self._io_timeout_s)
-        timeval = struct.pack("ll", seconds, int((self._io_timeout_s - seconds) * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        return sock
-
-
-def open_redis(settings: Settings) -> redis.Redis:
-    """A Redis client with short timeouts: a dead Redis fails a call, it does not hang it."""
-    url = settings.redis_url.get_secret_value()
-    # TLS (rediss://) and Unix sockets keep the classes redis-py picks for them.
-    tcp = {"connection_class": _KernelTimeoutConnection} if url.startswith("redis://") else {}
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        health_check_interval=15,
-        retry_on_timeout=False,
-        **tcp,
-    )
 
 
 def open_verloop_client(

@@ -40,9 +40,8 @@ from typing import Any, Final, Literal
 
 import redis
 
+from worker.connections.redis import RedisErrors, as_text
 from worker.connections.redis_direct import ThreadConnections
-from worker.connections.redis_text import as_text
-from worker.errors import RedisUnavailable
 
 __all__ = ["MAX_UNRECORDED", "Claim", "Ledger", "LedgerEntry", "LedgerKey"]
 
@@ -51,6 +50,8 @@ _PREFIX: Final = "verloop:ledger:"
 MAX_UNRECORDED: Final = 10_000
 #: Records written late per claim, at most.
 _LATE_BATCH: Final = 100
+#: Every Redis error of the ledger becomes RedisUnavailable("idempotency ledger: <error>").
+_REDIS: Final = RedisErrors("idempotency ledger: {error}")
 
 # KEYS[1] entry, KEYS[2] its legacy key (or the entry again), KEYS[3..] holds; ARGV: lease_ms,
 # ttl_s, owner, take_over_uncertain (1/0). The owner's own claim is renewed (a send retried in
@@ -156,7 +157,8 @@ class LedgerEntry:
 
 class Ledger:
     """The Redis ledger (see the module docstring). Every method raises
-    :class:`RedisUnavailable` when Redis does not answer: the caller holds the job."""
+    :class:`~worker.errors.RedisUnavailable` when Redis does not answer: the caller holds the
+    job."""
 
     def __init__(
         self,
@@ -186,14 +188,12 @@ class Ledger:
     ) -> Claim:
         """Claim ``key`` for one call to Verloop by ``owner`` (e.g. the dramatiq message id),
         unless one of the ``holds`` keys exists."""
-        try:
+        with _REDIS:
             state, detail = self._direct.evalsha(
                 self._claim,
                 [*key.names, *holds],
                 [self.lease_ms, self.ttl_s, self._owner_prefix + owner, int(take_over_uncertain)],
             )
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
         if self._unrecorded:
             self._record_late()
         state, detail = as_text(state), as_text(detail)
@@ -218,11 +218,12 @@ class Ledger:
         try:
             replies = self._direct.execute([record, *also], raise_refusals=False)
         except redis.RedisError as exc:
+            failed: redis.RedisError | None = exc
+        else:
+            failed = replies[0] if isinstance(replies[0], redis.RedisError) else None
+        if failed is not None:  # not sent, or refused: written with a later claim
             self._unrecorded.append((key.name, message_id or ""))
-            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
-        if isinstance(replies[0], redis.RedisError):
-            self._unrecorded.append((key.name, message_id or ""))
-            raise RedisUnavailable(f"idempotency ledger: {type(replies[0]).__name__}")
+            raise _REDIS.translate(failed) from None
         return replies[1:]
 
     @property
@@ -252,12 +253,10 @@ class Ledger:
     def mark_uncertain(self, key: LedgerKey, owner: str) -> None:
         """This owner's call went out and no answer came back: its claim becomes uncertain now
         (what a later delivery does with it is ``UNCERTAIN_SEND_POLICY``'s choice)."""
-        try:
+        with _REDIS:
             self._uncertain(
                 keys=[_PREFIX + key.name], args=[self._owner_prefix + owner, self.ttl_s]
             )
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
 
     def close(self) -> None:
         """Close the connections of the send path's calls (the client is the caller's)."""
@@ -265,17 +264,13 @@ class Ledger:
 
     def release(self, key: LedgerKey, owner: str) -> None:
         """Give up this owner's claim after a failed call, so a retry may send."""
-        try:
+        with _REDIS:
             self._release(keys=[_PREFIX + key.name], args=[self._owner_prefix + owner])
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
 
     def lookup(self, key: LedgerKey) -> LedgerEntry:
         """What the ledger knows of ``key`` (for dead-letter replay and the CLI)."""
-        try:
+        with _REDIS:
             values = self.cache.mget(key.names)
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None
         texts = [as_text(v) for v in values if v is not None]
         sent = next((t for t in texts if t.startswith("s:")), None)
         if sent is not None:
@@ -287,7 +282,5 @@ class Ledger:
         ``outcome unknown`` job), in one atomic step: a claim still in its lease, or a record
         of a send (even one written a moment ago), is never dropped. Returns whether something
         was dropped."""
-        try:
+        with _REDIS:
             return bool(self._forget(keys=key.names))
-        except redis.RedisError as exc:
-            raise RedisUnavailable(f"idempotency ledger: {type(exc).__name__}") from None

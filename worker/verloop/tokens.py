@@ -32,13 +32,8 @@ partner may use, and Verloop's 401/403 does not say which of the two it refused.
   asking Verloop again. ``tokens refresh`` for the number forgets it in the process that runs it.
 * ``list_clients`` could not be reached (timeout, 5xx): nothing is decided, the job is retried.
 
-Redis keys: ``verloop:token:phone:<client>:<phone>`` (a hash of the token, the client id and the
-phone id, so ``tokens list`` need not parse keys) and ``verloop:token:lock:<client>:<phone>``
-(the fetch lock). The ids are length-prefixed (:mod:`worker.connections.redis_keys`), so no two
-pairs share
-a key and a phone id cannot reach into the lock's namespace. Entries of the older format
-(``verloop:phone-token:...``) are ignored: they expire by themselves, and each number's token is
-fetched once more.
+The system user token is :mod:`worker.verloop.system_token`'s; the Redis side (keys, the fetch
+lock, ``tokens list``) is :mod:`worker.verloop.token_cache`'s.
 
 Per-process state keyed by producer-chosen ids (tokens in memory, fetch locks, remembered
 refusals) holds at most ``TOKEN_LOCAL_MAX_ENTRIES`` numbers each, forgetting the least recently
@@ -47,23 +42,22 @@ used.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import redis
 import structlog
 from pydantic import SecretStr
 
 from worker.bounded import BoundedDict
-from worker.connections.redis_keys import join_parts
-from worker.connections.redis_text import as_text
-from worker.errors import FailureDetails, PermanentFailure, RedisUnavailable, TokenInvalid
+from worker.errors import FailureDetails, PermanentFailure, TokenInvalid
 from worker.observability.logging import register_secret
 from worker.verloop.client import VerloopClient
+from worker.verloop.system_token import SystemToken
+from worker.verloop.token_cache import FETCH_LOCK_MS, TokenCache, token_cache_entries, token_key
 
 __all__ = ["PhoneTokens", "SystemToken", "TokenSource", "token_cache_entries", "token_key"]
 
@@ -71,149 +65,7 @@ TokenSource = Literal["file", "memory", "redis", "verloop"]
 
 _log = structlog.get_logger()
 
-_GLOB = re.compile(r"[*?\[\]\\]")
-_CACHE_PREFIX = "verloop:token:phone:"
-_LOCK_PREFIX = "verloop:token:lock:"
-#: How long one process may hold the fleet-wide "I am fetching this token" lock.
-_FETCH_LOCK_MS = 15_000
 _POLL_INTERVAL_S = 0.05
-
-# Delete the key only if it still holds the value that was rejected (a lock's owner).
-_COMPARE_AND_DELETE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-# The same for a cached token, kept in the hash's "token" field.
-_COMPARE_AND_DELETE_CACHED = """
-if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-class SystemToken:
-    """The system user token: given in settings, or obtained from a username and password.
-
-    See the module docstring for when it is dropped (:meth:`is_refused`).
-    """
-
-    def __init__(
-        self,
-        client: VerloopClient,
-        *,
-        token: SecretStr | None,
-        username: str | None,
-        password: SecretStr | None,
-        check_interval_s: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._client = client
-        self._configured = token.get_secret_value() if token else None
-        self._username = username
-        self._password = password
-        self._interval_s = check_interval_s
-        self._clock = clock
-        self._obtained: str | None = None
-        #: A configured token Verloop refused, without credentials to log in: unused until then.
-        self._configured_refused_until = float("-inf")
-        #: A refused login: not tried again until then, with this reason.
-        self._login_refused: tuple[FailureDetails, float] | None = None
-        #: The last token Verloop accepted (or issued) and when; the last one it refused.
-        self._accepted: tuple[str, float] | None = None
-        self._refused: tuple[str, float] | None = None
-        self._lock = threading.Lock()
-        self._check_lock = threading.Lock()
-        register_secret(self._configured)
-        register_secret(password.get_secret_value() if password else None)
-
-    @property
-    def can_renew(self) -> bool:
-        """True when a rejected token can be replaced by logging in again."""
-        return self._username is not None and self._password is not None
-
-    def get(self) -> str:
-        """The current system user token, logging in first if needed."""
-        configured = self._configured
-        if configured is not None and self._obtained is None:
-            if self._clock() < self._configured_refused_until:
-                raise PermanentFailure(
-                    "Verloop refused VERLOOP_SYSTEM_TOKEN (list_clients refused it too); it is "
-                    f"tried again {self._interval_s:g} s (SYSTEM_TOKEN_CHECK_INTERVAL_S) after "
-                    "the refusal. Set a valid token, or VERLOOP_USERNAME and VERLOOP_PASSWORD"
-                )
-            return configured
-        with self._lock:
-            if self._obtained is None:
-                self._obtained = self._log_in()
-            return self._obtained
-
-    def is_refused(self, token: str) -> bool:
-        """Whether Verloop refuses ``token`` itself, after it refused a call made with it.
-
-        Asks ``list_clients`` at most once per interval per token; a refused token is dropped,
-        so the next :meth:`get` logs in again (or, without credentials, fails for a while).
-
-        Raises:
-            TransientFailure: ``list_clients`` could not be reached; nothing was decided.
-        """
-        with self._check_lock:
-            now = self._clock()
-            for known, refused in ((self._accepted, False), (self._refused, True)):
-                if known is not None and known[0] == token and now - known[1] < self._interval_s:
-                    return refused
-            try:
-                self._client.list_clients(token)
-            except TokenInvalid as exc:
-                self._refused = (token, now)
-                self._drop(token, now)
-                _log.warning(
-                    "Verloop refused the system user token (get_phone_token and list_clients)",
-                    http_status=exc.details.http_status,
-                    code=exc.details.code,
-                    renew="log in again" if self.can_renew else "none: no username/password",
-                )
-                return True
-            except PermanentFailure as exc:
-                # Not a refusal of the token (a path or shape problem): the token stays.
-                _log.warning("system user token check inconclusive", reason=exc.details.reason)
-            self._accepted = (token, now)
-            return False
-
-    def _drop(self, token: str, now: float) -> None:
-        with self._lock:
-            if self._obtained == token:
-                self._obtained = None
-            if self._configured == token:
-                if self.can_renew:
-                    self._configured = None  # logging in replaces it from now on
-                else:
-                    self._configured_refused_until = now + self._interval_s
-
-    def _log_in(self) -> str:
-        if not self.can_renew:
-            raise PermanentFailure(
-                "no Verloop system user token: set VERLOOP_SYSTEM_TOKEN, or "
-                "VERLOOP_USERNAME and VERLOOP_PASSWORD"
-            )
-        now = self._clock()
-        if self._login_refused is not None and now < self._login_refused[1]:
-            details = self._login_refused[0]
-            raise PermanentFailure(
-                details.reason, http_status=details.http_status, code=details.code
-            )
-        try:
-            token = self._client.authenticate(str(self._username), _reveal(self._password))
-        except TokenInvalid as exc:
-            failure = PermanentFailure(
-                "Verloop refused VERLOOP_USERNAME/VERLOOP_PASSWORD; the login is tried again "
-                f"{self._interval_s:g} s (SYSTEM_TOKEN_CHECK_INTERVAL_S) after the refusal",
-                http_status=exc.details.http_status,
-                code=exc.details.code,
-            )
-            self._login_refused = (failure.details, now + self._interval_s)
-            raise failure from None
-        register_secret(token)
-        self._login_refused = None
-        return token
 
 
 class PhoneTokens:
@@ -234,14 +86,13 @@ class PhoneTokens:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
-        self._cache = cache
+        self._cache = TokenCache(cache, ttl_s=cache_ttl_s)
         self._system = system
         self._configured = {k: v.get_secret_value() for k, v in configured.items()}
         for token in self._configured.values():
             register_secret(token)
         self._legacy = legacy_lookup
         self._local_ttl_s = local_ttl_s
-        self._cache_ttl_s = cache_ttl_s
         self._refusal_ttl_s = refusal_ttl_s
         self._clock = clock
         self._local: BoundedDict[tuple[str, str], tuple[str, float]] = BoundedDict(max_entries)
@@ -251,8 +102,6 @@ class PhoneTokens:
         self._refusals: BoundedDict[tuple[str, str], tuple[FailureDetails, float]] = BoundedDict(
             max_entries
         )
-        self._compare_and_delete = cache.register_script(_COMPARE_AND_DELETE)
-        self._compare_and_delete_cached = cache.register_script(_COMPARE_AND_DELETE_CACHED)
         #: How many times this process called get_phone_token (tests and metrics read it).
         self.fetches = 0
 
@@ -280,7 +129,7 @@ class PhoneTokens:
             token = self._from_memory(key)
             if token is not None:
                 return token, "memory"
-            token = self._redis(lambda: self._cache.hget(token_key(key), "token"))
+            token = self._cache.get(key)
             source: TokenSource = "redis"
             if token is None:
                 self._raise_if_refused(key)
@@ -302,11 +151,7 @@ class PhoneTokens:
             self._local.pop_if(key, lambda cached: rejected is not None and cached[0] != rejected)
             if rejected is None:
                 self._refusals.pop(key)
-                self._redis(lambda: self._cache.delete(token_key(key)))
-            else:
-                self._redis(
-                    lambda: self._compare_and_delete_cached(keys=[token_key(key)], args=[rejected])
-                )
+            self._cache.drop(key, rejected)
         return self.get(client_id, phone_id)
 
     # --- internals ------------------------------------------------------------------------------
@@ -327,36 +172,26 @@ class PhoneTokens:
         raise PermanentFailure(details.reason, http_status=details.http_status, code=details.code)
 
     def _fetch_once_for_fleet(self, key: tuple[str, str]) -> tuple[str, TokenSource]:
-        lock_key = _LOCK_PREFIX + join_parts(*key)
         owner = uuid.uuid4().hex
-        deadline = time.monotonic() + _FETCH_LOCK_MS / 1000
-        while not self._redis(lambda: self._cache.set(lock_key, owner, nx=True, px=_FETCH_LOCK_MS)):
+        deadline = time.monotonic() + FETCH_LOCK_MS / 1000
+        while not self._cache.lock(key, owner):
             # Another process is fetching: wait for its result rather than asking Verloop too.
             time.sleep(_POLL_INTERVAL_S)
-            token = self._redis(lambda: self._cache.hget(token_key(key), "token"))
+            token = self._cache.get(key)
             if token is not None:
                 return token, "redis"
             if time.monotonic() > deadline:
                 break  # its lock expired without a result; fetch ourselves
         try:
             # Another process may have stored the token between our first look and our lock.
-            cached = self._redis(lambda: self._cache.hget(token_key(key), "token"))
+            cached = self._cache.get(key)
             if cached is not None:
                 return cached, "redis"
             token = self._fetch_from_verloop(key)
-            self._redis(lambda: self._store(key, token))
+            self._cache.store(key, token)
             return token, "verloop"
         finally:
-            self._redis(lambda: self._compare_and_delete(keys=[lock_key], args=[owner]))
-
-    def _store(self, key: tuple[str, str], token: str) -> None:
-        # One transaction: a hash left without its expiry would outlive TOKEN_CACHE_TTL_S.
-        pipe = self._cache.pipeline(transaction=True)
-        name = token_key(key)
-        pipe.delete(name)
-        pipe.hset(name, mapping={"token": token, "client_id": key[0], "phone_id": key[1]})
-        pipe.expire(name, self._cache_ttl_s)
-        pipe.execute()
+            self._cache.unlock(key, owner)
 
     def _fetch_from_verloop(self, key: tuple[str, str]) -> str:
         client_id, phone_id = key
@@ -413,46 +248,3 @@ class PhoneTokens:
             code=answer.code,
         )
         return failure
-
-    @staticmethod
-    def _redis(op: Callable[[], Any]) -> Any:
-        try:
-            return op()
-        except redis.RedisError as exc:
-            raise RedisUnavailable(
-                f"token cache unavailable (Redis: {type(exc).__name__})"
-            ) from None
-
-
-def _reveal(secret: SecretStr | None) -> str:
-    return secret.get_secret_value() if secret is not None else ""
-
-
-def token_key(key: tuple[str, str]) -> str:
-    """The Redis key of a number's cached token."""
-    return _CACHE_PREFIX + join_parts(*key)
-
-
-def token_cache_entries(cache: redis.Redis, client_id: str | None = None) -> list[dict[str, Any]]:
-    """The numbers whose token is cached in Redis, with seconds left (never the token)."""
-    # A client id typed on the command line may hold glob characters: they match themselves.
-    prefix = _GLOB.sub(r"\\\g<0>", join_parts(client_id) + ":") if client_id else ""
-    pattern = _CACHE_PREFIX + prefix + "*"
-    keys = list(cache.scan_iter(match=pattern, count=500))
-    pipe = cache.pipeline(transaction=False)
-    for key in keys:
-        pipe.hmget(key, ["client_id", "phone_id"])
-        pipe.ttl(key)
-    answers = pipe.execute()
-    entries = []
-    for (client, phone), ttl in zip(answers[::2], answers[1::2], strict=True):
-        if client is None or phone is None:
-            continue  # expired between the scan and the read
-        entries.append(
-            {
-                "client_id": as_text(client),
-                "phone_id": as_text(phone),
-                "expires_in_s": int(ttl) if int(ttl) >= 0 else None,
-            }
-        )
-    return sorted(entries, key=lambda e: (e["client_id"], e["phone_id"]))
