@@ -1,4 +1,5 @@
-# Every target sets up what it needs: on a fresh machine `make run` and `make test` just work.
+# Every target sets up what it needs: on a fresh machine `make run` and `make test` just work
+# (`make test` installs Debian's prometheus package with apt-get when run as root: see `tools`).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -22,10 +23,21 @@ install: $(STAMP)  ## Create .venv and install the project with its dev tools
 services: $(STAMP)  ## Check that RabbitMQ and Redis answer (says how to start them if not)
 	@$(BIN)/verloop-worker check --services-only
 
-tools:  ## Install Prometheus and promtool (Debian's package) if missing: tests use both
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "installing Debian's prometheus package (prometheus, promtool)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+tools:  ## Install prometheus + promtool for the tests (Debian's package, apt-get as root)
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "make test needs prometheus and promtool, and they are not on PATH."; \
+	  echo "make tools installs them only as root with apt-get (Debian, Ubuntu); here, install them by hand:"; \
+	  echo "  Debian/Ubuntu:  sudo apt-get install --no-install-recommends prometheus"; \
+	  echo "  elsewhere:      the prometheus-*.tar.gz of https://prometheus.io/download/ holds both;"; \
+	  echo "                  put its prometheus and promtool on PATH"; \
+	  echo "then run make test again."; \
+	  exit 1; \
+	fi; \
+	echo "installing Debian's prometheus package (prometheus, promtool) with apt-get"; \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+	  { echo "apt-get could not install prometheus: install prometheus and promtool by hand"; exit 1; }
 
 run: services  ## Run the worker against the Verloop simulator, with a few demo messages
 	$(BIN)/verloop-worker run --sandbox --demo 10 --processes 1 --threads 4
