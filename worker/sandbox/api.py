@@ -1,4 +1,4 @@
-"""Routes imitating Verloop's WhatsApp partner API (auth, phone tokens, sends)."""
+"""Routes imitating Verloop's partner API, as in docs/verloop-api.md: auth, tokens, sends."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The send path's use of the limiter: wait for a slot, and react to what Verloop says.
+"""The send path's use of the limiter: wait for a slot, react to Verloop (docs/verloop-api.md).
 
 :meth:`SendGate.admit` is called right before each call to Verloop's send endpoint; it sleeps
 for a reserved slot (at most ``RATE_LIMIT_MAX_WAIT_S``) or raises :class:`Deferred` to re-delay

@@ -1,4 +1,4 @@
-"""Reading ``list_clients`` answers, whose shape Verloop does not publish (modeled).
+"""Reading ``list_clients`` answers, whose shape Verloop does not publish (docs/verloop-api.md).
 
 Accepted: a list of client objects, or an object holding one (under ``clients``, ``data``,
 ``results`` or its first list). A client's id is ``client_id``, ``id`` or ``clientId``; its
