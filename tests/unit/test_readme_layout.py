@@ -104,7 +104,16 @@ def test_the_package_docstring_names_every_folder_and_top_level_module() -> None
         f"worker/__init__.py's map lacks {sorted(actual - named)}, "
         f"names what is not there: {sorted(named - actual)}"
     )
-    assert "worker.send.actors" in doc, "the docstring says where to start reading"
+
+
+def test_the_readme_and_the_docstring_start_reading_at_the_same_existing_module() -> None:
+    """Both say where to start reading, name the same module, and it exists."""
+    in_doc = re.search(r"Start reading at :mod:`([a-z_.]+)`", worker.__doc__ or "")
+    in_readme = re.search(r"Start reading at `([a-z_/]+\.py)`", README.read_text(encoding="utf-8"))
+    assert in_doc, "worker/__init__.py says: Start reading at :mod:`worker....`"
+    assert in_readme, "README.md's Layout says: Start reading at `worker/....py`"
+    assert in_readme.group(1) == in_doc.group(1).replace(".", "/") + ".py"
+    assert (ROOT / in_readme.group(1)).is_file(), f"{in_readme.group(1)} does not exist"
 
 
 def test_the_check_names_a_missing_module_and_a_module_that_is_gone(tmp_path: Path) -> None:
