@@ -2,7 +2,7 @@
 
 Folders by role (README.md's "Layout" lists every module):
 
-- ``jobs/``           the public contract: job models, the job registry, phones, the producer
+- ``jobs/``           the public contract: job models, registry, wire envelope, phones, producer
 - ``send/``           the send path: the send_message handler, its steps, the gate, the ledger
 - ``finish/``         finishing a job: typed outcome, log line, retry or dead letter, events
 - ``verloop/``        Verloop's API: endpoints, HTTP client, failure classes, tokens, handlers
