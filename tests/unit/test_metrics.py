@@ -181,7 +181,6 @@ def test_every_deferral_kind_and_error_class_the_worker_uses_is_initialised() ->
     assert used <= set(DEFERRAL_KINDS), sorted(used - set(DEFERRAL_KINDS))
     for _, error in label_values.DEAD_LETTER_KINDS:
         assert issubclass(getattr(errors, error), errors.JobFailure)
-    assert label_values.UNDECODABLE_ACTOR == UNDECODABLE_ACTOR
     assert {actor for actor, _, _ in label_values.actor_lanes(ACTOR_QUEUES)} == {
         *JOB_TYPES,
         UNDECODABLE_ACTOR,

@@ -17,7 +17,6 @@ __all__ = [
     "DEFERRAL_KINDS",
     "LANES",
     "OTHER_LABEL_VALUE",
-    "UNDECODABLE_ACTOR",
     "Capped",
     "actor_lanes",
 ]
