@@ -45,7 +45,9 @@ from bench.common import (
     write_json,
 )
 from worker.campaigns.enqueue import enqueue_campaign
-from worker.campaigns.reader import CampaignFile, CampaignSpec, RowValidator
+from worker.campaigns.reader import CampaignFile
+from worker.campaigns.rows import RowValidator
+from worker.campaigns.spec import CampaignSpec
 from worker.campaigns.store import CampaignStore
 from worker.jobs.models import CAMPAIGN_QUEUE
 

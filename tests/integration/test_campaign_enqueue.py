@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from tests.integration.conftest import AMQP_URL, REDIS_URL, redis_client
 from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
-from worker.campaigns.reader import CampaignSpec
+from worker.campaigns.spec import CampaignSpec
 from worker.campaigns.store import CampaignRef, CampaignStore
 from worker.commands.campaign import start
 from worker.jobs.models import CAMPAIGN_QUEUE
@@ -355,7 +355,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     import redis
     from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
-    from worker.campaigns.reader import CampaignSpec
+    from worker.campaigns.spec import CampaignSpec
     from worker.campaigns.store import CampaignStore
 
     path, amqp_url, redis_url, phones = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]

@@ -11,14 +11,10 @@ from typing import Any
 import pytest
 
 from worker.campaigns.enqueue import default_campaign_id, encode_envelope
-from worker.campaigns.reader import (
-    CampaignFile,
-    CampaignInputError,
-    CampaignSpec,
-    RawRow,
-    RowValidator,
-)
+from worker.campaigns.reader import CampaignFile, RawRow
 from worker.campaigns.rejects import _truncate_rejects
+from worker.campaigns.rows import RowValidator
+from worker.campaigns.spec import CampaignInputError, CampaignSpec
 from worker.commands.campaign_support import parse_start_at
 from worker.errors import InvalidJob
 from worker.jobs.models import CAMPAIGN_QUEUE

@@ -12,21 +12,22 @@ from prometheus_client import CollectorRegistry
 from worker import errors
 from worker.finish.outcome import Failure, JobContext, JobFacts, JobOutcome, JobRun, Outcome
 from worker.jobs.registry import JOB_TYPES
+from worker.jobs.wire import UNDECODABLE_ACTOR
 from worker.limits.pacing import Lane
 from worker.observability import labels as label_values
 from worker.observability.labels import DEFERRAL_KINDS, OTHER_LABEL_VALUE
 from worker.observability.metrics import Metrics
-from worker.runtime.broker import UNDECODABLE_ACTOR
 from worker.send import gate
 from worker.verloop.endpoints import DEFAULT_ENDPOINTS
 
 ROOT = Path(__file__).resolve().parents[2]
 LANES = ("transactional", "campaign")
+ACTOR_QUEUES = {job_type.name: job_type.queue for job_type in JOB_TYPES.values()}
 
 
 def fresh(**kwargs: Any) -> tuple[Metrics, CollectorRegistry]:
     registry = CollectorRegistry()
-    return Metrics(registry=registry, **kwargs), registry
+    return Metrics(ACTOR_QUEUES, registry=registry, **kwargs), registry
 
 
 def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -180,8 +181,7 @@ def test_every_deferral_kind_and_error_class_the_worker_uses_is_initialised() ->
     assert used <= set(DEFERRAL_KINDS), sorted(used - set(DEFERRAL_KINDS))
     for _, error in label_values.DEAD_LETTER_KINDS:
         assert issubclass(getattr(errors, error), errors.JobFailure)
-    assert label_values.UNDECODABLE_ACTOR == UNDECODABLE_ACTOR
-    assert {actor for actor, _, _ in label_values.actor_lanes()} == {
+    assert {actor for actor, _, _ in label_values.actor_lanes(ACTOR_QUEUES)} == {
         *JOB_TYPES,
         UNDECODABLE_ACTOR,
     }

@@ -14,8 +14,9 @@ import pytest
 from dramatiq.errors import DecodeError
 
 from worker.jobs.producer import encode_job
+from worker.jobs.wire import UNDECODABLE_ACTOR, raw_body_of
 from worker.runtime import broker
-from worker.runtime.broker import UNDECODABLE_ACTOR, WireEncoder, raw_body_of
+from worker.runtime.broker import WireEncoder
 
 QUEUE = "verloop.send"
 MAX_BYTES = 4096

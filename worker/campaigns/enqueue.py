@@ -35,15 +35,10 @@ from worker.campaigns.publisher import (
     PublishRun,
     encode_envelope,
 )
-from worker.campaigns.reader import (
-    CampaignFile,
-    CampaignInputError,
-    CampaignSpec,
-    FileFormat,
-    RowValidator,
-    file_fingerprint,
-)
+from worker.campaigns.reader import CampaignFile, FileFormat, file_fingerprint
 from worker.campaigns.rejects import RejectsFile, spreadsheet_safe
+from worker.campaigns.rows import RowValidator
+from worker.campaigns.spec import CampaignInputError, CampaignSpec
 from worker.campaigns.store import CampaignStore
 from worker.errors import ConfigurationError
 

@@ -23,8 +23,9 @@ import pika
 import pika.exceptions
 import pika.spec
 
-from worker.campaigns.reader import RawRow, RowValidator
+from worker.campaigns.reader import RawRow
 from worker.campaigns.rejects import RejectsFile
+from worker.campaigns.rows import RowValidator
 from worker.campaigns.store import CampaignRef, CampaignStore
 from worker.connections.amqp import amqp_parameters
 from worker.errors import EnqueueError

@@ -27,17 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, Literal
 
-from worker.campaigns.rows import RowValidator
-from worker.campaigns.spec import MAX_BODY_PARAMS, CampaignInputError, CampaignSpec
+from worker.campaigns.spec import CampaignInputError
 
 __all__ = [
-    "MAX_BODY_PARAMS",
     "CampaignFile",
-    "CampaignInputError",
-    "CampaignSpec",
     "FileFormat",
     "RawRow",
-    "RowValidator",
     "detect_format",
     "file_fingerprint",
 ]

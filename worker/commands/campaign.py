@@ -13,13 +13,8 @@ import click
 import redis
 
 from worker.campaigns.enqueue import CampaignEnqueueError, default_campaign_id, enqueue_campaign
-from worker.campaigns.reader import (
-    MAX_BODY_PARAMS,
-    CampaignInputError,
-    CampaignSpec,
-    FileFormat,
-    detect_format,
-)
+from worker.campaigns.reader import FileFormat, detect_format
+from worker.campaigns.spec import MAX_BODY_PARAMS, CampaignInputError, CampaignSpec
 from worker.campaigns.store import CampaignState, CampaignStore
 from worker.commands.campaign_support import (
     Progress,

@@ -19,9 +19,8 @@ from dramatiq.common import xq_name
 from worker.finish.deadletters import DEAD_LETTER_HEADER
 from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 from worker.jobs.phones import mask_phone
-from worker.jobs.wire import ENVELOPE_FIELDS
+from worker.jobs.wire import ENVELOPE_FIELDS, UNDECODABLE_ACTOR
 from worker.observability.logging import scrub_text
-from worker.runtime.broker import UNDECODABLE_ACTOR
 
 __all__ = [
     "DLQ_QUEUES",

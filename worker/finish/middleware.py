@@ -43,9 +43,9 @@ from worker.finish.outcome import (
     Outcome,
 )
 from worker.jobs.models import CAMPAIGN_QUEUE
+from worker.jobs.wire import UNDECODABLE_ACTOR, raw_body_of
 from worker.observability.logging import scrub_text
 from worker.observability.metrics import Metrics
-from worker.runtime.broker import UNDECODABLE_ACTOR, raw_body_of
 from worker.settings import MAX_SINGLE_DELAY_S
 
 __all__ = ["JobOutcomes", "OnFinal", "RetryPolicy", "current_run"]

@@ -10,6 +10,7 @@ AMQP property and a Redis key). Both sides agree because both are here.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -24,11 +25,17 @@ from worker.settings import MAX_SINGLE_DELAY_S
 
 __all__ = [
     "ENVELOPE_FIELDS",
+    "UNDECODABLE_ACTOR",
     "build_envelope",
     "dump_envelope",
     "encode_job",
     "parse_envelope",
+    "raw_body_of",
+    "undecodable_envelope",
 ]
+
+#: Actor name given to bodies that are not dramatiq messages; never declared.
+UNDECODABLE_ACTOR: Final = "verloop.undecodable"
 
 #: The fields of a dramatiq message; any other top-level field makes a body invalid.
 ENVELOPE_FIELDS: Final = frozenset(
@@ -84,6 +91,18 @@ def build_envelope(
         "message_id": message_id,
         "message_timestamp": int(time.time() * 1000),
     }
+
+
+def undecodable_envelope(data: bytes, reason: str, *, queue: str) -> dict[str, Any]:
+    """The stand-in envelope of a body that is not a job: it carries the reason and the
+    original bytes, and runs as :data:`UNDECODABLE_ACTOR` (which dead-letters it)."""
+    kwargs = {"reason": reason, "raw_body_b64": base64.b64encode(data).decode("ascii")}
+    return build_envelope(UNDECODABLE_ACTOR, kwargs, queue=queue, message_id=str(uuid.uuid4()))
+
+
+def raw_body_of(kwargs: dict[str, Any]) -> bytes:
+    """The original bytes of a body that became an :data:`UNDECODABLE_ACTOR` message."""
+    return base64.b64decode(str(kwargs.get("raw_body_b64", "")))
 
 
 def dump_envelope(envelope: dict[str, Any]) -> bytes:

@@ -4,11 +4,12 @@ producer chooses (client, number and campaign ids)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Final
 
 from worker.finish.outcome import MANAGE_OUTCOMES, SEND_OUTCOMES, Outcome
 from worker.jobs.models import CAMPAIGN_QUEUE
-from worker.jobs.registry import JOB_TYPES
+from worker.jobs.wire import UNDECODABLE_ACTOR
 
 __all__ = [
     "AFTER_SEND_STEPS",
@@ -16,7 +17,6 @@ __all__ = [
     "DEFERRAL_KINDS",
     "LANES",
     "OTHER_LABEL_VALUE",
-    "UNDECODABLE_ACTOR",
     "Capped",
     "actor_lanes",
 ]
@@ -43,8 +43,6 @@ DEFERRAL_KINDS = (
     "redis_unavailable",
     "other",
 )
-#: A job whose body was not a job (worker.runtime.broker's UNDECODABLE_ACTOR) is dead-lettered.
-UNDECODABLE_ACTOR = "verloop.undecodable"
 #: (outcome, error class) of the dead letters the worker's own errors make.
 DEAD_LETTER_KINDS = (
     ("invalid", "InvalidJob"),
@@ -59,10 +57,10 @@ def _lane(queue: str) -> str:
     return "campaign" if queue == CAMPAIGN_QUEUE else "transactional"
 
 
-def actor_lanes() -> list[tuple[str, str, tuple[str, ...]]]:
-    """(actor, lane, outcomes) of every job the worker can finish."""
+def actor_lanes(actor_queues: Mapping[str, str]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(actor, lane, outcomes) of every job the worker can finish, given each actor's queue."""
     combos: list[tuple[str, str, tuple[str, ...]]] = []
-    for actor, queue in ((t.name, t.queue) for t in JOB_TYPES.values()):
+    for actor, queue in actor_queues.items():
         send = actor == "send_message"
         lanes = LANES if send else (_lane(queue),)
         # rejected: a retry or dead letter RabbitMQ did not confirm (see worker.finish.middleware).

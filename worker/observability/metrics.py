@@ -51,7 +51,7 @@ verloop_worker_thread_deaths_total         worker threads that died
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -87,11 +87,14 @@ class Metrics:
 
     def __init__(
         self,
+        actor_queues: Mapping[str, str],
         registry: CollectorRegistry | None = None,
         rate_for: Callable[[str], float] | None = None,
         max_label_values: int = 500,
     ) -> None:
+        """``actor_queues``: each actor's queue (its series start at zero)."""
         self.rate_for = rate_for
+        self._actor_queues = dict(actor_queues)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._limits_set: set[str] = set()
         self._other_limit = 0.0
@@ -245,7 +248,7 @@ class Metrics:
             child(self.events_parked, kind)
         for state in ("expected", "alive", "dead", "stuck"):
             child(self.worker_threads, state)  # set by the thread watch once it has looked
-        for actor, lane, outcomes in actor_lanes():
+        for actor, lane, outcomes in actor_lanes(self._actor_queues):
             for outcome in outcomes:
                 child(self.jobs, actor, lane, outcome)
             if "retrying" in outcomes:

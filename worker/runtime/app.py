@@ -55,7 +55,9 @@ def create_app(settings: Settings) -> WorkerApp:
         from dramatiq.middleware.prometheus import Prometheus
 
         metrics = Metrics(
-            rate_for=settings.rate_for, max_label_values=settings.metrics_max_label_values
+            {job_type.name: job_type.queue for job_type in JOB_TYPES.values()},
+            rate_for=settings.rate_for,
+            max_label_values=settings.metrics_max_label_values,
         )
         middleware.append(Prometheus())
     lifecycle = Lifecycle(settings, metrics)

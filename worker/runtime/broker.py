@@ -17,9 +17,7 @@ the original body (see :mod:`worker.finish.middleware`).
 
 from __future__ import annotations
 
-import base64
 import threading
-import uuid
 from typing import Any
 
 import dramatiq
@@ -32,12 +30,9 @@ from dramatiq.middleware import Middleware
 
 from worker.errors import InvalidJob
 from worker.finish.events import declare_exchange
-from worker.jobs.wire import build_envelope, parse_envelope
+from worker.jobs.wire import UNDECODABLE_ACTOR, parse_envelope, undecodable_envelope
 
-__all__ = ["UNDECODABLE_ACTOR", "VerloopBroker", "WireEncoder", "build_broker", "raw_body_of"]
-
-#: Actor name given to bodies that are not dramatiq messages; never declared.
-UNDECODABLE_ACTOR = "verloop.undecodable"
+__all__ = ["VerloopBroker", "WireEncoder", "build_broker"]
 
 
 class _ConsumingQueue(threading.local):
@@ -82,18 +77,7 @@ class WireEncoder(JSONEncoder):
                 known_actors=self.known_actors,
             )
         except ValueError as exc:
-            kwargs = {
-                "reason": f"not a valid job: {exc}",
-                "raw_body_b64": base64.b64encode(data).decode("ascii"),
-            }
-            return build_envelope(
-                UNDECODABLE_ACTOR, kwargs, queue=queue, message_id=str(uuid.uuid4())
-            )
-
-
-def raw_body_of(kwargs: dict[str, Any]) -> bytes:
-    """The original bytes of a body that became an :data:`UNDECODABLE_ACTOR` message."""
-    return base64.b64decode(str(kwargs.get("raw_body_b64", "")))
+            return undecodable_envelope(data, f"not a valid job: {exc}", queue=queue)
 
 
 class _RejectingActor:

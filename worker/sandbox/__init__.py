@@ -5,8 +5,9 @@ benchmarks (``python -m worker.sandbox``).  Besides the partner API it serves
 ``/admin/*`` endpoints to inspect recorded sends and inject faults.
 """
 
-from worker.sandbox.app import Sandbox, create_app
+from worker.sandbox.app import create_app
 from worker.sandbox.config import DEFAULT_CLIENTS, SandboxConfig
+from worker.sandbox.deployment import Sandbox
 from worker.sandbox.faults import Faults
 from worker.sandbox.script import ScriptedResponse
 from worker.sandbox.server import SandboxServer, serve

@@ -16,7 +16,7 @@ from worker.sandbox.script import ScriptedResponse
 from worker.sandbox.validation import FaultConfigError, digits_of
 
 if TYPE_CHECKING:
-    from worker.sandbox.app import Sandbox
+    from worker.sandbox.deployment import Sandbox
 
 __all__ = ["add_routes"]
 

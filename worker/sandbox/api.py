@@ -24,7 +24,7 @@ from worker.sandbox.state import MessageRecord
 from worker.sandbox.validation import digits_of
 
 if TYPE_CHECKING:
-    from worker.sandbox.app import Sandbox
+    from worker.sandbox.deployment import Sandbox
 
 __all__ = ["API_BASES", "AUTH_PATHS", "MESSAGE_TYPES", "add_routes"]
 

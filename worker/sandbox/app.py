@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Final
 
 from aiohttp import web
 
 from worker.sandbox import admin, api
 from worker.sandbox.config import SandboxConfig
-from worker.sandbox.faults import FaultEngine
-from worker.sandbox.state import SandboxState
+from worker.sandbox.deployment import Sandbox
 
-__all__ = ["SANDBOX_KEY", "Sandbox", "create_app"]
-
-
-class Sandbox:
-    """One simulated Verloop deployment: its state, fault engine and lifecycle."""
-
-    def __init__(self, config: SandboxConfig) -> None:
-        """Create fresh state from ``config``."""
-        self.config = config
-        self.state = SandboxState(
-            config.clients,
-            accept_unknown=config.accept_unknown_phones,
-            system_user_token=config.system_user_token,
-            message_log_limit=config.message_log_limit,
-        )
-        self.engine = FaultEngine(config.faults)
-        # Set on shutdown so requests hanging in a simulated timeout answer at
-        # once instead of holding the server's graceful shutdown open.
-        self.closing = asyncio.Event()
-
-    def reset(self, *, tokens: bool = False) -> None:
-        """Clear messages, counters, script and faults; also phone tokens if ``tokens``."""
-        self.state.reset(tokens=tokens)
-        self.engine.reset()
-
-    async def hang(self) -> None:
-        """Wait ``faults.timeout_s`` seconds (or until shutdown)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.closing.wait(), self.engine.faults.timeout_s)
+__all__ = ["SANDBOX_KEY", "create_app"]
 
 
 SANDBOX_KEY: Final = web.AppKey("sandbox", Sandbox)

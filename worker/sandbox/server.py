@@ -12,8 +12,9 @@ from typing import Final, Self
 
 from aiohttp import web
 
-from worker.sandbox.app import SANDBOX_KEY, Sandbox, create_app
+from worker.sandbox.app import SANDBOX_KEY, create_app
 from worker.sandbox.config import SandboxConfig
+from worker.sandbox.deployment import Sandbox
 
 __all__ = ["SandboxServer", "serve"]
 
