@@ -219,7 +219,7 @@ def _check_options(options: dict[str, Any], queue: str, max_delay_ms: int) -> No
     if queue == q_name(queue):
         # A main queue's consumer holds a job with an eta in memory until then, in one of
         # the queue's few prefetch slots: enough of them would stop the queue. The job runs
-        # now instead, and waits for its time through the delay queue (see worker.send.actors).
+        # now instead, and waits for its time through the delay queue (see worker.runtime.actors).
         options.pop("eta", None)
         if eta is not None and eta > now_ms:
             options["not_before"] = max(eta, options.get("not_before", 0))
