@@ -189,8 +189,7 @@ class Settings(BaseSettings):
     events_outbox_max_len: int = Field(default=1_000_000, ge=1000)
 
     #: A direct exchange each worker declares and binds to the three job queues (routing key =
-    #: queue name), so a producer may be allowed to write to it alone
-    # (worker.runtime.jobs_exchange).
+    #: queue name), so a producer may be allowed to write to it alone (runtime/jobs_exchange.py).
     jobs_exchange: str = Field(default="verloop.jobs", min_length=1, max_length=255)
     #: Producer side (`send`, `campaign start`): publish jobs to JOBS_EXCHANGE instead of the
     #: default exchange, for a RabbitMQ user that may write to that exchange only.

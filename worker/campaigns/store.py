@@ -2,9 +2,7 @@
 
 A campaign belongs to a client: two clients may pick the same campaign id and never see each
 other's pause, cancel, counts or recipients. One hash per campaign,
-``verloop:client-campaign:<client>:<campaign>`` (ids length-prefixed,
-:mod:`worker.connections.redis_keys`),
-written by three parties:
+``verloop:client-campaign:<client>:<campaign>`` (ids length-prefixed), written by three parties:
 
 * ``campaign start`` (the enqueuer): the definition, then ``rows_done``/``enqueued``/``rejected``
   after each confirmed batch (the resume point), and ``enqueue_finished`` at the end;

@@ -1,19 +1,10 @@
-"""Redis calls on the send path, on one connection per thread, without redis-py's per-call layers.
+"""Redis calls on the send path, on one connection per thread, without redis-py's per-call
+layers (the pool's lock, its liveness poll, the retry and telemetry wrappers).
 
-Every job makes two Redis calls of its own (the ledger's claim and its record). Through
-``redis.Redis`` each takes a connection from the shared pool under a lock, polls the socket to
-check that nothing is waiting on it (a system call, where a worker thread may lose the
-interpreter lock and wait to get it back), and goes through the retry and telemetry wrappers;
-a pipeline adds its own. Here each thread keeps one connection of the same class and settings
-(timeouts kept by the kernel, health check, TLS, credentials) and writes its commands in one
-``send`` and reads their replies, nothing else.
-
-Failures are redis-py's own exceptions. A connection that fails is dropped; a call that failed
-on a connection already used before is tried once more on a new one (Redis may have restarted
-since: the first call on an old connection finds it closed), as redis-py's own retry would. A
-call that is tried again may have been carried out the first time: every call made here is
-safe to repeat (a claim by the same owner is renewed; a record writes the same value; an
-outcome event could be added twice, and events are delivered at least once anyway).
+Each thread keeps one connection of the pool's class and settings (kernel-kept timeouts, TLS,
+credentials), writes its commands in one ``send`` and reads their replies. Failures are
+redis-py's own exceptions; a call that fails on a connection used before is tried once more on
+a new one (Redis may have restarted). Every call made here is safe to repeat.
 """
 
 from __future__ import annotations

@@ -1,19 +1,16 @@
-"""What happens after a job ran: the one log line, and retry or dead letter on failure.
+"""The outcome middleware: each delivery's typed run, its one log line, retry or dead letter.
 
-This middleware replaces dramatiq's ``Retries`` so that every failure is classified the same way:
+It replaces dramatiq's ``Retries``. Before the actor runs it builds the :class:`JobRun`; after,
+it turns the handler's :class:`JobOutcome` (or what it raised) into the final outcome:
 
-* success: the job's outcome (``sent``, ``done``) is logged;
-* :class:`InvalidJob` or another non-retryable :class:`JobFailure`: dead-lettered at once, with
-  its reason (:mod:`worker.finish.deadletters`);
-* :class:`TransientFailure`, or an exception we did not foresee: retried after an exponential
-  backoff with jitter (or Verloop's ``Retry-After``), each delay under RabbitMQ's 30-minute
-  consumer timeout; after ``RETRY_MAX_RETRIES`` retries it is dead-lettered as ``gave_up``.
+* returned: the outcome stands, and a final one goes to the finisher (:mod:`worker.finish.finish`);
+* :class:`Deferred`: sent back to wait, no retry used;
+* :class:`InvalidJob` or another non-retryable :class:`JobFailure`: dead-lettered at once;
+* :class:`TransientFailure` or anything unforeseen: retried with jittered backoff (or Verloop's
+  ``Retry-After``), each delay under RabbitMQ's consumer timeout; then dead-lettered ``gave_up``.
 
-The original delivery is acknowledged only once its retry or dead letter is confirmed by
-RabbitMQ; if that publish fails the delivery is rejected instead, which still puts it in the
-dead-letter queue (without our header), so nothing is lost. The same holds for anything this
-middleware did not foresee: a delivery is never acknowledged unless its job finished or its
-retry or dead letter is safe, and nothing raised here reaches dramatiq's worker thread.
+A delivery is acknowledged only once its job finished or its retry or dead letter is confirmed;
+otherwise it is rejected (RabbitMQ dead-letters it). Nothing raised here reaches dramatiq.
 """
 
 from __future__ import annotations

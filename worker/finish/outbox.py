@@ -1,33 +1,17 @@
-"""The events outbox: outcome events go to RabbitMQ through a Redis stream.
+"""The events outbox: outcome events go to RabbitMQ through a Redis stream, so a job's ack
+never waits for a publisher confirm.
 
-Publishing each event to RabbitMQ from the worker thread, confirmed, before the job's ack cost
-a round trip to RabbitMQ and a wait for its confirm per job: about a fifth of the send path's
-CPU on a busy 2-core machine (``bench/send_path.py``). Instead:
+1. The finisher adds each final outcome's event to ``verloop:events:outbox`` in its one Redis
+   round trip, before the job is acknowledged.
+2. A relay thread per worker process reads the stream as consumer group ``relay``, publishes a
+   batch in one AMQP transaction, and deletes it only after RabbitMQ committed: at least once.
+3. Entries taken and never confirmed stay pending: retried after ``EVENTS_RELAY_RETRY_S``, taken
+   over from a dead consumer after ``EVENTS_RELAY_RECLAIM_S``.
+4. An entry that can never be published is *parked* in ``verloop:events:parked`` with its
+   reason, so it cannot hold back every batch after it.
 
-1. A sent job's event is added to the stream ``verloop:events:outbox`` in the same Redis round
-   trip that records the send in the ledger (:meth:`worker.send.ledger.Ledger.mark_sent`). Other
-   outcomes (dead-lettered, suppressed, cancelled, management jobs) add theirs in one Redis call.
-   Either way the event is kept before the job is acknowledged.
-2. A relay thread in every worker process reads the stream as consumer group ``relay``,
-   publishes a batch of events in one AMQP transaction, and deletes them from the stream only
-   after RabbitMQ committed them. An event is therefore published at least once, usually
-   within ``EVENTS_RELAY_BLOCK_MS`` + ``EVENTS_RELAY_LINGER_MS`` of its job's end (after a
-   part-full batch the relay lingers, so the next batch carries more events).
-3. Entries a relay took but never confirmed (its process died, RabbitMQ refused them) stay in
-   the group's pending list: the relay retries its own after ``EVENTS_RELAY_RETRY_S``, and takes
-   over another consumer's once they have been idle ``EVENTS_RELAY_RECLAIM_S``.
-4. An entry that can never be published (its routing key or a property too long for AMQP, no
-   routing key or body) would hold back its whole batch, and every batch after it, forever: it
-   is *parked* instead, moved to the stream ``verloop:events:parked`` with the reason, counted
-   and logged, and the relay goes on.
-
-The outbox is bounded: past ``EVENTS_OUTBOX_MAX_LEN`` entries Redis drops the oldest. The
-relays keep it near zero; the length is exported, and an alert fires long before the bound.
-
-If Redis does not answer when an event is added, the event is published directly on the worker
-thread's channel instead (the ``direct`` path, also chosen with ``EVENTS_DELIVERY=direct``).
-Events are kept only as long as Redis keeps its data: run Redis with persistence (AOF) if a
-Redis restart must not lose the few events not yet relayed (the ledger asks the same).
+The stream is capped at ``EVENTS_OUTBOX_MAX_LEN`` (oldest dropped). If Redis does not answer,
+the event is published directly instead (also with ``EVENTS_DELIVERY=direct``).
 """
 
 from __future__ import annotations

@@ -257,8 +257,8 @@ class SendMessageJob(_Strict):
         """The idempotency ledger entry of this job: the producer's key (per client), else one
         derived from the campaign and recipient (per client), else the dramatiq message id (a
         redelivery keeps it). Ids are length-prefixed (:mod:`worker.connections.redis_keys`); the
-        colon-joined
-        key of earlier versions is kept as the legacy key, honoured until its entries expire."""
+        colon-joined key of earlier versions is kept as the legacy key, honoured until its
+        entries expire."""
         if self.idempotency_key is not None:
             return LedgerKey(
                 "key:" + join_parts(self.client_id, self.idempotency_key),

@@ -8,9 +8,7 @@ timestamp): ``tat`` is the theoretical arrival time of the next message. With em
 * **campaign** (``verloop.campaign``): tolerance 0, and it reserves at most ``A`` ahead
   (``RATE_LIMIT_CAMPAIGN_LOOKAHEAD_S``, 50 ms): it takes the next slot only if that slot is
   within ``A`` of now, and sleeps until it. So a campaign backlog keeps ``tat`` at most ``A``
-  ahead of ``now``. (Without any lookahead a campaign send could only take a slot already
-  free, and every millisecond it arrived late would be lost for good: on a fast number the
-  campaign lane then ran at half its limit.)
+  ahead of ``now`` (the lookahead keeps a late arrival from losing its slot for good).
 * **transactional** (``verloop.send``): tolerance ``H*T + A``, where ``H`` is the reserve
   (``RATE_LIMIT_RESERVE`` of a second's worth of messages, at least one). It may *reserve* a
   slot up to ``RATE_LIMIT_MAX_WAIT_S`` ahead and sleep until it. Its tolerance reaches past

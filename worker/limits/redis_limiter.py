@@ -151,11 +151,9 @@ class RedisLimiter:
     * a leased slot may be used up to ``LEASE_LATE_S`` after its time (the next burst of asks
       picks up what the last one left), and is dropped after that.
 
-    Leases sized to the number's rate, used only within 20 ms, were mostly dropped: four
-    processes sharing a 1,000/s number ran it at about half its limit (``bench/rate_limits.py``,
-    high_rate; ``tests/integration/test_limiter_redis.py``). The price of late use: in any
-    window a number may send up to ``rate * LEASE_LATE_S`` more than the bucket alone allows
-    (100 at 1,000/s, within the platform's one-second burst). Campaign sends and an
+    Late use is what lets several processes share a fast number at its full rate; its price:
+    in any window a number may send up to ``rate * LEASE_LATE_S`` more than the bucket alone
+    allows (100 at 1,000/s, within the platform's one-second burst). Campaign sends and an
     account-wide limit never lease. A hold set by another process (131056, a pause) reaches a
     lease's sends at most ``LEASE_LATE_S`` late.
     """

@@ -1,52 +1,11 @@
-"""Prometheus metrics of the worker's own domain (dramatiq's middleware adds its generic ones).
+"""Prometheus metrics of the worker's own domain (dramatiq's middleware adds its generic ones);
+the table of metrics and labels is in the README's "Operations" section.
 
-Worker processes run under dramatiq's process manager, so metrics are kept in prometheus-client's
-multiprocess mode: every process writes to files in ``PROMETHEUS_MULTIPROC_DIR`` and dramatiq's
-exposition process serves them all on ``METRICS_BIND:METRICS_PORT``. ``verloop-worker run``
-sets that directory up (one per port, emptied at start) before any worker process starts.
-
-Labels are bounded: no recipient, message id or free text ever becomes a label. ``client_id``,
-``phone_id`` and ``campaign_id`` are labels only once a job has been validated, and since a
-producer chooses them, a process gives each of these labels at most ``max_label_values``
-(``METRICS_MAX_LABEL_VALUES``) distinct values; later ones are counted under ``_other``.
-
-Every series whose label values are known in advance exists at zero from the start of a worker
-process (actor x lane x outcome, lane x deferral kind, the dead letters' queue x outcome x error
-class, endpoints, token sources, the numbers of the tokens file and ``RATE_LIMIT_OVERRIDES``),
-so ``increase()`` and the alerts see a series' first event. A number's quality-pause series and
-a campaign's outcome series start at zero when the number or campaign is first seen.
-
-=========================================  ====================================================
-metric                                     labels
-=========================================  ====================================================
-verloop_jobs_total                         actor, lane, outcome (sent, suppressed,
-                                           cancelled, done, retrying, deferred,
-                                           dead_lettered, rejected)
-verloop_sends_total                        lane, outcome, client_id, phone_id
-verloop_campaign_jobs_total                campaign_id, outcome (sent, dead_lettered,
-                                           suppressed, cancelled)
-verloop_job_duration_seconds               actor, lane
-verloop_dead_letters_total                 queue, outcome (invalid, failed, gave_up), error
-verloop_retries_total                      actor, lane
-verloop_deferrals_total                    lane, kind (see DEFERRAL_KINDS)
-verloop_rate_limit_wait_seconds            lane
-verloop_number_rate_limit                  phone_id (configured messages/s)
-verloop_quality_pauses_total               phone_id (131048)
-verloop_api_requests_total                 endpoint, status (HTTP status, timeout, error),
-                                           code (Verloop/Meta code or "")
-verloop_api_request_duration_seconds       endpoint
-verloop_token_lookups_total                source (file, memory, redis, verloop)
-verloop_token_refreshes_total              (a phone token was rejected and fetched again)
-verloop_after_send_failures_total          step (ledger, campaign, event): a write after
-                                           Verloop accepted a message failed (never a resend)
-verloop_events_relayed_total               result (published, failed)
-verloop_events_parked_total                kind (not_an_event, too_long, unencodable): outbox
-                                           entries that can never be published
-verloop_events_outbox_length               entries waiting in the outbox stream
-verloop_events_outbox_max_length           the outbox's bound (EVENTS_OUTBOX_MAX_LEN)
-verloop_worker_threads                     state (expected, alive, dead, stuck)
-verloop_worker_thread_deaths_total         worker threads that died
-=========================================  ====================================================
+Worker processes write in prometheus-client's multiprocess mode, and dramatiq's exposition
+process serves them all. Labels are bounded: no recipient, message id or free text; producers'
+ids (client, number, campaign) only once valid, and at most ``METRICS_MAX_LABEL_VALUES`` each
+(:mod:`worker.observability.labels`). Every series whose labels are known in advance starts at
+zero, so ``increase()`` and the alerts see its first event.
 """
 
 from __future__ import annotations

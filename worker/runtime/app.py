@@ -102,7 +102,7 @@ def boot() -> None:
     settings = Settings.load()
     # Worker threads mostly wait on Verloop, RabbitMQ and Redis. With CPython's default 5 ms
     # GIL switch interval a thread whose answer has arrived can wait that long behind a busy
-    # one; 1 ms lets it run sooner (measured with bench/send_path.py).
+    # one; 1 ms lets it run sooner.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     # Lines go straight to the inherited stderr, not through dramatiq's pipe to the main
     # process (one system call per line instead of a second process's read and write).

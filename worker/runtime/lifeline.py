@@ -1,30 +1,12 @@
-"""A worker's processes die with ``verloop-worker run``, however it dies (SIGKILL included).
+"""A worker's processes die with ``verloop-worker run``, however it dies (SIGKILL included), so
+no orphan keeps consuming jobs or holding the metrics port.
 
-``run`` starts dramatiq's process manager (and the simulator, with ``--sandbox``) as child
-processes, and the process manager forks the worker processes and the metrics exposition
-process. Without help, a ``run`` killed by SIGKILL (the OOM killer, ``kill -9``, a supervisor
-that does not kill the process group) leaves them running as orphans: still consuming jobs,
-still holding the metrics port.
-
-Linux's ``prctl(PR_SET_PDEATHSIG)`` has the kernel send a signal to a process when its parent
-dies. Three details matter:
-
-* It fires when the parent *thread* that created the process exits, not the whole parent
-  process, and again at each step as the orphan is handed to another of the dying parent's
-  threads, then to its new parent. dramatiq takes a second SIGTERM as "kill now", so the
-  kernel's signal is :data:`PARENT_DEATH_SIGNAL` (SIGUSR2, which nothing else here uses), and
-  its handler sends this process one SIGTERM, only once the parent pid has really changed.
-* ``run`` and dramatiq's process manager start their children from their main thread, which
-  lives as long as the process does.
-* A parent that dies before the child asks for the signal sends none, so the child checks
-  ``os.getppid()`` afterwards against the parent it expects.
-
-Where ``prctl`` is not available (not Linux), a daemon thread watches ``os.getppid()`` instead.
-
-SIGTERM is the ordinary stop: the process manager passes it on to the worker processes, which
-finish their in-flight jobs and stop. A second signal (dramatiq's "kill now"), or a SIGKILL,
-leaves in-flight jobs unacknowledged, and RabbitMQ delivers them again (the idempotency ledger
-keeps a send from going out twice).
+Linux's ``prctl(PR_SET_PDEATHSIG)`` has the kernel signal a child when its parent thread exits.
+The signal is :data:`PARENT_DEATH_SIGNAL` (SIGUSR2, since dramatiq takes a second SIGTERM as
+"kill now"); its handler sends one SIGTERM once the parent pid has really changed. Parents
+start children from their main thread, and a child checks ``os.getppid()`` after asking, in case
+the parent died first. Elsewhere a daemon thread watches ``os.getppid()``. SIGTERM lets
+in-flight jobs finish; anything harder leaves them to RabbitMQ's redelivery (and the ledger).
 """
 
 from __future__ import annotations

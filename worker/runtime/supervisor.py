@@ -1,12 +1,9 @@
-"""``python -m worker.runtime.supervisor DRAMATIQ_ARGS``: dramatiq's process manager for our
-workers.
+"""``python -m worker.runtime.supervisor DRAMATIQ_ARGS``: dramatiq's process manager.
 
-``verloop-worker run`` prepares the environment (log format, settings file, the metrics
-directory and port) and starts this module in a fresh interpreter, because dramatiq and
-prometheus-client read that environment when they are first imported. It then runs dramatiq's
-own command line, which forks the worker processes (each calls :func:`worker.runtime.app.boot`) and
-the
-metrics exposition process. All of them stop when ``run`` dies (:mod:`worker.runtime.lifeline`).
+``verloop-worker run`` prepares the environment and starts this module in a fresh interpreter
+(dramatiq and prometheus-client read it when first imported); dramatiq's command line then
+forks the worker processes (each calls :func:`worker.runtime.app.boot`) and the metrics
+exposition process. All of them stop when ``run`` dies (:mod:`worker.runtime.lifeline`).
 """
 
 from __future__ import annotations

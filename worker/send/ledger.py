@@ -1,32 +1,17 @@
 """The idempotency ledger: a job whose send already completed is never sent again.
 
-RabbitMQ delivers at least once: a worker killed after Verloop accepted a message but before
-the acknowledgement reached RabbitMQ gets the job again. Before calling Verloop a job *claims*
-its ledger entry in Redis (one atomic script, Redis's own clock); after Verloop accepted it,
-the entry records the message id. A later delivery of the same job finds that and is
-acknowledged as ``suppressed`` without calling Verloop.
+Before calling Verloop a job *claims* its entry (``verloop:ledger:<key>``, one Lua script on
+Redis's clock); the finisher records Verloop's message id once it accepted. Entry values:
 
-Entries (``verloop:ledger:<job's key>``, see :meth:`worker.jobs.models.SendMessageJob.ledger_key`;
-ids in a key are length-prefixed, :mod:`worker.connections.redis_keys`; an entry under the key an
-earlier
-version gave the job is still honoured until it expires):
+* ``s:<verloop message id>``: sent; kept ``LEDGER_TTL_S`` (longer than dead letters live).
+  A later delivery is acknowledged as ``suppressed``.
+* ``p:<lease end, ms>:<owner>``: a call is under way; another delivery waits for the lease.
+* uncertain: the call may have reached Verloop (its worker died mid-call, or no answer came
+  back); the next delivery follows ``UNCERTAIN_SEND_POLICY`` (resend, or dead-letter as
+  ``outcome unknown``; ``by_lane`` by default).
 
-* ``s:<verloop message id>``: sent. Kept ``LEDGER_TTL_S`` (30 days by default, longer than dead
-  letters live, so a replayed dead letter is still checked).
-* ``p:<lease end, ms>:<owner>``: a worker is calling Verloop for it right now. Another delivery
-  that finds a live lease is re-delayed until the lease ends (no retry used): by then the first
-  one has either sent (→ suppressed) or released the claim (→ sends).
-
-An ``uncertain`` entry is a claim whose call may or may not have reached Verloop: its worker
-died during the HTTP call (the lease runs out with nobody having recorded the answer), or the
-call was written and no answer came back (a read timeout, a connection dropped mid-response:
-the worker marks the claim uncertain at once). The next delivery that finds it follows
-``UNCERTAIN_SEND_POLICY``: resend it (at least once) or dead-letter it with the reason
-``outcome unknown`` for an operator (at most once). ``by_lane``, the default, resends
-transactional jobs and dead-letters campaign jobs.
-
-A claim may also name *holds*: keys whose existence holds the send for their remaining time
-(the limiter's per-recipient and per-number holds, for a slot that did not check them).
+A claim may name *holds*, keys whose existence holds the send (the limiter's recipient and
+number holds). The key an earlier version gave a job is still honoured until it expires.
 """
 
 from __future__ import annotations

@@ -83,9 +83,9 @@ class VerloopClient:
             for name, e in endpoints.items()
         }
         # We talk to httpx's transport (its public, lower layer) rather than httpx.Client: the
-        # client's per-request work (base-URL merging, cookie jar, auth and redirect handling,
-        # none of which we use) was a fifth of a send's CPU time in a GIL-bound worker
-        # (see bench/). Timeouts travel with each request, as httpx.Client would send them.
+        # client's per-request work (base-URL merging, cookie jar, auth and redirect handling)
+        # is CPU we would spend for features we do not use. Timeouts travel with each request,
+        # as httpx.Client would send them.
         self._transport = transport or httpx.HTTPTransport(limits=limits, retries=0)
         self._extensions = {"timeout": timeout.as_dict()}
         #: Called after every call with (endpoint, status, code, seconds): the metrics hook.

@@ -1,43 +1,16 @@
-"""Per-phone-number token lookup: configured tokens, then the cache, then Verloop.
+"""Per-phone-number token lookup: the tokens file, this process's memory (for
+``TOKEN_LOCAL_TTL_S``), Redis (shared by the fleet), then ``get_phone_token`` (one fetcher at a
+time across the fleet). A token Verloop rejects is dropped by compare-and-delete and looked up
+again; every token is registered with the log redactor as soon as it is seen.
 
-For a job's (client_id, phone_id) the token comes from, in order:
-
-1. the tokens file (``VERLOOP_PHONE_TOKENS_FILE``, tokens made by hand in Verloop's UI);
-2. this process's memory (trusted for ``TOKEN_LOCAL_TTL_S``);
-3. Redis, shared by the whole fleet;
-4. ``get_phone_token`` with the system user token. Across the fleet one process fetches (a
-   short Redis lock); the others wait for its result. Within a process one thread fetches.
-
-When Verloop rejects a token, :meth:`PhoneTokens.refresh` drops exactly that token (a
-compare-and-delete, so a token another process already replaced is kept) and looks it up again.
-Every token is registered with the log redactor the moment it is seen.
-
-Who was refused. ``get_phone_token`` needs the system user token *and* a client and number the
-partner may use, and Verloop's 401/403 does not say which of the two it refused. The rule:
-
-* After a refusal of ``get_phone_token`` the system token is checked with ``list_clients``, a
-  documented call that needs nothing else. A process checks a given token at most once per
-  ``SYSTEM_TOKEN_CHECK_INTERVAL_S`` (one thread checks, the others wait for its answer), and
-  reuses the answer within that interval: a system token revoked right after a check that
-  passed is noticed at the next check, and until then its refusals count as the numbers'.
-* ``list_clients`` refused too: the system token itself is refused and is dropped. With
-  ``VERLOOP_USERNAME``/``VERLOOP_PASSWORD`` the process logs in once for a new one (one thread;
-  a refused login is not tried again for the interval) and asks for the phone token again. A
-  ``VERLOOP_SYSTEM_TOKEN`` without them is not used for the interval (jobs that need a fetch
-  are dead-lettered saying so), then tried again.
-* ``list_clients`` accepted it (or failed in a way that is not a refusal): the system token
-  stays; Verloop refused that client or number. The process remembers the refusal, like any
-  other permanent answer of ``get_phone_token`` (404 for an unknown number), for
-  ``TOKEN_REFUSAL_TTL_S``: that number's jobs are dead-lettered at once with the reason, without
-  asking Verloop again. ``tokens refresh`` for the number forgets it in the process that runs it.
-* ``list_clients`` could not be reached (timeout, 5xx): nothing is decided, the job is retried.
-
-The system user token is :mod:`worker.verloop.system_token`'s; the Redis side (keys, the fetch
-lock, ``tokens list``) is :mod:`worker.verloop.token_cache`'s.
-
-Per-process state keyed by producer-chosen ids (tokens in memory, fetch locks, remembered
-refusals) holds at most ``TOKEN_LOCAL_MAX_ENTRIES`` numbers each, forgetting the least recently
-used.
+Verloop's 401/403 on ``get_phone_token`` does not say whether it refused the system token or the
+number, so the system token is then checked with ``list_clients`` (at most once per
+``SYSTEM_TOKEN_CHECK_INTERVAL_S``): refused too, the system token is dropped (and renewed by
+login when credentials are set); accepted, the number was refused, and that refusal is
+remembered for ``TOKEN_REFUSAL_TTL_S`` (its jobs dead-letter at once); unreachable, the job is
+retried. Per-process state keyed by producers' ids holds at most ``TOKEN_LOCAL_MAX_ENTRIES``.
+The system token is :mod:`worker.verloop.system_token`'s, the Redis side
+:mod:`worker.verloop.token_cache`'s.
 """
 
 from __future__ import annotations
