@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -317,3 +318,19 @@ def test_management_jobs_list_clients_and_refresh_a_token(
     wait_until(lambda: simulator.stats()["requests"].get("get_phone_token") == 1)
     wait_until(lambda: simulator.stats()["requests"].get("list_clients") == 1)
     assert dead_letters("verloop.manage") == []
+
+
+def test_a_finished_job_leaves_no_warning_from_dramatiq(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The actor hands its outcome to the middleware on the job's run: dramatiq sees no return
+    value, so it writes no "returned a value" warning for every job."""
+    caplog.set_level(logging.WARNING, logger="dramatiq")
+    start_worker()
+    send(producer, idempotency_key="quiet-1")
+    wait_until(simulator.messages)
+    time.sleep(0.5)  # the warning would come right after the call, before the job's ack
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("dramatiq")] == []

@@ -139,7 +139,7 @@ class JobOutcomes(Middleware):
         run = current_run()
         _current.set(None)
         try:
-            self._settle(broker, message, run, result, exception)
+            self._settle(broker, message, run, exception)
         except BaseException:  # noqa: BLE001 - nothing may escape into dramatiq's worker thread
             # What happened to the job is unknown here: reject the delivery (RabbitMQ
             # dead-letters it) rather than let it be acknowledged with nothing kept.
@@ -152,11 +152,11 @@ class JobOutcomes(Middleware):
         broker: Any,
         message: Any,
         run: JobRun,
-        result: Any,
         exception: BaseException | None,
     ) -> None:
         if exception is None:
-            run.outcome = result if isinstance(result, JobOutcome) else JobOutcome(Outcome.DONE)
+            if run.outcome is None:  # the actor sets it (see worker.runtime.actors)
+                run.outcome = JobOutcome(Outcome.DONE)
             self._finish(broker, run)
             self._log(run, "info")
             return

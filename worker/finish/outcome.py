@@ -1,8 +1,8 @@
 """A job's typed context and outcome, and the one vocabulary of outcomes.
 
 The outcome middleware builds a :class:`JobRun` for each delivery; the actor fills in what the
-job says about itself (:class:`JobFacts`) and returns a :class:`JobOutcome`, or raises and the
-middleware turns the exception into one. The log line, the metrics and the event are all
+job says about itself (:class:`JobFacts`) and its handler's :class:`JobOutcome`, or raises and
+the middleware turns the exception into one. The log line, the metrics and the event are all
 renderings of the finished :class:`JobRun`.
 """
 

@@ -3,7 +3,7 @@
 Every actor: names the job by its well-formed ids (so even an invalid job's log line and event
 say whose it was), validates it (:func:`worker.jobs.registry.parse_job`; invalid: dead letter,
 no retry), sends it back to wait if its ``options.eta`` has not come (no retry used), then
-runs its handler and returns the handler's outcome to the outcome middleware.
+runs its handler, whose outcome it leaves on the job's run for the outcome middleware.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dramatiq
 
 from worker.errors import Deferred
 from worker.finish.middleware import current_run
-from worker.finish.outcome import JobContext, JobFacts, JobOutcome
+from worker.finish.outcome import JobContext, JobFacts
 from worker.jobs.models import ID_PATTERN, Job, RefreshPhoneTokenJob, SendMessageJob
 from worker.jobs.registry import JOB_TYPES, JobType, parse_job
 from worker.runtime.services import Lifecycle
@@ -32,7 +32,7 @@ _IDENTIFIER = re.compile(ID_PATTERN)
 
 def register_actors(
     broker: dramatiq.Broker, lifecycle: Lifecycle
-) -> dict[str, dramatiq.Actor[..., JobOutcome]]:
+) -> dict[str, dramatiq.Actor[..., None]]:
     """Declare every job type's actor on ``broker``."""
     return {
         name: dramatiq.Actor(
@@ -47,14 +47,16 @@ def register_actors(
     }
 
 
-def _actor(job_type: JobType, lifecycle: Lifecycle) -> Callable[..., JobOutcome]:
-    def run(*args: Any, **kwargs: Any) -> JobOutcome:
+def _actor(job_type: JobType, lifecycle: Lifecycle) -> Callable[..., None]:
+    def run(*args: Any, **kwargs: Any) -> None:
+        # The outcome goes to the middleware on the run, not as the actor's return value:
+        # dramatiq warns about (and discards) a value returned without its Results middleware.
         current = current_run()
         _describe_unvalidated(current.facts, kwargs)
         job = parse_job(job_type.name, args, kwargs)
         _describe(current.facts, job)
         _wait_for_schedule(current.ctx)
-        return job_type.handler(lifecycle.services, job, current)
+        current.outcome = job_type.handler(lifecycle.services, job, current)
 
     run.__name__ = run.__qualname__ = job_type.name
     return run

@@ -16,7 +16,6 @@ from dramatiq.middleware import Middleware
 
 from worker.finish.finish import JobFinisher
 from worker.finish.middleware import JobOutcomes, RetryPolicy
-from worker.finish.outcome import JobOutcome
 from worker.jobs.models import CAMPAIGN_QUEUE
 from worker.jobs.registry import JOB_TYPES
 from worker.observability.logging import DirectStream, configure_logging
@@ -40,7 +39,7 @@ class WorkerApp:
     settings: Settings
     broker: VerloopBroker
     lifecycle: Lifecycle
-    actors: dict[str, dramatiq.Actor[..., JobOutcome]]
+    actors: dict[str, dramatiq.Actor[..., None]]
 
 
 def create_app(settings: Settings) -> WorkerApp:
