@@ -1,9 +1,8 @@
 """A job's typed context and outcome, and the one vocabulary of outcomes.
 
-The outcome middleware builds a :class:`JobRun` for each delivery; the actor fills in what the
-job says about itself (:class:`JobFacts`) and returns a :class:`JobOutcome`, or raises and the
-middleware turns the exception into one. The log line, the metrics and the event are all
-renderings of the finished :class:`JobRun`.
+The middleware builds a :class:`JobRun` per delivery, the actor fills in :class:`JobFacts` and
+returns a :class:`JobOutcome` (or raises); the log line, metrics and event all render the
+finished :class:`JobRun`.
 """
 
 from __future__ import annotations
