@@ -3,8 +3,8 @@ dead letters in ``<queue>.XQ`` (format: :mod:`worker.finish.deadletters`).
 
 Reading never loses anything: messages are taken with ``basic.get`` and not acknowledged, so
 closing the channel puts them back; one is acknowledged only after its replay was confirmed,
-its export file synced, or its purge confirmed. A replay keeps the job's message id and never
-replays a send the ledger records as ``sent``.
+its export file synced, or its purge confirmed. A replay keeps the job's message id, never
+replays a send the ledger records as ``sent``, and an uncertain one only on request.
 """
 
 from worker.dlq.edits import Edit, apply_edits, parse_edit
