@@ -1,23 +1,10 @@
 """Enqueueing a campaign: stream the file, validate each row, publish it with a publisher confirm.
 
-This is the entry point (:func:`enqueue_campaign`): it defines the campaign in Redis or finds
-the one to resume, runs the publisher (:mod:`worker.campaigns.publisher`) with the rejects file
-(:mod:`worker.campaigns.rejects`), and sums up what was done for the command line.
-
-**Resume.** The campaign's hash in Redis (:class:`~worker.campaigns.store.CampaignStore`) holds
-``rows_done``/``enqueued``/``rejected``: the checkpoint, written after each group of confirms and
-only ever covering rows that RabbitMQ confirmed (or rejected or blank rows before them).
-Starting the same campaign again skips ``rows_done`` rows and continues the counts. Rows
-published after the last checkpoint (at most ``batch_size``, the in-flight limit) may have
-reached the queue before a crash; they are published again on resume, and the workers'
-idempotency ledger (one send per campaign and recipient) suppresses the duplicate sends.
-
-**Ctrl-C** stops reading, waits for the confirms in flight and writes the checkpoint, so an
-interrupted run resumes without publishing anything twice; a second Ctrl-C stops at once.
-
-**Failure.** A nack, a returned (unroutable) message, a lost connection or a stalled confirm
-stops the run with :class:`CampaignEnqueueError`, naming the rows not confirmed; the checkpoint
-stays before them, so running the command again resumes from there.
+:func:`enqueue_campaign` defines the campaign in Redis or finds the one to resume, then runs the
+publisher (:mod:`worker.campaigns.publisher`) with the rejects file. The checkpoint only ever
+covers rows RabbitMQ confirmed, so a run stopped by Ctrl-C (which waits for the confirms in
+flight; a second one stops at once) or by a failure (:class:`CampaignEnqueueError`) resumes from
+it; rows published again after a crash are suppressed by the workers' idempotency ledger.
 """
 
 from __future__ import annotations

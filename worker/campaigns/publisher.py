@@ -1,11 +1,8 @@
 """Publishing a campaign's rows: the confirm loop of one run over the file.
 
-Publishing is pipelined on one pika ``SelectConnection``: up to ``window`` messages are in
-flight unconfirmed at once, and RabbitMQ's acks (often ``multiple=True``, covering many) release
-room for more. Every message is persistent, ``mandatory`` and goes to ``verloop.campaign``
-(declared first with the arguments dramatiq uses), in dramatiq's wire format
-(:mod:`worker.jobs.wire`). As confirms arrive the run writes the campaign's checkpoint; how a
-run resumes, stops on Ctrl-C and fails is told in :mod:`worker.campaigns.enqueue`.
+Pipelined on one pika ``SelectConnection``: up to ``window`` persistent, ``mandatory`` messages
+in flight to ``verloop.campaign`` (declared first with dramatiq's arguments); the checkpoint
+advances as confirms arrive. Resume, Ctrl-C and failures: :mod:`worker.campaigns.enqueue`.
 """
 
 from __future__ import annotations
@@ -365,9 +362,8 @@ class PublishRun:
 
 def encode_envelope(kwargs: dict[str, Any], message_id: str) -> bytes:
     """A row's job body: :func:`worker.jobs.wire.build_envelope` for ``send_message`` on the
-    campaign queue, written with orjson (json.dumps costs several times more per row). For the
-    rows' kwargs, all text, these are :func:`worker.jobs.wire.encode_job`'s bytes exactly
-    (tests/unit/test_campaign_reader.py checks)."""
+    campaign queue, written with orjson (it runs for every row). For the rows' kwargs, all
+    text, these are :func:`worker.jobs.wire.encode_job`'s bytes exactly (a unit test checks)."""
     return orjson.dumps(build_envelope(_ACTOR, kwargs, queue=CAMPAIGN_QUEUE, message_id=message_id))
 
 

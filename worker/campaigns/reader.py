@@ -1,21 +1,10 @@
 """Reading a campaign's recipients file, one row at a time, into ``send_message`` job kwargs.
 
-Two formats, told apart by the file name (``.jsonl``/``.ndjson`` is JSON Lines, anything else
-CSV) unless given:
-
-* **CSV** (UTF-8, optional BOM), header row required. Columns: ``to`` (E.164), ``body_1`` ..
-  ``body_N`` (the template's body parameters, in order), optional ``header_1`` (one text header
-  parameter) and optional ``phone_id`` (overrides the sending number for that row). Any other
-  column is refused, so a misspelt ``header1`` cannot silently drop a parameter.
-* **JSON Lines**: one object per line, ``{"to": "+91...", "body": ["Asha", "42"],
-  "header": ["Diwali"], "phone_id": "123"}``; ``header`` and ``phone_id`` are optional.
-
-The file is streamed: only the current row is held. Rows are numbered from 1 after the
-header; blank rows (or rows of empty cells) keep their number but are skipped, neither sent
-nor rejected. Every other row is validated exactly as the worker validates a job
-(:mod:`worker.campaigns.rows`), so a row the worker would dead-letter as invalid is rejected
-here instead, with its reason. What every row shares is
-:class:`~worker.campaigns.spec.CampaignSpec`.
+CSV or JSON Lines, told apart by the file name unless given (formats: README, "Campaigns", "The
+file"). Any unknown CSV column is refused, so a misspelt ``header1`` cannot drop a parameter.
+The file is streamed; rows are numbered from 1 after the header, blank rows keep their number
+but are skipped, and every other row is validated as the worker validates a job
+(:mod:`worker.campaigns.rows`).
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """Campaigns in Redis: definition, state, enqueue checkpoint and progress counters.
 
-A campaign belongs to a client: two clients may pick the same campaign id and never see each
-other's pause, cancel, counts or recipients. One hash per campaign,
-``verloop:client-campaign:<client>:<campaign>`` (ids length-prefixed), written by three parties:
-
-* ``campaign start`` (the enqueuer): the definition, then ``rows_done``/``enqueued``/``rejected``
-  after each confirmed batch (the resume point), and ``enqueue_finished`` at the end;
-* operators: ``state`` (``running`` → ``paused`` ↔ ``running`` → ``cancelled``);
-* workers: one counter per final outcome (``sent``, ``dead_lettered``, ``suppressed``,
-  ``cancelled``), plus a 10-second bucket of sends for the current rate.
-
-A sorted set ``verloop:client-campaigns`` lists every campaign by creation time. A campaign id
-that no ``campaign start`` made (a producer's own) still gets its counters, in a hash that
-expires ``unknown_ttl_s`` after its last job.
-
-Earlier versions kept a campaign under ``verloop:campaign:<id>`` (and in ``verloop:campaigns``).
-Such a hash is moved to its client's key the first time it is looked up for that client (its
-``client_id`` field says whose it is), so a campaign paused or cancelled before an upgrade stays
-so after it.
+One hash per client's campaign, ``verloop:client-campaign:<client>:<campaign>`` (ids
+length-prefixed, so two clients' campaigns never meet), written by the enqueuer (definition,
+checkpoint), operators (``state``) and workers (outcome counters, a rate bucket); the sorted set
+``verloop:client-campaigns`` lists them by creation time. A campaign id no ``campaign start``
+made still gets counters, expiring ``unknown_ttl_s`` after its last job. A hash under the older
+``verloop:campaign:<id>`` moves to its client's key when first looked up, state kept.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """``verloop-worker dlq``: list, show, replay, purge and export dead letters.
 
-The work is done by :mod:`worker.dlq`; this module is the command line around it, with its
-shared options, tables and export file in :mod:`worker.commands.dlq_support`. Exit codes as
-everywhere: 0 done, 1 something was left undone (a service failed, a dead letter was not
-replayed, a purge was declined), 2 bad usage or settings.
+The command line around :mod:`worker.dlq`; shared options, tables and the export file are in
+:mod:`worker.commands.dlq_support`. Exit code 1 also when something was left undone (a dead
+letter not replayed, a purge declined).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
-"""``verloop-worker``: the command group, assembled from one module per command.
+"""``verloop-worker``: the click command group, assembled from one module per command.
 
-Built with click (sub-commands, ``--help`` generated from the docstrings, typed options).
-Exit codes: 0 success, 1 a service or job failed, 2 bad usage or settings. The conventions
-every command follows are in :mod:`worker.commands`.
+Exit codes: 0 success, 1 a service or job failed, 2 bad usage or settings; the conventions every
+command follows are in :mod:`worker.commands`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Management jobs from the shell, for ``verloop-worker clients`` and ``tokens refresh``.
 
-Each of those commands enqueues a management job on ``verloop.manage`` and waits for its
-outcome event on the events exchange, so what it prints is what a running worker did (with the
-worker's credentials, rate limits and logs). No outcome within ``--timeout``: it says so, and
-where to look, since the job was published and may run (or have run) all the same.
+Each command enqueues a job on ``verloop.manage`` and waits for its outcome event, so it prints
+what a running worker did with the fleet's credentials. Without an outcome within ``--timeout``
+it says so: the job was published and may run all the same.
 """
 
 from __future__ import annotations

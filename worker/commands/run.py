@@ -1,9 +1,9 @@
 """``verloop-worker run``: start the worker processes under dramatiq's process manager.
 
-Checks the settings and services first (a bad setup stops here, with one plain sentence,
-not in every worker process), prepares the per-instance metrics and health folders, and
-supervises the process manager: stop signals are passed on, and it never outlives us.
-``--sandbox`` points the run at the simulator (:mod:`worker.commands.sandbox`).
+Settings and services are checked first, so a bad setup stops here with one sentence rather
+than in every worker process; then the metrics and health folders are prepared and the process
+manager is supervised (signals passed on; it never outlives us). ``--sandbox``: see
+:mod:`worker.commands.sandbox`.
 """
 
 from __future__ import annotations

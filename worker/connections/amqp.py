@@ -1,10 +1,9 @@
 """Blocking connections to RabbitMQ outside dramatiq: reading ``AMQP_URL``, opening, closing,
-and a channel that is opened again, on a new connection, after a failure.
+and a channel reopened on a new connection after a failure.
 
-The producer, the dead-letter tooling, the events relay, the jobs exchange and the CLI each
-hold a pika ``BlockingConnection`` of their own; they open and close it here, so a URL pika
-cannot read is reported the same way everywhere (without quoting a secret), and closing a
-connection that may be broken already never raises.
+Every pika ``BlockingConnection`` of the worker's tools opens and closes here, so a URL pika
+cannot read is reported the same way everywhere (never quoting a secret), and closing a broken
+connection never raises.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The worker's Redis client: how it is opened, what its errors become, how its answers read.
 
-:func:`open_redis` makes every Redis client of the worker and its commands (short timeouts,
-kept by the kernel on TCP). :class:`RedisErrors` is the one place where redis-py's exceptions
-become the worker's :class:`~worker.errors.RedisUnavailable`: each component names its own
-message once and wraps its calls in it, so code above catches only the worker's errors.
-:func:`as_text` reads an answer as text whatever the client's ``decode_responses``.
+:func:`open_redis` makes every Redis client (short timeouts, kept by the kernel on TCP).
+:class:`RedisErrors` is the one place redis-py's exceptions become
+:class:`~worker.errors.RedisUnavailable`, so code above catches only the worker's errors.
+:func:`as_text` reads an answer whatever the client's ``decode_responses``.
 """
 
 from __future__ import annotations
@@ -27,12 +26,10 @@ class _KernelTimeoutConnection(redis.Connection):
     """A TCP connection to Redis whose timeout is kept by the kernel (``SO_RCVTIMEO`` and
     ``SO_SNDTIMEO`` on a blocking socket) rather than by Python.
 
-    With a Python socket timeout every read is a ``poll`` and then a ``recv``, and each system
-    call lets go of the interpreter lock, a point where a worker thread may have to wait for
-    another to hand it back; the send path makes two or three Redis calls per job on every
-    thread. Here a read is one ``recv``. A read or write that takes longer than the timeout
-    still fails, as a ``ConnectionError``, and the call is retried or reported as Redis being
-    down, as before. ``rediss://`` and ``unix://`` keep redis-py's own classes.
+    A read is then one ``recv`` instead of a ``poll`` and a ``recv``: one release of the
+    interpreter lock fewer per read, on a path that makes a few Redis calls per job. A read or
+    write past the timeout still fails as a ``ConnectionError``. ``rediss://`` and ``unix://``
+    keep redis-py's own classes.
     """
 
     def __init__(self, **kwargs: Any) -> None:

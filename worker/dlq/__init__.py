@@ -1,14 +1,10 @@
 """Dead-letter tooling behind ``verloop-worker dlq``: read, filter, replay, purge and export the
-dead letters the worker keeps in ``<queue>.XQ`` (format: :mod:`worker.finish.deadletters`).
+dead letters in ``<queue>.XQ`` (format: :mod:`worker.finish.deadletters`).
 
-Reading never loses anything: messages are taken with ``basic.get`` and not acknowledged (at
-most as many as the queue held at the start), so closing the channel puts them back. A dead
-letter is acknowledged only after RabbitMQ confirmed its replay, after its export file was
-synced (``export --remove``), or after the operator confirmed a purge.
-
-A replay keeps the job's dramatiq message id (the ledger key of a send without idempotency key
-or campaign) and checks the ledger first: ``sent`` is never replayed; ``pending`` (outcome
-unknown) only on request, after its claim is forgotten.
+Reading never loses anything: messages are taken with ``basic.get`` and not acknowledged, so
+closing the channel puts them back; one is acknowledged only after its replay was confirmed,
+its export file synced, or its purge confirmed. A replay keeps the job's message id, never
+replays a send the ledger records as ``sent``, and an uncertain one only on request.
 """
 
 from worker.dlq.edits import Edit, apply_edits, parse_edit

@@ -1,22 +1,10 @@
 """Dead letters: the original job, untouched, plus why it died, in ``<queue>.XQ``.
 
-The body of a dead letter is the job as the worker received it: a body that could not be decoded
-is kept byte for byte; a decoded one is kept in dramatiq's format with the optional envelope
-fields filled in (so it can be replayed as it is). The reason travels in one AMQP header table,
-:data:`DEAD_LETTER_HEADER`, readable from the RabbitMQ management UI and from any AMQP client::
-
-    x-verloop-dead-letter: {
-      reason: "invalid send_message job: to: must be in E.164 form ...",
-      error: "InvalidJob", outcome: "invalid" | "failed" | "gave_up",
-      http_status: 400, code: "131026", attempts: 1,
-      dead_lettered_at: "2026-11-25T12:00:00+00:00",
-      queue: "verloop.send", actor: "send_message", message_id: "...", worker: "host:pid"
-    }
-
-Fields that do not apply are left out. RabbitMQ keeps dead letters for dramatiq's dead message
-TTL (7 days by default). A body nacked by dramatiq itself (which only happens when publishing
-the dead letter failed) arrives without this header; RabbitMQ's own ``x-death`` header still
-says when and from where.
+The body is the job as received (an undecodable one byte for byte, a decoded one with the
+optional envelope fields filled in, so it replays as it is); the reason is the header table
+:data:`DEAD_LETTER_HEADER`, whose fields README.md lists ("What happens to a job", "Dead
+letters"). A body nacked by dramatiq itself (only when publishing the dead letter failed) has
+no such header; RabbitMQ's ``x-death`` still says when and from where.
 """
 
 from __future__ import annotations

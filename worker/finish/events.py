@@ -1,20 +1,9 @@
 """Outcome events: every job's final outcome, published to a RabbitMQ topic exchange.
 
-Exchange ``EVENTS_EXCHANGE`` (``verloop.events``, durable, type ``topic``). Routing keys:
-
-* sends: ``send.<outcome>.<client_id>.<phone_id>.<campaign_id or "none">``
-* management jobs: ``manage.<actor>.<outcome>``
-
-with ``<outcome>`` one of ``sent``, ``dead_lettered``, ``suppressed``, ``cancelled`` (sends) or
-``done``, ``dead_lettered`` (management). Dots inside identifiers become ``_`` so every part
-stays one routing-key word. Bind ``send.#`` for everything, ``send.dead_lettered.#`` for
-failures, ``send.*.acme.#`` for one client, ``send.*.*.*.spring-sale`` for one campaign.
-An identifier longer than :data:`MAX_WORD_CHARS` appears as its first characters, ``~`` and a
-hash of the whole (so a key stays within AMQP's 255 bytes); the body carries it in full.
-
-The body is JSON (see :func:`build_event`). How an event reaches the exchange (through the
-Redis outbox, or directly from the worker thread) is in :mod:`worker.finish.outbox` and
-:mod:`worker.finish.finish`.
+Exchange, routing keys and body are a public contract, described in README.md's "Outcome
+events". Identifiers become one routing-key word each (other characters become ``_``; past
+:data:`MAX_WORD_CHARS`, a prefix and a hash) so a key stays within AMQP's 255 bytes; the body
+carries them in full. Delivery: :mod:`worker.finish.outbox` and :mod:`worker.finish.finish`.
 """
 
 from __future__ import annotations

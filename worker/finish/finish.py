@@ -1,11 +1,9 @@
 """The one place a job is finished: its ledger record, campaign counter and event, together.
 
-For every final outcome :class:`JobFinisher` builds the Redis commands first, then sends them
-in one round trip, in this order: the ledger record of a sent message, the campaign's
-counters, the event for the outbox. A message Verloop accepted is therefore recorded before
-anything else is tried, and nothing that fails afterwards turns it into a retry (a resend):
-each failure is logged and counted. If Redis does not answer, the event is published straight
-to RabbitMQ instead (also when ``EVENTS_DELIVERY=direct``).
+:class:`JobFinisher` sends a final outcome's Redis commands in one round trip, the ledger record
+of a sent message first, so a message Verloop accepted is recorded before anything else is tried;
+nothing failing afterwards turns it into a retry (a resend): it is logged and counted. If Redis
+does not answer, the event is published straight to RabbitMQ (as with ``EVENTS_DELIVERY=direct``).
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """The outcome middleware: each delivery's typed run, its one log line, retry or dead letter.
 
-It replaces dramatiq's ``Retries``. Before the actor runs it builds the :class:`JobRun`; after,
-it turns the handler's :class:`JobOutcome` (or what it raised) into the final outcome:
-
-* returned: the outcome stands, and a final one goes to the finisher (:mod:`worker.finish.finish`);
-* :class:`Deferred`: sent back to wait, no retry used;
-* :class:`InvalidJob` or another non-retryable :class:`JobFailure`: dead-lettered at once;
-* :class:`TransientFailure` or anything unforeseen: retried with jittered backoff (or Verloop's
-  ``Retry-After``), each delay under RabbitMQ's consumer timeout; then dead-lettered ``gave_up``.
-
-A delivery is acknowledged only once its job finished or its retry or dead letter is confirmed;
-otherwise it is rejected (RabbitMQ dead-letters it). Nothing raised here reaches dramatiq.
+It replaces dramatiq's ``Retries``: a returned outcome goes to the finisher; :class:`Deferred`
+waits without using a retry; a non-retryable :class:`JobFailure` is dead-lettered at once;
+anything else is retried with jittered backoff (each delay under RabbitMQ's consumer timeout),
+then dead-lettered ``gave_up``. A delivery is acknowledged only once its job finished or its
+retry or dead letter is confirmed, else rejected; nothing raised here reaches dramatiq.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
-"""The events outbox: outcome events go to RabbitMQ through a Redis stream, so a job's ack
+"""The events outbox: outcome events reach RabbitMQ through a Redis stream, so a job's ack
 never waits for a publisher confirm.
 
-1. The finisher adds each final outcome's event to ``verloop:events:outbox`` in its one Redis
-   round trip, before the job is acknowledged.
-2. A relay thread per worker process reads the stream as consumer group ``relay``, publishes a
-   batch in one AMQP transaction, and deletes it only after RabbitMQ committed: at least once.
-3. Entries taken and never confirmed stay pending: retried after ``EVENTS_RELAY_RETRY_S``, taken
-   over from a dead consumer after ``EVENTS_RELAY_RECLAIM_S``.
-4. An entry that can never be published is *parked* in ``verloop:events:parked`` with its
-   reason, so it cannot hold back every batch after it.
-
-The stream is capped at ``EVENTS_OUTBOX_MAX_LEN`` (oldest dropped). If Redis does not answer,
-the event is published directly instead (also with ``EVENTS_DELIVERY=direct``).
+The finisher adds each event to ``verloop:events:outbox`` before the job is acknowledged; a relay
+thread per process reads it as consumer group ``relay``, publishes a batch in one AMQP
+transaction and deletes it only once RabbitMQ committed (at least once). Unconfirmed entries are
+retried, or taken over from a dead relay; an entry that can never be published is parked in
+``verloop:events:parked`` so it cannot hold back the rest. README.md, "Outcome events", has the
+settings.
 """
 
 from __future__ import annotations

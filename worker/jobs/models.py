@@ -1,9 +1,8 @@
 """The public job contract: what upstream systems put on RabbitMQ, and its validation.
 
-A job is a dramatiq message (see README, "Wire format") whose ``kwargs`` match one of the models
-below. Every job is validated on receipt; a job that does not match is dead-lettered with the
-reason :func:`parse_job` gives, and never retried. ``config/jobs.schema.json`` is generated from
-these models (``verloop-worker schema``), so producers in any language can validate first.
+A job is a dramatiq message (README.md, "Wire format") whose ``kwargs`` match one of these
+models; a job that does not is dead-lettered with :func:`parse_job`'s reason, never retried.
+``config/jobs.schema.json`` is generated from them (``verloop-worker schema``).
 """
 
 from __future__ import annotations

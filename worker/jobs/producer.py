@@ -1,19 +1,9 @@
 """The Python API for upstream systems: validate a job, publish it, and know it arrived.
 
-    from worker.jobs.producer import Producer
-
-    with Producer("amqp://guest:guest@127.0.0.1:5672/%2F") as producer:
-        message_id = producer.send_message(
-            client_id="acme", phone_id="1234", to="+919876543210",
-            message={"type": "text", "text": {"body": "Your code is 4711"}},
-            idempotency_key="otp-4711",
-        )
-
-Every publish waits for RabbitMQ's publisher confirm and is ``mandatory``, so a job that was not
-stored raises :class:`EnqueueError` instead of vanishing; an invalid job raises
-:class:`InvalidJob` before anything is published. A producer holds one connection and is not
-thread-safe: use one per thread. Delivery is at least once: if a confirm is lost to a broken
-connection, the job is published again, which is why sends carry an ``idempotency_key``.
+Usage: README.md, "From Python: the producer API". Every publish is ``mandatory`` and waits for
+RabbitMQ's confirm, so a job not stored raises :class:`EnqueueError`; an invalid one raises
+:class:`InvalidJob` before anything is published. One producer per thread. At least once: a
+confirm lost to a broken connection means a second publish, hence ``idempotency_key``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The wire format of a job: dramatiq's message envelope, built and checked in one place.
 
-A job travels as a JSON object with dramatiq's seven fields (:data:`ENVELOPE_FIELDS`). The
-producer, the campaign enqueuer and the dead-letter replay build it with
-:func:`build_envelope`; the worker's consumers read every body through
-:func:`parse_envelope`, which fills in the optional fields and refuses anything the worker
-must not act on (strict JSON text only, no option a job may not set, a message id fit for an
-AMQP property and a Redis key). Both sides agree because both are here.
+Producers, the campaign enqueuer and the dead-letter replay build it with
+:func:`build_envelope`; consumers read every body through :func:`parse_envelope`, which fills
+in optional fields and refuses what the worker must not act on. Both sides agree because both
+are here (the format: README.md, "Wire format").
 """
 
 from __future__ import annotations

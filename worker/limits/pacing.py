@@ -1,26 +1,12 @@
 """Pacing sends to each number's limit: the algorithm, its decisions, and an in-process backend.
 
-Each sending number has a GCRA ("generic cell rate algorithm", a token bucket kept as one
-timestamp): ``tat`` is the theoretical arrival time of the next message. With emission interval
-``T = 1/rate`` a send conforms when ``tat - now <= tolerance``; taking it moves
-``tat = max(tat, now) + T``. Two lanes share a number:
-
-* **campaign** (``verloop.campaign``): tolerance 0, and it reserves at most ``A`` ahead
-  (``RATE_LIMIT_CAMPAIGN_LOOKAHEAD_S``, 50 ms): it takes the next slot only if that slot is
-  within ``A`` of now, and sleeps until it. So a campaign backlog keeps ``tat`` at most ``A``
-  ahead of ``now`` (the lookahead keeps a late arrival from losing its slot for good).
-* **transactional** (``verloop.send``): tolerance ``H*T + A``, where ``H`` is the reserve
-  (``RATE_LIMIT_RESERVE`` of a second's worth of messages, at least one). It may *reserve* a
-  slot up to ``RATE_LIMIT_MAX_WAIT_S`` ahead and sleep until it. Its tolerance reaches past
-  whatever the campaign has reserved, so it always finds ``H`` slots free: a transactional send
-  never waits behind the campaign.
-
-In any window of ``W`` seconds a number sends at most ``rate*W + H + A*rate + 1`` messages,
-within the platform's one-second bucket as long as ``H + A*rate + 1 <= rate``.
-
-Around the bucket: a recipient can be cooling down (131056), a number paused (131057, all lanes)
-or paused for quality (131048, campaign lane), and a number's rate lowered for a while after a
-429 (the penalty factor). An optional account-wide bucket applies to every call.
+Each number has a GCRA bucket (one timestamp ``tat``, emission interval ``T = 1/rate``) shared
+by two lanes: **campaign** sends take only slots within ``RATE_LIMIT_CAMPAIGN_LOOKAHEAD_S`` (A)
+of now; **transactional** sends have tolerance ``H*T + A`` (``H``: ``RATE_LIMIT_RESERVE``), so
+they always find ``H`` slots free and never wait behind a campaign. In any ``W`` seconds a
+number sends at most ``rate*W + H + A*rate + 1``, within the platform's one-second bucket while
+``H + A*rate + 1 <= rate``. Around the bucket: 131056/131057/131048 holds, a penalty after a 429,
+and an optional account-wide bucket.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """The fleet-wide limiter: the algorithm of :mod:`worker.limits.pacing` in one Lua script.
 
-One round trip per send decides and reserves atomically, for every process on every machine.
-Time is Redis's own clock (``TIME``), so workers on hosts with skewed clocks still agree.
-Times are kept in microseconds; Lua numbers are doubles, exact far beyond 2**50 µs.
-
-If Redis does not answer, :class:`LimiterUnavailable` is raised and the send waits: the worker
-never sends without the limiter (fail closed).
+One round trip decides and reserves atomically for the whole fleet, on Redis's clock (``TIME``)
+so skewed hosts agree; times are integer microseconds (exact in Lua's doubles). If Redis does
+not answer, :class:`LimiterUnavailable` is raised and the send waits: never a send without the
+limiter (fail closed).
 """
 
 from __future__ import annotations
@@ -135,27 +133,15 @@ class _Pace:
 class RedisLimiter:
     """Implements :class:`worker.limits.pacing.RateLimiter` on Redis.
 
-    **Leases.** At high rates one Redis round trip per send would cost more CPU than the send
-    itself, so a transactional send on a fast number takes a short *lease*: the next few
-    consecutive slots, reserved in one call; this process's next sends to that number use them
-    in order, each at its own slot time, or at once if that time has passed.
-
-    A reserved slot nobody uses is capacity the number never gets back, so leases are sized
-    to what this process will use, not to the number's rate:
-
-    * a lease holds this process's own pace of asks for that number (counted over the last
-      ``PACE_WINDOW_S``) times ``LEASE_WINDOW_S``, at most the number's rate times that window
-      and ``LEASE_MAX_SLOTS``; a number at 80/s or below leases one slot;
-    * while one thread fetches a number's lease, the process's other threads wait for it
-      instead of fetching leases of their own;
-    * a leased slot may be used up to ``LEASE_LATE_S`` after its time (the next burst of asks
-      picks up what the last one left), and is dropped after that.
-
-    Late use is what lets several processes share a fast number at its full rate; its price:
-    in any window a number may send up to ``rate * LEASE_LATE_S`` more than the bucket alone
-    allows (100 at 1,000/s, within the platform's one-second burst). Campaign sends and an
-    account-wide limit never lease. A hold set by another process (131056, a pause) reaches a
-    lease's sends at most ``LEASE_LATE_S`` late.
+    **Leases.** On a fast number a transactional send takes a short *lease*: the next few
+    consecutive slots in one call (saving a Redis round trip per send), used in order by this
+    process's next sends to that number. A slot nobody uses is lost to the number, so a lease is
+    sized to this process's own pace of asks (over ``PACE_WINDOW_S``) times ``LEASE_WINDOW_S``,
+    capped by the rate and ``LEASE_MAX_SLOTS`` (one slot at 80/s or below); one thread fetches
+    a number's lease while the others wait for it. A leased slot may be used up to
+    ``LEASE_LATE_S`` late, so a window may see up to ``rate * LEASE_LATE_S`` more sends than the
+    bucket alone, and another process's hold reaches leased sends that late. Campaign sends and
+    an account-wide limit never lease.
     """
 
     def __init__(

@@ -1,14 +1,8 @@
 """structlog, configured once per process: JSON by default, console on a terminal.
 
-Every line, ours and the standard-library ones from dramatiq, pika and httpx alike, goes through
-:func:`redact_secrets`, which removes
-
-* values of keys that name a secret (``token``, ``password``, ``authorization``...),
-* every secret string registered with :func:`register_secret` (tokens the worker fetched, the
-  system token, the password), wherever it appears in any string,
-* the password part of URLs such as ``amqp://user:password@host``, and the values of their
-  query parameters named like a secret (``redis://host/0?password=...``);
-* phone numbers in E.164 form, masked to ``+91******3210``.
+Every line, dramatiq's, pika's and httpx's included, goes through :func:`redact_secrets`:
+secret-named keys, secrets registered with :func:`register_secret`, URL passwords and
+secret-named query parameters are removed, and E.164 numbers are masked (``+91******3210``).
 """
 
 from __future__ import annotations
@@ -215,12 +209,10 @@ class DirectStream:
     """A log stream that writes each line straight to a file descriptor (the worker process's
     inherited stderr), with one ``write`` call.
 
-    dramatiq's process manager replaces a worker process's ``sys.stderr`` with a pipe to the
-    main process, which reads every line and writes it out again: for a line per job that is
-    a second process woken, and several system calls, per job. A write of at most
-    ``PIPE_BUF`` bytes to a pipe is atomic, so lines from several processes cannot mangle one
-    another; a longer line (a traceback, say), or a write the descriptor refuses, goes through
-    ``fallback`` (dramatiq's pipe) as before.
+    dramatiq's process manager otherwise relays a worker's ``sys.stderr`` through a pipe to
+    the main process, waking a second process per line. A write of at most ``PIPE_BUF`` bytes
+    is atomic, so lines from several processes cannot mangle one another; a longer line, or a
+    write the descriptor refuses, goes through ``fallback`` (dramatiq's pipe).
     """
 
     def __init__(self, fallback: Any, fd: int = 2) -> None:

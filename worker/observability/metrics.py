@@ -1,11 +1,10 @@
 """Prometheus metrics of the worker's own domain (dramatiq's middleware adds its generic ones);
-the table of metrics and labels is in the README's "Operations" section.
+the table of metrics and labels is in README.md's "Operations" section.
 
-Worker processes write in prometheus-client's multiprocess mode, and dramatiq's exposition
-process serves them all. Labels are bounded: no recipient, message id or free text; producers'
-ids (client, number, campaign) only once valid, and at most ``METRICS_MAX_LABEL_VALUES`` each
-(:mod:`worker.observability.labels`). Every series whose labels are known in advance starts at
-zero, so ``increase()`` and the alerts see its first event.
+Written in prometheus-client's multiprocess mode. Labels are bounded: no recipient, message id
+or free text, and producers' ids at most ``METRICS_MAX_LABEL_VALUES`` each
+(:mod:`worker.observability.labels`). Series with known labels start at zero, so ``increase()``
+and the alerts see the first event.
 """
 
 from __future__ import annotations

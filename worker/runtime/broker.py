@@ -1,18 +1,10 @@
 """The one place the dramatiq broker is built, and how it copes with bad input.
 
-Dramatiq on its own rejects a body it cannot decode, or a job for an actor it does not know, by
-nacking it into the dead-letter queue with no word of why; a body whose ``queue_name`` names
-another queue even stops the worker thread that took it. Here every body that reaches a consumer
-becomes a dramatiq message:
-
-* a body that is not a valid dramatiq message (the checks are :mod:`worker.jobs.wire`'s), or
-  names an actor the worker does not run, becomes a message for :data:`UNDECODABLE_ACTOR`
-  carrying the original bytes and the reason;
-* should an unknown actor name get past that, it resolves to a stand-in actor that raises
-  :class:`InvalidJob`;
-
-so both reach the job outcome middleware, which dead-letters them with their reason and keeps
-the original body (see :mod:`worker.finish.middleware`).
+Dramatiq alone nacks an undecodable body or a job for an unknown actor into the dead-letter
+queue with no reason (and a body naming another queue stops the worker thread). Here such a body
+becomes a message for :data:`UNDECODABLE_ACTOR` (original bytes plus reason), and an unknown
+actor that still gets through resolves to a stand-in raising :class:`InvalidJob`; the outcome
+middleware then dead-letters both with their reason.
 """
 
 from __future__ import annotations
@@ -193,10 +185,9 @@ def build_broker(
 
     Dramatiq's default middleware is left out on purpose: retries and dead letters are ours
     (:mod:`worker.finish.middleware`); callbacks and pipelines would let a job's options start
-    arbitrary
-    actors; its time limit interrupts a thread wherever it is, a send halfway included (every
-    wait inside a job has a timeout of its own, and :mod:`worker.runtime.health` reports a stuck
-    one).
+    arbitrary actors; its time limit interrupts a thread wherever it is, a send halfway
+    included (every wait inside a job has a timeout of its own, and
+    :mod:`worker.runtime.health` reports a stuck one).
     """
     dramatiq.set_encoder(WireEncoder(max_job_bytes, known_actors, max_delay_s=max_delay_s))
     broker = VerloopBroker(

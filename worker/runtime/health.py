@@ -1,15 +1,10 @@
 """Whether a worker process still has all its threads: watched from inside, read by probes.
 
-A dramatiq worker thread that dies is not replaced: its process goes on with one thread fewer,
-for good, and nothing else notices. :class:`ThreadWatch` looks at the process's worker threads
-every second and reports what it sees:
-
-* in metrics (``verloop_worker_threads{state}``, ``verloop_worker_thread_deaths_total``);
-* in the log, once per dead thread (``critical``);
-* in a small health file per process (``<pid>.json`` in :func:`health_dir`), which
-  ``verloop-worker check --live`` (the liveness probe) reads: a process with a dead thread, a
-  thread stuck in one job longer than ``JOB_STUCK_AFTER_S``, or a file that has not been
-  written for a while, fails it, so the process is restarted.
+A dramatiq worker thread that dies is not replaced, and nothing else notices. :class:`ThreadWatch`
+checks the threads every second and reports in metrics, in the log (once per dead thread) and in
+a health file per process (``<pid>.json`` in :func:`health_dir`); ``verloop-worker check --live``
+fails on a dead thread, a job stuck past ``JOB_STUCK_AFTER_S`` or a stale file, so the process
+is restarted.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """The jobs exchange: a direct exchange that reaches the three job queues and nothing else.
 
-Publishing to RabbitMQ's default exchange needs write permission on ``amq.default``, and that
-permission reaches *every* queue of the vhost: a producer holding it can put messages in the
-dead-letter queues (``.XQ``), the delay queues (``.DQ``), subscribers' event queues and the
-CLI's reply queues. ``JOBS_EXCHANGE`` (``verloop.jobs``) is bound to ``verloop.send``,
-``verloop.campaign`` and ``verloop.manage`` only, each with its own name as routing key, so a
-producer whose write permission covers that exchange alone can enqueue jobs and nothing else
-(``verloop-jobs-producer`` in deploy/rabbitmq/definitions.json).
-
-Each worker process declares the exchange and its bindings when it boots, after its queues.
-The default exchange keeps working: the worker itself publishes retries, delays and replays
-through it.
+Write permission on the default exchange reaches every queue of the vhost (dead letters, delay
+queues, event queues); ``JOBS_EXCHANGE`` lets a producer enqueue jobs and nothing else (README.md,
+"Producers that may only enqueue"). Each worker process declares it and its bindings at boot,
+after its queues; the worker itself keeps publishing retries, delays and replays through the
+default exchange.
 """
 
 from __future__ import annotations

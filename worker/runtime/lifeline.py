@@ -1,12 +1,9 @@
 """A worker's processes die with ``verloop-worker run``, however it dies (SIGKILL included), so
 no orphan keeps consuming jobs or holding the metrics port.
 
-Linux's ``prctl(PR_SET_PDEATHSIG)`` has the kernel signal a child when its parent thread exits.
-The signal is :data:`PARENT_DEATH_SIGNAL` (SIGUSR2, since dramatiq takes a second SIGTERM as
-"kill now"); its handler sends one SIGTERM once the parent pid has really changed. Parents
-start children from their main thread, and a child checks ``os.getppid()`` after asking, in case
-the parent died first. Elsewhere a daemon thread watches ``os.getppid()``. SIGTERM lets
-in-flight jobs finish; anything harder leaves them to RabbitMQ's redelivery (and the ledger).
+On Linux ``prctl(PR_SET_PDEATHSIG)`` sends :data:`PARENT_DEATH_SIGNAL` (SIGUSR2: dramatiq takes a
+second SIGTERM as "kill now"), whose handler sends one SIGTERM once the parent pid has really
+changed; elsewhere a daemon thread watches ``os.getppid()``. SIGTERM lets in-flight jobs finish.
 """
 
 from __future__ import annotations

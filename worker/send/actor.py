@@ -1,13 +1,12 @@
 """The ``send_message`` handler: a campaign's gate, the number's token, then the paced send.
 
-1. a campaign job: its campaign's state and window → cancelled: ``cancelled``, not sent;
-   paused, not started, outside its window: re-delayed
-2. find the number's token (file → memory → Redis → Verloop)
+1. a campaign job: cancelled → ``cancelled``, not sent; paused, not started or outside its
+   window → re-delayed
+2. the number's token (file → memory → Redis → Verloop)
 3. the send's steps (:mod:`worker.send.steps`): admit, claim, call, record
 4. a rejected token: refresh it once and send again; rejected again: dead letter
 
-Failures are raised; the outcome middleware (:mod:`worker.finish.middleware`) retries or
-dead-letters them.
+Failures are raised for the outcome middleware (:mod:`worker.finish.middleware`).
 """
 
 from __future__ import annotations

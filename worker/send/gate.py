@@ -1,10 +1,9 @@
-"""The send path's use of the limiter: wait for a slot, react to Verloop (docs/verloop-api.md).
+"""The send path's use of the limiter: wait for a slot, react to Verloop's limit answers.
 
-:meth:`SendGate.admit` is called right before each call to Verloop's send endpoint; it sleeps
-for a reserved slot (at most ``RATE_LIMIT_MAX_WAIT_S``) or raises :class:`Deferred` to re-delay
-the job without using a retry. :meth:`SendGate.react` turns platform limit answers into limiter
-state: a 429/130429 slows the number down for a while; 131056 cools only that recipient;
-131057 pauses the number for about a minute; 131048 pauses the number's campaign sends.
+:meth:`SendGate.admit` runs right before each send call: it sleeps for a reserved slot (at most
+``RATE_LIMIT_MAX_WAIT_S``) or raises :class:`Deferred` (a re-delay, no retry used).
+:meth:`SendGate.react` turns 429/130429, 131056, 131057 and 131048 into limiter state, as the
+table in docs/verloop-api.md ("The platform's limits") says.
 """
 
 from __future__ import annotations

@@ -1,17 +1,14 @@
 """The idempotency ledger: a job whose send already completed is never sent again.
 
-Before calling Verloop a job *claims* its entry (``verloop:ledger:<key>``, one Lua script on
-Redis's clock); the finisher records Verloop's message id once it accepted. Entry values:
+Before calling Verloop a job *claims* ``verloop:ledger:<key>`` (one Lua script, Redis's clock);
+the finisher records Verloop's message id once it accepted. Values:
 
-* ``s:<verloop message id>``: sent; kept ``LEDGER_TTL_S`` (longer than dead letters live).
-  A later delivery is acknowledged as ``suppressed``.
+* ``s:<verloop message id>``: sent, kept ``LEDGER_TTL_S``; a later delivery is ``suppressed``.
 * ``p:<lease end, ms>:<owner>``: a call is under way; another delivery waits for the lease.
-* uncertain: the call may have reached Verloop (its worker died mid-call, or no answer came
-  back); the next delivery follows ``UNCERTAIN_SEND_POLICY`` (resend, or dead-letter as
-  ``outcome unknown``; ``by_lane`` by default).
+* uncertain: the call may have reached Verloop; the next delivery follows ``UNCERTAIN_SEND_POLICY``.
 
-A claim may name *holds*, keys whose existence holds the send (the limiter's recipient and
-number holds). The key an earlier version gave a job is still honoured until it expires.
+A claim may name *holds* (the limiter's recipient and number holds) that keep it from sending.
+A job's key from an earlier version is honoured until it expires.
 """
 
 from __future__ import annotations

@@ -82,10 +82,9 @@ class VerloopClient:
             name: httpx.URL(base_url.rstrip("/") + ("" if e.from_root else prefix) + e.path)
             for name, e in endpoints.items()
         }
-        # We talk to httpx's transport (its public, lower layer) rather than httpx.Client: the
-        # client's per-request work (base-URL merging, cookie jar, auth and redirect handling)
-        # is CPU we would spend for features we do not use. Timeouts travel with each request,
-        # as httpx.Client would send them.
+        # httpx's transport (its public, lower layer) rather than httpx.Client: we use none of
+        # the client's per-request features (base-URL merging, cookies, auth, redirects).
+        # Timeouts travel with each request, as httpx.Client would send them.
         self._transport = transport or httpx.HTTPTransport(limits=limits, retries=0)
         self._extensions = {"timeout": timeout.as_dict()}
         #: Called after every call with (endpoint, status, code, seconds): the metrics hook.

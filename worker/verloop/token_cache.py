@@ -1,11 +1,9 @@
 """The fleet's phone tokens in Redis: cached tokens, the fetch lock, and ``tokens list``.
 
-Keys: ``verloop:token:phone:<client>:<phone>`` (a hash of the token, the client id and the phone
-id, so ``tokens list`` need not parse keys) and ``verloop:token:lock:<client>:<phone>`` (the
-fetch lock). The ids are length-prefixed (:mod:`worker.connections.redis_keys`), so no two pairs
-share a key and a phone id cannot reach into the lock's namespace. Entries of the older format
-(``verloop:phone-token:...``) are ignored: they expire by themselves, and each number's token is
-fetched once more.
+Keys ``verloop:token:phone:<client>:<phone>`` (a hash holding the token and both ids, so
+``tokens list`` need not parse keys) and ``verloop:token:lock:<client>:<phone>``, ids
+length-prefixed so no two pairs share a key. Entries of the older ``verloop:phone-token:...``
+format are ignored and expire by themselves.
 """
 
 from __future__ import annotations

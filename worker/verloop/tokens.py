@@ -1,16 +1,10 @@
-"""Per-phone-number token lookup: the tokens file, this process's memory (for
-``TOKEN_LOCAL_TTL_S``), Redis (shared by the fleet), then ``get_phone_token`` (one fetcher at a
-time across the fleet). A token Verloop rejects is dropped by compare-and-delete and looked up
-again; every token is registered with the log redactor as soon as it is seen.
+"""Per-phone-number token lookup: tokens file, this process's memory, Redis (the fleet's), then
+``get_phone_token`` (one fetcher at a time across the fleet).
 
-Verloop's 401/403 on ``get_phone_token`` does not say whether it refused the system token or the
-number, so the system token is then checked with ``list_clients`` (at most once per
-``SYSTEM_TOKEN_CHECK_INTERVAL_S``): refused too, the system token is dropped (and renewed by
-login when credentials are set); accepted, the number was refused, and that refusal is
-remembered for ``TOKEN_REFUSAL_TTL_S`` (its jobs dead-letter at once); unreachable, the job is
-retried. Per-process state keyed by producers' ids holds at most ``TOKEN_LOCAL_MAX_ENTRIES``.
-The system token is :mod:`worker.verloop.system_token`'s, the Redis side
-:mod:`worker.verloop.token_cache`'s.
+A rejected token is dropped by compare-and-delete and looked up again; every token is registered
+with the log redactor as soon as it is seen. A 401/403 on ``get_phone_token`` does not say whose
+refusal it was, so the system token is checked with ``list_clients`` first (the rule: README.md,
+"Tokens", *Who was refused*). Per-process state holds at most ``TOKEN_LOCAL_MAX_ENTRIES`` numbers.
 """
 
 from __future__ import annotations
