@@ -232,6 +232,34 @@ def test_when_redis_refuses_the_event_it_is_published_directly(
         subscriber.close()
 
 
+def test_when_redis_refuses_the_event_in_the_finishers_round_trip_it_is_published_directly(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Redis answers but refuses the event's XADD (its key is not a stream): the refusal is
+    logged and the event goes straight to the exchange, once."""
+    subscriber = Events("send.#")
+    try:
+        app = start_worker()
+        services = app.lifecycle.services
+        redis_client(REDIS_URL).set("test:not-a-stream", "x")
+        services.outbox = EventOutbox(services.cache, stream="test:not-a-stream")
+        kwargs = {"client_id": "acme", "phone_id": "phone-1", "to": "not-a-number", "message": {}}
+        job_id = str(uuid.uuid4())
+        body = encode_job("send_message", kwargs, queue=SEND_QUEUE, message_id=job_id)
+        producer.publish_body(SEND_QUEUE, body, job_id)
+        [(key, event)] = subscriber.wait_for(1)
+        assert key == "send.dead_lettered.acme.phone-1.none"
+        assert event["message_id"] == job_id
+        wait_until(lambda: "Redis refused the job's event update" in capsys.readouterr().out)
+        time.sleep(0.5)
+        assert subscriber.take() == []  # published once, not twice
+    finally:
+        subscriber.close()
+
+
 def test_after_a_small_batch_the_relay_lingers_so_the_next_carries_many_events() -> None:
     """Each batch costs a read, a commit and an acknowledgement whatever its size. After one
     event alone, the relay waits its linger time: the five events added meanwhile go out

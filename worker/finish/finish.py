@@ -63,7 +63,7 @@ class JobFinisher:
                 run.note(event_published=False)
                 self._failed(run, sent, "event", "the outcome event could not be encoded")
         try:
-            replies = self._write(services, outcome, commands) if sent or commands else []
+            replies = self._write(services, outcome, commands, sent) if sent or commands else []
         except RedisUnavailable:
             if sent:
                 # Sent, but not written down: acknowledging is right (sending again is not).
@@ -74,10 +74,9 @@ class JobFinisher:
             if campaign is not None:
                 run.note(campaign_counted=False)
                 _log.warning("campaign progress not counted: Redis did not answer")
-            if "event" in steps:
-                run.note(event_outbox=False)
-                self._publish(broker, run)
-            elif event_pending:
+            if event_pending:
+                if "event" in steps:
+                    run.note(event_outbox=False)
                 self._publish(broker, run)
             return
         failed = {
@@ -91,9 +90,11 @@ class JobFinisher:
             self._publish(broker, run)
 
     @staticmethod
-    def _write(services: Services, outcome: JobOutcome, commands: list[Sequence[Any]]) -> list[Any]:
+    def _write(
+        services: Services, outcome: JobOutcome, commands: list[Sequence[Any]], sent: bool
+    ) -> list[Any]:
         """Send the commands in one round trip (after the ledger record, for a send)."""
-        if outcome.kind is Outcome.SENT and outcome.ledger_key is not None:
+        if sent and outcome.ledger_key is not None:
             return services.ledger.mark_sent(
                 outcome.ledger_key, outcome.verloop_message_id, also=commands
             )

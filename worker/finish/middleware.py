@@ -33,7 +33,7 @@ from worker.finish.outcome import (
     JobRun,
     Outcome,
 )
-from worker.jobs.models import CAMPAIGN_QUEUE
+from worker.jobs.models import lane_of
 from worker.jobs.wire import UNDECODABLE_ACTOR, raw_body_of
 from worker.observability.logging import scrub_text
 from worker.observability.metrics import Metrics
@@ -116,7 +116,7 @@ class JobOutcomes(Middleware):
             message_id=message.message_id,
             actor=message.actor_name,
             queue=queue,
-            lane="campaign" if queue == CAMPAIGN_QUEUE else "transactional",
+            lane=lane_of(queue),
             attempt=_retries_so_far(message.options) + 1,
             not_before_ms=not_before if isinstance(not_before, int) else None,
         )

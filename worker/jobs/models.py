@@ -39,6 +39,7 @@ __all__ = [
     "SendMessageJob",
     "check_json_limits",
     "describe_validation_error",
+    "lane_of",
 ]
 
 #: Queue of transactional sends.
@@ -47,6 +48,12 @@ SEND_QUEUE = "verloop.send"
 CAMPAIGN_QUEUE = "verloop.campaign"
 #: Queue of management jobs (listing clients, refreshing tokens).
 MANAGE_QUEUE = "verloop.manage"
+
+
+def lane_of(queue: str) -> Literal["transactional", "campaign"]:
+    """The lane of the jobs on ``queue``: campaign sends are paced behind the rest."""
+    return "campaign" if queue == CAMPAIGN_QUEUE else "transactional"
+
 
 #: WhatsApp's limit on a text message body.
 TEXT_MAX_CHARS = 4096

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from worker.finish.outcome import MANAGE_OUTCOMES, SEND_OUTCOMES, Outcome
-from worker.jobs.models import CAMPAIGN_QUEUE
+from worker.jobs.models import lane_of
 from worker.jobs.wire import UNDECODABLE_ACTOR
 
 __all__ = [
@@ -52,17 +52,12 @@ DEAD_LETTER_KINDS = (
 )
 
 
-def _lane(queue: str) -> str:
-    # As worker.finish.middleware names a job's lane.
-    return "campaign" if queue == CAMPAIGN_QUEUE else "transactional"
-
-
 def actor_lanes(actor_queues: Mapping[str, str]) -> list[tuple[str, str, tuple[str, ...]]]:
     """(actor, lane, outcomes) of every job the worker can finish, given each actor's queue."""
     combos: list[tuple[str, str, tuple[str, ...]]] = []
     for actor, queue in actor_queues.items():
         send = actor == "send_message"
-        lanes = LANES if send else (_lane(queue),)
+        lanes = LANES if send else (lane_of(queue),)
         # rejected: a retry or dead letter RabbitMQ did not confirm (see worker.finish.middleware).
         outcomes = tuple(o.value for o in (SEND_OUTCOMES if send else MANAGE_OUTCOMES))
         combos.extend((actor, lane, outcomes) for lane in lanes)

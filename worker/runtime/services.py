@@ -85,7 +85,7 @@ class Services:
         configured = settings.load_phone_tokens()
         verloop = open_verloop_client(settings, threads=threads, metrics=metrics)
         cache = open_redis(settings)
-        # One connection per worker thread, shared by the ledger and the limiter.
+        # One connection per worker thread, shared by the ledger, the limiter and the finisher.
         connections = ThreadConnections(cache)
         system = SystemToken(
             verloop,
