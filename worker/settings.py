@@ -212,6 +212,31 @@ class Settings(BaseSettings):
         """The events exchange, or "" when events are off."""
         return self.events_exchange if self.events_enabled else ""
 
+    # --- delivery receipts (status webhooks) ---------------------------------------------------
+    #: ``verloop-worker webhooks`` listens here for WhatsApp's status webhooks.
+    webhook_port: int = Field(default=8088, ge=1, le=65535)
+    webhook_bind: str = "0.0.0.0"  # noqa: S104 - reached through the ingress or load balancer
+    webhook_path: str = Field(default="/webhooks/whatsapp", pattern=r"^/[A-Za-z0-9._~/-]{0,200}$")
+    #: The app secret the sender signs bodies with (``X-Hub-Signature-256``); required.
+    webhook_app_secret: SecretStr | None = None
+    #: The token the sender's verification GET must carry (``hub.verify_token``).
+    webhook_verify_token: SecretStr | None = None
+    #: The header carrying ``sha256=<hex HMAC-SHA256 of the body>``.
+    webhook_signature_header: str = Field(
+        default="X-Hub-Signature-256", pattern=r"^[A-Za-z0-9-]{1,64}$"
+    )
+    #: Larger bodies are refused (413) unread.
+    webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    #: A body is answered 503 (the sender retries) when RabbitMQ has not confirmed it by then.
+    webhook_publish_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    #: The receiver's /metrics and /healthz (not on the public port); 0 turns them off.
+    webhook_metrics_port: int = Field(default=9193, ge=0, le=65535)
+    #: A status whose message is not known yet (its send is still being recorded) is looked
+    #: for again until it is this old; then it is counted as unknown.
+    status_unknown_grace_s: float = Field(default=120.0, ge=0, le=3600)
+    #: 131049 (the recipient's marketing cap): campaign sends to that recipient wait this long.
+    marketing_hold_s: float = Field(default=86_400.0, gt=0, le=7 * 86_400)
+
     # --- process -----------------------------------------------------------------------------
     metrics_port: int = Field(default=9191, ge=0, le=65535)
     metrics_bind: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod/host address

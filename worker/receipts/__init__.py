@@ -1,0 +1,1 @@
+"""Delivery receipts: the statuses WhatsApp reports after a send (delivered, read, failed)."""
