@@ -8,6 +8,8 @@
   confirmed enqueue (``bench/campaign_enqueue.py``); targets >= 10,000 rows/s, < 200 MB, >= 5 x.
 * ``campaign_send``: a 50,000-recipient campaign over two numbers at 250/s each
   (``bench/campaign_send.py``); targets >= 0.95 of each limit, 0 duplicates, 0 lost.
+* ``receipts``: the status actor draining shuffled, duplicated statuses of a campaign
+  (``bench/receipts.py``); target >= 3,000 statuses/s with the funnel exact.
 * ``soak``, on demand only (``make soak``, ``--only soak``; ``--soak-minutes``, 25 by
   default): steady mixed load (transactional, campaign, management and 1 % hostile jobs, 2 %
   of sends answered 5xx) with a RabbitMQ and a Redis restart, both private servers it starts
@@ -40,6 +42,7 @@ from bench import (
     high_rate,
     lanes,
     rate_limits,
+    receipts,
     send_path,
     soak,
 )
@@ -52,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     lanes.NAME: lanes.run,
     campaign_send.NAME: campaign_send.run,
     campaign_enqueue.NAME: campaign_enqueue.run,
+    receipts.NAME: receipts.run,
     soak.NAME: soak.run,
 }
 #: Run only when named with --only: too long for every `make bench`.
@@ -80,6 +84,7 @@ def main() -> None:
     rate_limits.add_arguments(parser)
     campaign_enqueue.add_arguments(parser)
     campaign_send.add_arguments(parser)
+    receipts.add_arguments(parser)
     soak.add_arguments(parser)
     args = parser.parse_args()
 

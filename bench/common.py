@@ -41,7 +41,13 @@ SIM_PASSWORD = "bench-password"  # noqa: S105 - the simulator's throwaway login
 
 #: Every queue a benchmark may fill; deleted (with their delay and dead-letter queues) between
 #: runs so no job of one benchmark is left for the next.
-BENCH_QUEUES = ("bench.naive", "verloop.send", "verloop.campaign", "verloop.manage")
+BENCH_QUEUES = (
+    "bench.naive",
+    "verloop.send",
+    "verloop.campaign",
+    "verloop.manage",
+    "verloop.status",
+)
 
 
 class BenchError(RuntimeError):

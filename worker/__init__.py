@@ -5,6 +5,7 @@ Folders by role (README.md's "Layout" lists every module):
 - ``jobs/``           the public contract: job models, registry, wire envelope, phones, producer
 - ``send/``           the send path: the send_message handler, its steps, the gate, the ledger
 - ``finish/``         finishing a job: typed outcome, log line, retry or dead letter, events
+- ``receipts/``       delivery receipts: a sent message's statuses, once each, in any order
 - ``verloop/``        Verloop's API: endpoints, HTTP client, failure classes, tokens, handlers
 - ``limits/``         each number's rate limit, shared by the fleet through Redis
 - ``campaigns/``      one template to many recipients: file, enqueue, state, send windows

@@ -24,7 +24,9 @@ Verloop's own error text, never from request headers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ConfigurationError",
@@ -62,12 +64,22 @@ class Deferred(VerloopWorkerError):
     """Control flow, not a failure: send this job again in ``delay_s`` seconds, with its retry
     count unchanged (its number's slot is far away, its recipient is cooling down...)."""
 
-    def __init__(self, delay_s: float, reason: str, *, kind: str = "other") -> None:
+    def __init__(
+        self,
+        delay_s: float,
+        reason: str,
+        *,
+        kind: str = "other",
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(reason)
         self.delay_s = delay_s
         self.reason = reason
         #: A short, fixed name for metrics: ``rate_limit``, ``recipient_cooling``...
         self.kind = kind
+        #: What the copy sent again carries instead of the job's kwargs (the part of a job
+        #: still to do: a status job's statuses whose sends are not recorded yet).
+        self.kwargs = kwargs
 
 
 @dataclass(frozen=True, slots=True)

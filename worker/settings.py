@@ -188,7 +188,7 @@ class Settings(BaseSettings):
     #: (an alert fires at half of it; the relays normally keep it near zero).
     events_outbox_max_len: int = Field(default=1_000_000, ge=1000)
 
-    #: A direct exchange each worker declares and binds to the three job queues (routing key =
+    #: A direct exchange each worker declares and binds to the job queues (routing key =
     #: queue name), so a producer may be allowed to write to it alone (runtime/jobs_exchange.py).
     jobs_exchange: str = Field(default="verloop.jobs", min_length=1, max_length=255)
     #: Producer side (`send`, `campaign start`): publish jobs to JOBS_EXCHANGE instead of the
@@ -229,6 +229,11 @@ class Settings(BaseSettings):
     webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     #: A body is answered 503 (the sender retries) when RabbitMQ has not confirmed it by then.
     webhook_publish_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    #: Statuses arriving together (one body, or requests a few ms apart) go out as one job of
+    #: at most this many; each request is answered once its batch is confirmed.
+    webhook_batch_max: int = Field(default=100, ge=1, le=500)
+    #: How long the first status of a batch waits for others (the answer's added latency).
+    webhook_batch_linger_ms: float = Field(default=10.0, ge=0, le=1000)
     #: The receiver's /metrics and /healthz (not on the public port); 0 turns them off.
     webhook_metrics_port: int = Field(default=9193, ge=0, le=65535)
     #: A status whose message is not known yet (its send is still being recorded) is looked

@@ -44,12 +44,13 @@ def test_the_schema_lists_each_actor_with_its_queue(
 
 
 def test_the_schema_lists_no_other_actors(schema: dict[str, Any]) -> None:
-    """The schema describes exactly the four public actors."""
+    """The schema describes exactly the five public actors."""
     assert set(schema["actors"]) == {
         "send_message",
         "list_clients",
         "refresh_phone_token",
         "refresh_client_tokens",
+        "record_statuses",
     }
 
 

@@ -17,6 +17,8 @@ from typing import Any, Final
 import orjson
 import pika
 
+from worker.receipts.models import STATUS_ACTOR
+
 __all__ = [
     "EVENT_VERSION",
     "MAX_WORD_CHARS",
@@ -55,6 +57,10 @@ _FROM_RECORD: Final = (
     "clients",
     "token_source",
     "suppressed_because",
+    "wamid",
+    "status",
+    "status_at",
+    "send_message_id",
 )
 
 
@@ -68,19 +74,21 @@ def _word(value: Any) -> str:
 
 
 def routing_key(fields: Mapping[str, Any]) -> str:
-    """The routing key of a job's event, from its log record's fields."""
-    outcome = _word(fields.get("outcome"))
-    if fields.get("actor") == "send_message":
-        return ".".join(
-            (
-                "send",
-                outcome,
-                _word(fields.get("client_id")),
-                _word(fields.get("phone_id")),
-                _word(fields.get("campaign_id")),
-            )
-        )
-    return f"manage.{_word(fields.get('actor'))}.{outcome}"
+    """The routing key of a job's event, from its log record's fields: a send's
+    ``send.<outcome>.<client>.<phone>.<campaign>``, a recorded status's
+    ``status.<status>.<client>.<phone>.<campaign>``, any other job's
+    ``manage.<actor>.<outcome>``."""
+    actor, outcome = fields.get("actor"), fields.get("outcome")
+    if actor == "send_message":
+        return _per_number("send", outcome, fields)
+    if actor == STATUS_ACTOR and fields.get("status"):  # one status of a status job
+        return _per_number("status", fields.get("status"), fields)
+    return f"manage.{_word(actor)}.{_word(outcome)}"
+
+
+def _per_number(kind: str, what: Any, fields: Mapping[str, Any]) -> str:
+    words = (what, fields.get("client_id"), fields.get("phone_id"), fields.get("campaign_id"))
+    return ".".join((kind, *map(_word, words)))
 
 
 def build_event(

@@ -1,14 +1,16 @@
 """The one place a job is finished: its ledger record, campaign counter and event, together.
 
 :class:`JobFinisher` sends a final outcome's Redis commands in one round trip, the ledger record
-of a sent message first, so a message Verloop accepted is recorded before anything else is tried;
+of a sent message first (then its campaign counter, the link its statuses will find it by, and
+its event), so a message Verloop accepted is recorded before anything else is tried;
 nothing failing afterwards turns it into a retry (a resend): it is logged and counted. If Redis
 does not answer, the event is published straight to RabbitMQ (as with ``EVENTS_DELIVERY=direct``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pika.exceptions
@@ -20,6 +22,7 @@ from worker.connections.redis import RedisErrors
 from worker.errors import RedisUnavailable
 from worker.finish.events import declare_exchange, publish_event
 from worker.finish.outcome import JobOutcome, JobRun, Outcome
+from worker.receipts.links import Link
 
 if TYPE_CHECKING:
     from worker.runtime.services import Lifecycle, Services
@@ -53,7 +56,13 @@ class JobFinisher:
             )
             commands += counted
             steps += ["campaign"] * len(counted)
-        event_pending = bool(self.exchange)
+        if sent:
+            linked = services.receipts.link_commands(outcome.verloop_message_id, _link_of(run))
+            if not linked:
+                run.note(status_link="none: Verloop's message id cannot name a status")
+            commands += linked
+            steps += ["link"] * len(linked)
+        event_pending = bool(self.exchange) and not outcome.quiet
         if event_pending and services.outbox is not None:
             try:
                 commands.append(services.outbox.command(*run.event_fields()))
@@ -88,6 +97,8 @@ class JobFinisher:
             run.note(campaign_counted=False)
         if event_pending and (services.outbox is None or "event" in failed):
             self._publish(broker, run)
+        for fields, extra in outcome.events:
+            self._publish(broker, run, fields, extra)
 
     @staticmethod
     def _write(
@@ -109,9 +120,17 @@ class JobFinisher:
         else:
             _log.warning(what, step=step)
 
-    def _publish(self, broker: Any, run: JobRun) -> None:
-        """Publish the event straight to RabbitMQ: tried once more on a fresh connection."""
-        fields, extra = run.event_fields()
+    def _publish(
+        self,
+        broker: Any,
+        run: JobRun,
+        fields: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish the job's event (or the given one) straight to RabbitMQ: tried once more on
+        a fresh connection."""
+        if fields is None:
+            fields, extra = run.event_fields()
         for attempt in (1, 2):
             try:
                 publish_event(broker.channel, self.exchange, fields, extra)
@@ -127,6 +146,21 @@ class JobFinisher:
                     declare_exchange(broker.channel, self.exchange)
                 except (pika.exceptions.AMQPError, BrokerConnectionError):
                     del broker.connection
+
+
+def _link_of(run: JobRun) -> Link:
+    """What a status of this send will need to know of it (:mod:`worker.receipts.links`)."""
+    facts = run.facts
+    return Link(
+        message_id=run.ctx.message_id,
+        client_id=facts.client_id or "",
+        phone_id=facts.phone_id or "",
+        to=facts.to or "",
+        lane=run.ctx.lane,
+        sent_at=time.time(),
+        campaign_id=facts.campaign_id,
+        idempotency_key=facts.idempotency_key,
+    )
 
 
 def _campaign_of(run: JobRun) -> CampaignRef | None:

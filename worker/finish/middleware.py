@@ -190,7 +190,10 @@ class JobOutcomes(Middleware):
         delay_s = min(max(deferred.delay_s, 0.0), MAX_SINGLE_DELAY_S)
         deferrals = message.options.get("deferrals", 0)
         deferrals = deferrals + 1 if isinstance(deferrals, int) else 1
-        broker.enqueue(message.copy(options={"deferrals": deferrals}), delay=int(delay_s * 1000))
+        again = message.copy(options={"deferrals": deferrals})
+        if deferred.kwargs is not None:
+            again = again.copy(kwargs=dict(deferred.kwargs))
+        broker.enqueue(again, delay=int(delay_s * 1000))
         return JobOutcome(
             Outcome.DEFERRED,
             deferral=deferred.kind,

@@ -86,8 +86,18 @@ class EventOutbox:
         Raises:
             TypeError, ValueError: the event cannot be encoded (the caller logs it and goes on).
         """
-        entry = _entry(fields, extra)
+        entry = self.entry(fields, extra)
         return ("XADD", self.stream, "MAXLEN", "~", self.max_len, "*", *chain(*entry.items()))
+
+    @staticmethod
+    def entry(fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[Any, Any]:
+        """The stream entry of one event, for a caller that adds it itself (a status job's
+        script adds it only when the status is new).
+
+        Raises:
+            TypeError, ValueError: the event cannot be encoded.
+        """
+        return _entry(fields, extra)
 
     def add(self, fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> None:
         """Add the event now.

@@ -9,6 +9,7 @@ renderings of the finished :class:`JobRun`.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +35,7 @@ __all__ = [
     "JobRun",
     "Lane",
     "Outcome",
+    "StatusFacts",
 ]
 
 DeadLetterKind = Literal["invalid", "failed", "gave_up"]
@@ -120,6 +122,32 @@ class JobFacts:
         return self.message_type is not None
 
 
+@dataclass(slots=True)
+class StatusFacts:
+    """One status of a status job, and what recording it did (see :mod:`worker.receipts`)."""
+
+    wamid: str
+    #: ``sent``, ``delivered``, ``read``, ``failed`` or ``other``.
+    status: str
+    #: When it happened (Unix s, WhatsApp's clock).
+    at: int
+    #: The first error's code, for a failure.
+    code: str | None = None
+    #: ``recorded``, ``duplicate``, ``unknown`` (no send known for the wamid) or ``waiting``
+    #: (not known yet: looked for again later).
+    effect: str | None = None
+    #: The send's lane and number, and seconds from its record to this status.
+    send_lane: str | None = None
+    phone_id: str | None = None
+    lag_s: float | None = None
+
+
+def _status_counts(statuses: list[StatusFacts]) -> dict[str, Any]:
+    """A status job's part of its log line: how many statuses, and what became of them."""
+    effects = Counter(status.effect or "not_recorded" for status in statuses)
+    return {"statuses": len(statuses), "status_effects": dict(effects)}
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """Why a job failed: the exception's class, the reason, and what Verloop answered."""
@@ -150,6 +178,11 @@ class JobOutcome:
     deferrals: int | None = None
     #: A reason that is not a failure's (a deferral's).
     reason: str | None = None
+    #: The finisher writes no event of the job's own (a status job's statuses have theirs).
+    quiet: bool = False
+    #: Events the finisher publishes straight to RabbitMQ (a status job's, with
+    #: ``EVENTS_DELIVERY=direct``): (fields, extra) each.
+    events: tuple[tuple[Mapping[str, Any], Mapping[str, Any]], ...] = ()
 
     @property
     def final(self) -> bool:
@@ -173,6 +206,8 @@ class JobRun:
     notes: dict[str, Any] = field(default_factory=dict)
     #: Steps after a send was accepted that failed (logged and counted, never a resend).
     after_send_failures: list[str] = field(default_factory=list)
+    #: A status job's statuses, and what recording each did.
+    statuses: list[StatusFacts] = field(default_factory=list)
 
     def note(self, **values: Any) -> None:
         """Add details to the job's log line."""
@@ -206,6 +241,8 @@ class JobRun:
         }
         if outcome is not None:
             fields.update(_outcome_fields(outcome))
+        if self.statuses:
+            fields.update(_status_counts(self.statuses))
         return {k: v for k, v in fields.items() if v is not None}
 
     def event_fields(self) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -26,14 +26,26 @@ from worker.jobs.models import (
     check_json_limits,
     describe_validation_error,
 )
+from worker.receipts.actor import record_statuses
+from worker.receipts.models import STATUS_ACTOR, STATUS_QUEUE, StatusJob
 from worker.send.actor import send_message
 from worker.verloop.management import list_clients, refresh_client_tokens, refresh_phone_token
 
 if TYPE_CHECKING:
     from worker.runtime.services import Services
 
-__all__ = ["JOB_TYPES", "Handler", "JobType", "jobs_json_schema", "parse_job", "queue_of"]
+__all__ = [
+    "JOB_TYPES",
+    "AnyJob",
+    "Handler",
+    "JobType",
+    "jobs_json_schema",
+    "parse_job",
+    "queue_of",
+]
 
+#: Any job's validated kwargs.
+AnyJob = Job | StatusJob
 Handler = Callable[["Services", Any, JobRun], JobOutcome]
 
 
@@ -42,7 +54,7 @@ class JobType:
     """One actor: what its jobs look like, where they queue, what runs them."""
 
     name: str
-    model: type[Job]
+    model: type[AnyJob]
     queue: str
     handler: Handler
     #: One line for ``--help`` and the schema.
@@ -83,6 +95,13 @@ JOB_TYPES: Mapping[str, JobType] = {
             refresh_client_tokens,
             "Fetch the token of every number of one client from Verloop again.",
         ),
+        JobType(
+            STATUS_ACTOR,
+            StatusJob,
+            STATUS_QUEUE,
+            record_statuses,
+            "Record WhatsApp statuses (sent, delivered, read, failed) of sent messages.",
+        ),
     )
 }
 
@@ -92,7 +111,7 @@ def queue_of(actor_name: str) -> str:
     return JOB_TYPES[actor_name].queue
 
 
-def parse_job(actor_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Job:
+def parse_job(actor_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> AnyJob:
     """Validate a job's arguments against its actor's model.
 
     Raises:

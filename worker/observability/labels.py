@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 #: The writes after an accepted send (see ``worker.finish.finish``).
-AFTER_SEND_STEPS: Final = ("ledger", "campaign", "event")
+AFTER_SEND_STEPS: Final = ("ledger", "campaign", "link", "event")
 
 #: The label value that stands for every client, number or campaign beyond the cap.
 OTHER_LABEL_VALUE: Final = "_other"
@@ -41,6 +41,7 @@ DEFERRAL_KINDS = (
     "in_flight",
     "limiter_unavailable",
     "redis_unavailable",
+    "status_early",
     "other",
 )
 #: (outcome, error class) of the dead letters the worker's own errors make.

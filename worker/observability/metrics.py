@@ -31,6 +31,8 @@ from worker.observability.labels import (
     Capped,
     actor_lanes,
 )
+from worker.observability.status_metrics import StatusMetrics
+from worker.receipts.models import STATUS_QUEUE
 from worker.verloop.endpoints import DEFAULT_ENDPOINTS
 from worker.verloop.tokens import TokenSource
 
@@ -195,6 +197,7 @@ class Metrics:
             "restarted).",
             registry=registry,
         )
+        self.receipts = StatusMetrics(registry, self._child, Capped(max_label_values))
         self._start_known_series()
 
     def _start_known_series(self) -> None:
@@ -212,11 +215,12 @@ class Metrics:
             if "retrying" in outcomes:
                 child(self.retries, actor, lane)
             child(self.job_duration, actor, lane)
+        self.receipts.start_known_series()
         for lane in LANES:
             child(self.limit_wait, lane)
             for kind in DEFERRAL_KINDS:
                 child(self.deferrals, lane, kind)
-        for queue in (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE):
+        for queue in (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE, STATUS_QUEUE):
             for outcome, error in DEAD_LETTER_KINDS:
                 child(self.dead_letters, queue, outcome, error)
         for endpoint in DEFAULT_ENDPOINTS:
@@ -339,3 +343,5 @@ class Metrics:
             self.token_refreshes.inc()
         for step in run.after_send_failures:
             self.observe_after_send_failure(step)
+        for status in run.statuses:  # recorded ones count even when others wait
+            self.receipts.observe(status, self._phone(status.phone_id) if status.phone_id else None)

@@ -1,10 +1,13 @@
-"""The ``record_status`` job: one status of one message, as the webhook receiver publishes it.
+"""The ``record_statuses`` job: statuses of sent messages, as the webhook receiver publishes them.
 
-The receiver (:mod:`worker.webhooks`) turns each entry of a webhook's ``statuses`` array into
-one of these jobs on :data:`STATUS_QUEUE`; its kwargs are a public contract like a send's, so a
-system that receives the webhooks itself can publish them too. Every value is bounded and
-checked for where it goes: the wamid becomes part of a Redis key, the codes and statuses metric
-labels and routing-key words.
+The receiver (:mod:`worker.webhooks`) turns each entry of a webhook's ``statuses`` array into a
+:class:`StatusEntry`, and publishes the statuses that arrive together (from one body, or from
+the requests of a few milliseconds) as one job on :data:`STATUS_QUEUE`: a job per status would
+cost a RabbitMQ message, a confirm and a dramatiq round per status, three times the sends'. Its
+kwargs are a public contract like a send's, so a system that receives the webhooks itself can
+publish them too (one status is a list of one). Every value is bounded and checked for where it
+goes: the wamid becomes part of a Redis key, codes and statuses metric labels and routing-key
+words.
 """
 
 from __future__ import annotations
@@ -17,14 +20,20 @@ from worker.jobs.models import Identifier, Metadata
 
 __all__ = [
     "FUNNEL_STATUSES",
+    "MAX_STATUSES_PER_JOB",
+    "STATUS_ACTOR",
     "STATUS_QUEUE",
     "WAMID_PATTERN",
+    "StatusEntry",
     "StatusError",
     "StatusJob",
 ]
 
-#: Queue of status jobs (published by the webhook receiver).
+#: Queue and actor of status jobs (published by the webhook receiver).
 STATUS_QUEUE: Final = "verloop.status"
+STATUS_ACTOR: Final = "record_statuses"
+#: A job carries at most this many statuses.
+MAX_STATUSES_PER_JOB: Final = 500
 #: The statuses the funnel counts, worst to best; a failure is kept apart (see the actor).
 FUNNEL_STATUSES: Final = ("sent", "delivered", "read")
 #: Meta's message ids (``wamid.`` and base64); they become part of a Redis key.
@@ -45,8 +54,8 @@ class StatusError(_Strict):
     details: str | None = Field(default=None, max_length=2048)
 
 
-class StatusJob(_Strict):
-    """kwargs of ``record_status``: what WhatsApp reported about one sent message."""
+class StatusEntry(_Strict):
+    """What WhatsApp reported about one sent message."""
 
     wamid: Wamid
     #: ``sent``, ``delivered``, ``read``, ``failed``; other words Meta may add are counted as
@@ -63,4 +72,10 @@ class StatusJob(_Strict):
     pricing_category: str | None = Field(default=None, pattern=r"^[a-z_]{1,64}$")
     #: When the receiver took it (Unix ms, the receiver's clock).
     received_at_ms: int | None = Field(default=None, ge=0, le=2**50)
+
+
+class StatusJob(_Strict):
+    """kwargs of ``record_statuses``: statuses of sent messages, each recorded on its own."""
+
+    statuses: tuple[StatusEntry, ...] = Field(min_length=1, max_length=MAX_STATUSES_PER_JOB)
     metadata: Metadata = None

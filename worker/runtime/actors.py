@@ -19,8 +19,8 @@ import dramatiq
 from worker.errors import Deferred
 from worker.finish.middleware import current_run
 from worker.finish.outcome import JobContext, JobFacts
-from worker.jobs.models import ID_PATTERN, Job, RefreshPhoneTokenJob, SendMessageJob
-from worker.jobs.registry import JOB_TYPES, JobType, parse_job
+from worker.jobs.models import ID_PATTERN, RefreshPhoneTokenJob, SendMessageJob
+from worker.jobs.registry import JOB_TYPES, AnyJob, JobType, parse_job
 from worker.runtime.services import Lifecycle
 
 __all__ = ["SCHEDULE_SLACK_S", "register_actors"]
@@ -62,7 +62,7 @@ def _actor(job_type: JobType, lifecycle: Lifecycle) -> Callable[..., None]:
     return run
 
 
-def _describe(facts: JobFacts, job: Job) -> None:
+def _describe(facts: JobFacts, job: AnyJob) -> None:
     """What a valid job says about itself."""
     if isinstance(job, SendMessageJob):
         facts.client_id = job.client_id

@@ -1,4 +1,4 @@
-"""The jobs exchange: a direct exchange that reaches the three job queues and nothing else.
+"""The jobs exchange: a direct exchange that reaches the job queues and nothing else.
 
 Write permission on the default exchange reaches every queue of the vhost (dead letters, delay
 queues, event queues); ``JOBS_EXCHANGE`` lets a producer enqueue jobs and nothing else (README.md,
@@ -18,11 +18,12 @@ from dramatiq.middleware import Middleware
 
 from worker.connections.amqp import close_quietly, open_connection
 from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
+from worker.receipts.models import STATUS_QUEUE
 
 __all__ = ["JOB_QUEUES", "JobsExchange", "declare_jobs_exchange"]
 
 #: The queues the jobs exchange reaches (routing key = queue name).
-JOB_QUEUES: Final = (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE)
+JOB_QUEUES: Final = (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE, STATUS_QUEUE)
 
 _log = structlog.get_logger()
 

@@ -16,6 +16,7 @@ from worker.errors import ConfigurationError
 from worker.finish.outbox import EventOutbox, OutboxRelay
 from worker.limits import LimitPolicy, MemoryLimiter, RateLimiter, RedisLimiter
 from worker.observability.metrics import Metrics
+from worker.receipts.links import Receipts
 from worker.send.gate import GateSettings, SendGate
 from worker.send.ledger import Ledger
 from worker.settings import Settings
@@ -74,6 +75,8 @@ class Services:
     campaigns: CampaignStore
     #: One Redis connection per worker thread (the ledger's and the finisher's round trips).
     connections: ThreadConnections
+    #: Sent messages' links to their jobs, and the record of their statuses.
+    receipts: Receipts
     #: Where outcome events go first (None: events are off, or published directly).
     outbox: EventOutbox | None = None
 
@@ -112,6 +115,7 @@ class Services:
                 penalty_factor=settings.rate_limit_penalty_factor,
                 penalty_s=settings.rate_limit_penalty_s,
                 quality_pause_s=settings.quality_pause_s,
+                marketing_hold_s=settings.marketing_hold_s,
             ),
         )
         ledger = Ledger(
@@ -130,6 +134,7 @@ class Services:
             if settings.outcome_exchange and settings.events_delivery == "outbox"
             else None
         )
+        receipts = Receipts(cache, ttl_s=settings.ledger_ttl_s, connections=connections)
         return cls(
             settings,
             verloop,
@@ -140,6 +145,7 @@ class Services:
             ledger,
             campaigns,
             connections,
+            receipts,
             outbox,
         )
 

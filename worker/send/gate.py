@@ -2,8 +2,9 @@
 
 :meth:`SendGate.admit` runs right before each send call: it sleeps for a reserved slot (at most
 ``RATE_LIMIT_MAX_WAIT_S``) or raises :class:`Deferred` (a re-delay, no retry used).
-:meth:`SendGate.react` turns 429/130429, 131056, 131057 and 131048 into limiter state, as the
-table in docs/verloop-api.md ("The platform's limits") says.
+:meth:`SendGate.react` (a send's answer) and :meth:`SendGate.react_to_status` (a failed status)
+turn 429/130429, 131056, 131057, 131048 and 131049 into limiter state, as the table in
+docs/verloop-api.md ("The platform's limits") says.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class GateSettings:
     penalty_factor: float
     penalty_s: float
     quality_pause_s: float
+    #: 131049: campaign sends to that recipient wait this long.
+    marketing_hold_s: float = 86_400.0
 
 
 class SendGate:
@@ -120,10 +123,29 @@ class SendGate:
     def react(self, phone_id: str, recipient: str, lane: Lane, failure: JobFailure) -> None:
         """Record what a refused send says about the number; raise :class:`Deferred` when the
         job should simply wait instead of counting a retry."""
-        code = failure.details.code
         details = failure.details
+        deferred = self._remember(
+            phone_id, recipient, details.code, details.http_status, details.retry_after
+        )
+        if deferred is not None:
+            raise deferred from None
+
+    def react_to_status(self, phone_id: str, recipient: str, code: str | None) -> None:
+        """A failed status's error code gets the reaction the same code gets on a send's
+        answer (a status arrives after its send: nothing waits on it)."""
+        self._remember(phone_id, recipient, code, None, None)
+
+    def _remember(
+        self,
+        phone_id: str,
+        recipient: str,
+        code: str | None,
+        http_status: int | None,
+        retry_after: float | None,
+    ) -> Deferred | None:
+        """Turn a limit code into limiter state; the deferral for a send that should wait."""
         try:
-            if code == "130429" or (details.http_status == 429 and code in (None, "4", "80007")):
+            if code == "130429" or (http_status == 429 and code in (None, "4", "80007")):
                 self.limiter.penalize(
                     phone_id, self.settings.penalty_factor, self.settings.penalty_s
                 )
@@ -135,17 +157,15 @@ class SendGate:
                     seconds=self.settings.penalty_s,
                 )
             elif code == "131056":
-                seconds = details.retry_after or PAIR_COOLDOWN_S
+                seconds = retry_after or PAIR_COOLDOWN_S
                 self.limiter.cool_recipient(phone_id, recipient, seconds)
-                raise Deferred(
+                return Deferred(
                     seconds, _REASONS[Verdict.RECIPIENT_COOLING], kind="recipient_cooling"
-                ) from None
+                )
             elif code == "131057":
-                seconds = details.retry_after or MAINTENANCE_PAUSE_S
+                seconds = retry_after or MAINTENANCE_PAUSE_S
                 self.limiter.pause(phone_id, seconds, campaign_only=False)
-                raise Deferred(
-                    seconds, _REASONS[Verdict.NUMBER_PAUSED], kind="number_paused"
-                ) from None
+                return Deferred(seconds, _REASONS[Verdict.NUMBER_PAUSED], kind="number_paused")
             elif code == "131048":
                 self.limiter.pause(phone_id, self.settings.quality_pause_s, campaign_only=True)
                 _log.warning(
@@ -153,7 +173,10 @@ class SendGate:
                     phone_id=phone_id,
                     seconds=self.settings.quality_pause_s,
                 )
+            elif code == "131049":
+                self.limiter.hold_marketing(recipient, self.settings.marketing_hold_s)
         except LimiterUnavailable as exc:
-            # The answer is still handled as a failure (retried or dead-lettered); only the
+            # The answer is still handled (retried, dead-lettered or recorded); only the
             # limiter's memory of it is lost.
             _log.warning("could not record a rate-limit answer", reason=str(exc))
+        return None
