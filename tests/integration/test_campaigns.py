@@ -183,6 +183,67 @@ def test_a_campaign_with_every_job_done_shows_as_done_not_running(store: Campaig
     assert store.get(CampaignRef("acme", "all-sent")).state == "running"  # as stored
 
 
+def test_campaign_status_and_list_show_the_delivery_funnel_the_status_counters_hold(
+    store: CampaignStore,
+) -> None:
+    """The status actor's counters in the campaign's hash (written here as it writes them):
+    `campaign status` shows delivered, read, failed by code and awaiting with their rates,
+    `--json` has them under "funnel", and `campaign list` has the counts."""
+    create(store, "funnel", 10)
+    ref = CampaignRef("acme", "funnel")
+    for _ in range(8):
+        store.count_outcome(ref, "sent")
+    store.count_outcome(ref, "dead_lettered", "invalid")
+    cache = redis_client(REDIS_URL, decode_responses=True)
+    cache.hset(
+        ref.key,
+        mapping={
+            "status:delivered": 5,
+            "status:read": 2,
+            "status:failed": 2,
+            "status:failed:131049": 1,
+            "status:failed:131026": 1,
+        },
+    )
+    status = cli_run("campaign", "status", "funnel")
+    assert status.exit_code == 0, status.output
+    lines = status.output.splitlines()
+    assert "sent       8" in lines
+    assert "delivered  5 (62.5% of sent)" in lines
+    assert "read       2 (25.0% of sent, 40.0% of delivered)" in lines
+    assert "failed     2 (25.0% of sent) after sending" in lines
+    assert "           131026 undeliverable: 1, 131049 marketing cap: 1" in lines
+    assert "awaiting   1 sent, no delivered or failed status yet" in lines
+    assert "not sent   1 dead-lettered (0 failed, 1 invalid, 0 gave up)" in lines
+    [info] = map(json.loads, cli_run("campaign", "status", "funnel", "--json").output.splitlines())
+    assert info["funnel"] == {
+        "enqueued": 10,
+        "sent": 8,
+        "delivered": 5,
+        "read": 2,
+        "failed": 2,
+        "awaiting_status": 1,
+        "failed_by_code": [
+            {"code": "131026", "name": "undeliverable", "count": 1},
+            {"code": "131049", "name": "marketing cap", "count": 1},
+        ],
+        "rates": {
+            "delivered_of_sent": 0.625,
+            "read_of_sent": 0.25,
+            "read_of_delivered": 0.4,
+            "failed_of_sent": 0.25,
+        },
+    }
+    listed = cli_run("campaign", "list").output.splitlines()
+    header = ["ENQUEUED", "SENT", "DELIVERED", "READ", "FAILED", "DLQ", "PENDING"]
+    assert listed[0].split()[4:] == header
+    [row] = [line for line in listed if line.startswith("funnel ")]
+    # campaign, client, state, date, time, then the counts
+    assert row.split()[5:] == ["10", "8", "5", "2", "2", "1", "1"]
+    [listed_info] = map(json.loads, cli_run("campaign", "list", "--json").output.splitlines())
+    assert listed_info["funnel"] == info["funnel"]
+
+
 def _settled(status: CampaignStatus) -> int:
     # A job sent but not acknowledged before the kill is counted "sent", then "suppressed"
     # when redelivered; sent + dead-lettered counts each recipient once.

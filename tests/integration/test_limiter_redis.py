@@ -10,9 +10,12 @@ import pytest
 import redis
 
 from tests.integration.conftest import REDIS_URL
+from worker.errors import Deferred
 from worker.limits import Decision, LimitPolicy, MemoryLimiter, RedisLimiter, Verdict
-from worker.limits.redis_limiter import LEASE_LATE_S
+from worker.limits.redis_limiter import LEASE_LATE_S, lease_holds
 from worker.runtime.services import open_redis
+from worker.send.gate import GateSettings, SendGate
+from worker.send.ledger import Ledger, LedgerKey
 from worker.settings import Settings
 
 PHONE = "phone-1"
@@ -57,6 +60,10 @@ def pause(phone: str, seconds: float, *, campaign_only: bool) -> Step:
 
 def penalize(phone: str, factor: float, seconds: float) -> Step:
     return lambda limiter: limiter.penalize(phone, factor, seconds)
+
+
+def hold_marketing(recipient: str, seconds: float) -> Step:
+    return lambda limiter: limiter.hold_marketing(recipient, seconds)
 
 
 def run_side_by_side(
@@ -178,6 +185,128 @@ def test_the_redis_limiter_holds_and_penalizes_like_the_memory_limiter(
     assert_plan(pairs, expected, busy_s)
 
 
+def test_the_redis_limiter_holds_a_marketing_capped_recipient_like_the_memory_limiter(
+    client: redis.Redis,
+) -> None:
+    """131049: the recipient's campaign sends wait, from every number; their transactional
+    sends and other recipients' campaign sends go; a shorter hold does not shorten it; a
+    hold ends."""
+    steps: list[Step | float] = [
+        hold_marketing(ALICE, 3.0),
+        hold_marketing(ALICE, 1.0),  # holds only lengthen
+        acquire(PHONE, ALICE, "campaign"),
+        acquire("phone-2", ALICE, "campaign"),
+        acquire(PHONE, ALICE, "transactional"),
+        acquire("phone-4", BOB, "campaign"),
+        hold_marketing(BOB, 0.2),
+        acquire("phone-3", BOB, "campaign"),
+        0.25,
+        acquire("phone-3", BOB, "campaign"),  # the hold is over
+        acquire("phone-3", ALICE, "campaign"),
+    ]
+    started = time.monotonic()
+    pairs = run_side_by_side(policy(10), client, steps)
+    busy_s = time.monotonic() - started - 0.25
+    assert_same(pairs)
+    expected = [
+        (Verdict.RECIPIENT_CAPPED, 3.0),
+        (Verdict.RECIPIENT_CAPPED, 3.0),
+        (Verdict.GO, 0.0),
+        (Verdict.GO, 0.0),
+        (Verdict.RECIPIENT_CAPPED, 0.2),
+        (Verdict.GO, 0.0),
+        (Verdict.RECIPIENT_CAPPED, 2.75),
+    ]
+    assert_plan(pairs, expected, busy_s)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "{phone-1}:pause",
+        "x:pair:+919876543210",
+        "*",
+        "+91987654321\r\nFLUSHALL",
+        "\u202e+919876543210",
+        "9" * 5000,
+    ],
+)
+def test_a_hostile_recipient_string_holds_only_itself(client: redis.Redis, hostile: str) -> None:
+    """The recipient ends its hold's key after a prefix of its own: no string names another
+    key (a number's pause, a pair hold, another recipient) or writes one."""
+    limiter = RedisLimiter(client, policy(10))
+    limiter.hold_marketing(hostile, 5.0)
+    [key] = client.keys("*")
+    assert key == "verloop:rl:marketing-hold:" + hostile
+    # (Campaign sends take only free slots: one number each.)
+    assert limiter.acquire(PHONE, ALICE, "campaign").verdict is Verdict.GO
+    assert limiter.acquire("phone-2", hostile[:-1], "campaign").verdict is Verdict.GO
+    assert limiter.acquire("phone-3", hostile, "campaign").verdict is Verdict.RECIPIENT_CAPPED
+
+
+def test_the_gate_defers_a_capped_recipient_s_campaign_send_on_the_redis_limiter(
+    client: redis.Redis,
+) -> None:
+    """The deferral names the cap (kind recipient_capped); the recipient's OTP is admitted."""
+    limiter = RedisLimiter(client, policy(10))
+    send_gate = SendGate(limiter, GateSettings(0.45, 0.5, 30.0, 60.0))
+    limiter.hold_marketing(ALICE, 60.0)
+    with pytest.raises(Deferred) as info:
+        send_gate.admit(PHONE, ALICE, "campaign")
+    assert info.value.kind == "recipient_capped"
+    assert "131049" in info.value.reason
+    assert 59.0 <= info.value.delay_s <= 60.0 * 1.25 + 0.01
+    assert send_gate.admit(PHONE, ALICE, "transactional").waited_s < 0.1
+    assert send_gate.admit(PHONE, BOB, "campaign").waited_s < 0.2
+
+
+def test_a_leased_slot_respects_the_marketing_hold_for_campaign_sends_only(
+    client: redis.Redis,
+) -> None:
+    """A slot taken from a lease skipped the limiter's holds; the ledger claim checks the ones
+    its lane must respect. A transactional send leased on a fast number to a capped recipient
+    goes (the cap is not its lane's); a campaign send's holds hold that recipient until the
+    hold ends, and not the others."""
+    fast = LimitPolicy(
+        default_rate=1000.0, overrides={}, reserve=0.1, max_wait_s=2.0, account_rate=None
+    )
+    limiter = RedisLimiter(client, fast)
+    ledger = Ledger(client, ttl_s=3600, lease_s=10)
+    try:
+        limiter.hold_marketing(ALICE, 0.5)
+        decision = None
+        for _ in range(200):
+            assert limiter.acquire(PHONE, BOB, "transactional").verdict is Verdict.GO
+            decision = limiter.acquire(PHONE, ALICE, "transactional")
+            assert decision.verdict is Verdict.GO  # the cap never holds transactional sends
+            if decision.holds:
+                break
+        assert decision is not None
+        assert decision.holds, "the limiter never leased a slot"
+        assert decision.holds == lease_holds(PHONE, ALICE, "transactional")
+        otp = ledger.claim(
+            LedgerKey("acme:otp"), "me", take_over_uncertain=False, holds=decision.holds
+        )
+        assert otp.state == "claimed"
+        campaign = lease_holds(PHONE, ALICE, "campaign")
+        held = ledger.claim(
+            LedgerKey("acme:offer"), "me", take_over_uncertain=False, holds=campaign
+        )
+        assert held.state == "held"
+        assert 0.0 < held.retry_in_s <= 0.5
+        other = lease_holds(PHONE, BOB, "campaign")
+        claimed = ledger.claim(LedgerKey("acme:bob"), "me", take_over_uncertain=False, holds=other)
+        assert claimed.state == "claimed"
+        time.sleep(held.retry_in_s + 0.05)
+        after = ledger.claim(
+            LedgerKey("acme:offer"), "me", take_over_uncertain=False, holds=campaign
+        )
+        assert after.state == "claimed"
+    finally:
+        limiter.close()
+        ledger.close()
+
+
 def test_the_redis_limiter_applies_the_account_limit_like_the_memory_limiter(
     client: redis.Redis,
 ) -> None:
@@ -206,8 +335,9 @@ def test_limiter_keys_expire_so_idle_numbers_leave_nothing_behind(client: redis.
     limiter.pause(PHONE, 5.0, campaign_only=True)
     limiter.pause(PHONE, 5.0, campaign_only=False)
     limiter.penalize(PHONE, 0.5, 5.0)
+    limiter.hold_marketing(ALICE, 5.0)
     keys = client.keys("verloop:rl:*")
-    assert len(keys) == 5
+    assert len(keys) == 6
     for key in keys:
         assert client.pttl(key) > 0, key
 

@@ -314,6 +314,32 @@ def test_a_quality_answer_pauses_campaign_sends_on_that_number_only(
     assert dead_letters(CAMPAIGN) == []  # the paused jobs were deferred, not failed
 
 
+def test_a_marketing_capped_recipient_s_campaign_sends_wait_while_their_otp_goes(
+    simulator: Simulator, producer: Producer, start_worker: Callable[..., WorkerApp]
+) -> None:
+    """131049 held a recipient for 2 s: their campaign sends from two numbers are deferred (not
+    failed, no retry used) and sent once the hold ends; their one-time code and another
+    recipient's campaign send go at once."""
+    app = start_worker(rate_limit_per_number=20)
+    capped, other = recipient(0), recipient(1)
+    held_at = time.time()
+    app.lifecycle.services.gate.limiter.hold_marketing(capped, 2.0)
+    send(producer, 0, queue=CAMPAIGN, key="offer-1")
+    send(producer, 0, queue=CAMPAIGN, phone_id="phone-2", key="offer-2")
+    send(producer, 1, queue=CAMPAIGN, key="offer-other")
+    send(producer, 0, key="otp")
+    wait_until(lambda: simulator.messages(to=other))
+    [otp] = wait_until(lambda: simulator.messages(to=capped))
+    assert otp["idempotency_key"] == "otp"
+    assert otp["received_at"] - held_at < 1.5
+    wait_until(lambda: len(simulator.messages(to=capped)) == 3, timeout=15)
+    offers = simulator.messages(to=capped)[1:]
+    assert sorted(m["idempotency_key"] for m in offers) == ["offer-1", "offer-2"]
+    assert min(m["received_at"] for m in offers) >= held_at + 2.0
+    assert simulator.send_requests() == 4  # held, not tried and refused
+    assert dead_letters(CAMPAIGN) == []
+
+
 def test_a_429_slows_the_number_down_for_a_while(
     simulator: Simulator, producer: Producer, start_worker: Callable[..., WorkerApp]
 ) -> None:

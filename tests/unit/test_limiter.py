@@ -21,7 +21,7 @@ from worker.limits import (
 )
 from worker.runtime.services import open_limiter, open_redis
 from worker.send.gate import PAIR_COOLDOWN_S, REDIS_DOWN_RETRY_S, GateSettings, SendGate
-from worker.settings import Settings
+from worker.settings import MAX_SINGLE_DELAY_S, Settings
 from worker.verloop.classify import classify_response
 
 PHONE = "phone-1"
@@ -275,6 +275,36 @@ def test_a_quality_pause_holds_only_campaign_sends(clock: FakeClock) -> None:
     assert is_go(limiter.acquire(PHONE, ALICE, "campaign"))
 
 
+def test_a_marketing_capped_recipient_is_held_for_campaign_sends_from_every_number(
+    clock: FakeClock,
+) -> None:
+    """131049 holds one recipient's campaign sends, whichever number sends them; their
+    transactional sends and other recipients' campaign sends go, and held asks reserve
+    nothing (the next campaign send on the number goes at once)."""
+    limiter = MemoryLimiter(policy())
+    limiter.hold_marketing(ALICE, 3600.0)
+    for phone in (PHONE, OTHER_PHONE, "phone-3"):
+        assert limiter.acquire(phone, ALICE, "campaign") == Decision(
+            Verdict.RECIPIENT_CAPPED, 3600.0
+        )
+    assert is_go(limiter.acquire(PHONE, BOB, "campaign"))
+    assert is_go(limiter.acquire(OTHER_PHONE, ALICE, "transactional"))
+    clock.advance(1800.0)
+    assert limiter.acquire(PHONE, ALICE, "campaign") == Decision(Verdict.RECIPIENT_CAPPED, 1800.0)
+    clock.advance(1800.0)
+    assert is_go(limiter.acquire(PHONE, ALICE, "campaign"))
+
+
+def test_a_marketing_hold_only_ever_lengthens(clock: FakeClock) -> None:
+    """A shorter marketing hold given later (a second 131049 status) leaves the longer one."""
+    limiter = MemoryLimiter(policy())
+    limiter.hold_marketing(ALICE, 100.0)
+    limiter.hold_marketing(ALICE, 10.0)
+    assert limiter.acquire(PHONE, ALICE, "campaign").wait_s == pytest.approx(100.0)
+    limiter.hold_marketing(ALICE, 200.0)
+    assert limiter.acquire(PHONE, ALICE, "campaign").wait_s == pytest.approx(200.0)
+
+
 # --- penalties ------------------------------------------------------------------------------------
 def test_a_penalty_lowers_the_numbers_rate_for_its_duration(clock: FakeClock) -> None:
     """After penalize(0.5, 5 s) a 10/s number is paced at 5/s, and at 10/s once it lapses."""
@@ -369,6 +399,28 @@ def test_the_gate_defers_a_held_recipient_for_the_rest_of_its_cooldown() -> None
         gate(limiter).admit(PHONE, ALICE, "transactional")
     assert 2.9 <= info.value.delay_s <= 3.8
     assert "131056" in info.value.reason
+
+
+def test_the_gate_defers_a_capped_recipient_s_campaign_send_and_admits_its_transactional_one() -> (
+    None
+):
+    """A recipient at WhatsApp's marketing cap: their campaign send is re-delayed (no retry
+    used) with its own kind and the 131049 reason, at most MAX_SINGLE_DELAY_S; an OTP to them
+    is admitted."""
+    limiter = MemoryLimiter(policy())
+    limiter.hold_marketing(ALICE, 86_400.0)
+    send_gate = gate(limiter)
+    started = time.monotonic()
+    with pytest.raises(Deferred) as info:
+        send_gate.admit(PHONE, ALICE, "campaign")
+    assert time.monotonic() - started < 0.1
+    assert info.value.kind == "recipient_capped"
+    assert info.value.reason == (
+        "recipient reached WhatsApp's marketing message cap (131049); campaign sends to them wait"
+    )
+    assert info.value.delay_s == MAX_SINGLE_DELAY_S
+    assert send_gate.admit(PHONE, ALICE, "transactional").waited_s < 0.1
+    assert send_gate.admit(OTHER_PHONE, BOB, "campaign").waited_s < 0.1
 
 
 def test_the_gate_holds_sends_when_the_limiter_cannot_be_reached() -> None:

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 import redis
 
 from worker.bounded import BoundedDict
+from worker.campaigns.funnel import Funnel
 from worker.connections.redis import RedisErrors, as_text
 from worker.connections.redis_keys import join_parts, split_parts
 from worker.errors import ConfigurationError
@@ -99,6 +100,11 @@ class CampaignStatus:
     @property
     def finished(self) -> int:
         return sum(self.count(name) for name in OUTCOME_COUNTERS)
+
+    @property
+    def funnel(self) -> Funnel:
+        """Enqueued, sent, delivered, read and failed (by code), with their rates."""
+        return Funnel.from_fields(self.fields)
 
     @property
     def eta_s(self) -> float | None:

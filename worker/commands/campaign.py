@@ -20,6 +20,7 @@ from worker.commands.campaign_support import (
     Progress,
     describe,
     eta_text,
+    funnel_lines,
     print_summary,
     schedule_from_options,
 )
@@ -55,7 +56,7 @@ def campaign() -> None:
     \b
       verloop-worker campaign start recipients.csv --client-id C --phone-id P \\
           --template spring_sale --body-params 2
-      verloop-worker campaign status ID      progress, rate and ETA
+      verloop-worker campaign status ID      progress, delivery funnel, rate and ETA
       verloop-worker campaign pause ID       workers hold its jobs within seconds
       verloop-worker campaign resume ID
       verloop-worker campaign cancel ID      its remaining jobs are dropped, not sent
@@ -235,16 +236,19 @@ _CLIENT = click.option(
 @_CLIENT
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(campaign_id: str, client_id: str | None, as_json: bool) -> None:
-    """Show a campaign's progress: counts by outcome, current rate and ETA.
+    """Show a campaign's progress: counts by outcome, current rate and ETA, and its delivery
+    funnel (delivered, read, failed by error code) as WhatsApp's statuses report it.
 
     A running campaign shows as done once its file is all enqueued and every job has an
-    outcome (sent, dead-lettered, suppressed or cancelled).
+    outcome (sent, dead-lettered, suppressed or cancelled). Statuses come after that, and
+    "awaiting" counts the sent messages that have none yet.
     """
     try:
         with _store() as store:
-            info = describe(store.get(store.find(campaign_id, client_id)))
+            found = store.get(store.find(campaign_id, client_id))
     except (ConfigurationError, RedisUnavailable) as exc:
         raise _failure(exc) from None
+    info = describe(found)
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -255,7 +259,8 @@ def status(campaign_id: str, client_id: str | None, as_json: bool) -> None:
         f"template   {info['template']}  client {info['client_id']}",
         f"rows       {total} in file, {info['enqueued']} enqueued, {info['rejected']} rejected",
         f"sent       {info['sent']}",
-        f"failed     {info['dead_lettered']} dead-lettered "
+        *funnel_lines(found.funnel),
+        f"not sent   {info['dead_lettered']} dead-lettered "
         f"({kinds['failed']} failed, {kinds['invalid']} invalid, {kinds['gave_up']} gave up)",
         f"suppressed {info['suppressed']} duplicates (already sent)",
         f"cancelled  {info['cancelled']}",
@@ -326,12 +331,14 @@ def list_campaigns(limit: int, as_json: bool) -> None:
         return
     click.echo(
         f"{'CAMPAIGN':<28} {'CLIENT':<16} {'STATE':<9} {'CREATED':<16} {'ENQUEUED':>9} "
-        f"{'SENT':>9} {'FAILED':>7} {'PENDING':>8}"
+        f"{'SENT':>9} {'DELIVERED':>9} {'READ':>9} {'FAILED':>7} {'DLQ':>7} {'PENDING':>8}"
     )
     for info in infos:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["created_at"]))
+        funnel = info["funnel"]
         click.echo(
             f"{info['campaign_id']:<28} {info['client_id']:<16} {info['state']:<9} "
-            f"{created:<16} {info['enqueued']:>9} {info['sent']:>9} {info['dead_lettered']:>7} "
+            f"{created:<16} {info['enqueued']:>9} {info['sent']:>9} {funnel['delivered']:>9} "
+            f"{funnel['read']:>9} {funnel['failed']:>7} {info['dead_lettered']:>7} "
             f"{info['pending']:>8}"
         )

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import click
 
 from worker.campaigns.enqueue import EnqueueResult, Schedule
+from worker.campaigns.funnel import FailureCode, Funnel
 from worker.campaigns.store import OUTCOME_COUNTERS, CampaignStatus
 from worker.campaigns.window import check_zone, parse_window
 from worker.errors import ConfigurationError
@@ -20,6 +21,7 @@ __all__ = [
     "Progress",
     "describe",
     "eta_text",
+    "funnel_lines",
     "parse_start_at",
     "print_summary",
     "schedule_from_options",
@@ -140,7 +142,41 @@ def describe(status: CampaignStatus) -> dict[str, Any]:
             else None
         ),
         "created_at": float(fields.get("created_at", 0) or 0),
+        "funnel": status.funnel.as_dict(),
     }
+
+
+#: How many failure codes ``campaign status`` names; the others are summed.
+SHOWN_CODES = 3
+
+
+def funnel_lines(funnel: Funnel) -> list[str]:
+    """``campaign status``'s lines for what WhatsApp reported after the sends ("-": nothing
+    sent, or nothing delivered, to take a share of)."""
+    lines = [
+        f"delivered  {funnel.delivered} ({_percent(funnel.delivered_of_sent)} of sent)",
+        f"read       {funnel.read} ({_percent(funnel.read_of_sent)} of sent, "
+        f"{_percent(funnel.read_of_delivered)} of delivered)",
+        f"failed     {funnel.failed} ({_percent(funnel.failed_of_sent)} of sent) after sending",
+    ]
+    top, rest = funnel.top_codes(SHOWN_CODES)
+    if top:
+        named = [_code_text(failure) for failure in top]
+        if rest:
+            others = len(funnel.by_code) - len(top)
+            named.append(f"{rest} more under {others} other code{'s' if others > 1 else ''}")
+        lines.append("           " + ", ".join(named))
+    lines.append(f"awaiting   {funnel.awaiting_status} sent, no delivered or failed status yet")
+    return lines
+
+
+def _code_text(failure: FailureCode) -> str:
+    name = f" {failure.name}" if failure.name else ""
+    return f"{failure.code}{name}: {failure.count}"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.1%}"
 
 
 def eta_text(seconds: float | None, state: str) -> str:

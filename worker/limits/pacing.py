@@ -5,8 +5,9 @@ by two lanes: **campaign** sends take only slots within ``RATE_LIMIT_CAMPAIGN_LO
 of now; **transactional** sends have tolerance ``H*T + A`` (``H``: ``RATE_LIMIT_RESERVE``), so
 they always find ``H`` slots free and never wait behind a campaign. In any ``W`` seconds a
 number sends at most ``rate*W + H + A*rate + 1``, within the platform's one-second bucket while
-``H + A*rate + 1 <= rate``. Around the bucket: 131056/131057/131048 holds, a penalty after a 429,
-and an optional account-wide bucket.
+``H + A*rate + 1 <= rate``. Around the bucket: 131056/131057/131048 holds, a recipient's
+marketing cap (131049, campaign sends to them from every number), a penalty after a 429, and an
+optional account-wide bucket.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Verdict(Enum):
     RECIPIENT_COOLING = 2  #: this recipient hit the pair limit (131056)
     NUMBER_PAUSED = 3  #: the number is in maintenance (131057)
     CAMPAIGN_PAUSED = 4  #: campaign sends on this number are paused for quality (131048)
+    RECIPIENT_CAPPED = 5  #: campaign sends to this recipient wait: marketing cap (131049)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,12 @@ class RateLimiter(Protocol):
         """Hold the number's sends (or only its campaign sends) for ``seconds``."""
         ...
 
+    def hold_marketing(self, recipient: str, seconds: float) -> None:
+        """Hold campaign sends to ``recipient`` (E.164) from every number for ``seconds``: they
+        reached WhatsApp's cap on marketing messages (131049). Campaign sends count as
+        marketing (a campaign sends a template to a list); transactional sends still go."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -106,6 +114,8 @@ class RateLimiter(Protocol):
 
 #: The rate is never lowered below this share of the configured one by penalties.
 MIN_PENALTY_FACTOR = 0.1
+#: Holds that apply to campaign sends only.
+_CAMPAIGN_ONLY = frozenset({Verdict.CAMPAIGN_PAUSED, Verdict.RECIPIENT_CAPPED})
 
 
 class MemoryLimiter:
@@ -126,8 +136,9 @@ class MemoryLimiter:
                 (("pair", phone_id, recipient), Verdict.RECIPIENT_COOLING),
                 (("pause", phone_id), Verdict.NUMBER_PAUSED),
                 (("quality", phone_id), Verdict.CAMPAIGN_PAUSED),
+                (("marketing", recipient), Verdict.RECIPIENT_CAPPED),
             ):
-                if verdict is Verdict.CAMPAIGN_PAUSED and lane != "campaign":
+                if verdict in _CAMPAIGN_ONLY and lane != "campaign":
                     continue
                 remaining = self._until.get(key, 0.0) - now
                 if remaining > 0:
@@ -166,6 +177,9 @@ class MemoryLimiter:
 
     def pause(self, phone_id: str, seconds: float, *, campaign_only: bool) -> None:
         self._hold(("quality" if campaign_only else "pause", phone_id), seconds)
+
+    def hold_marketing(self, recipient: str, seconds: float) -> None:
+        self._hold(("marketing", recipient), seconds)
 
     def _hold(self, key: tuple[str, ...], seconds: float) -> None:
         with self._lock:

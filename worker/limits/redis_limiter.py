@@ -20,11 +20,12 @@ from worker.connections.redis_direct import ThreadConnections
 from worker.errors import RedisUnavailable
 from worker.limits.pacing import MIN_PENALTY_FACTOR, Decision, Lane, LimitPolicy, Verdict
 
-__all__ = ["LimiterUnavailable", "RedisLimiter"]
+__all__ = ["LimiterUnavailable", "RedisLimiter", "lease_holds"]
 
 _PREFIX = "verloop:rl"
 
-# KEYS: 1 number tat, 2 account tat, 3 pair hold, 4 number pause, 5 quality pause, 6 penalty
+# KEYS: 1 number tat, 2 account tat, 3 pair hold, 4 number pause, 5 quality pause, 6 penalty,
+#       7 the recipient's marketing hold
 # ARGV: 1 interval µs, 2 tolerance µs, 3 campaign (1/0), 4 lane's max wait µs, 5 account µs
 #       (0 = none), 6 key ttl ms, 7 slots wanted (a lease; 1 = just this send)
 # Returns {verdict, wait µs, slots granted, interval µs}.
@@ -32,7 +33,10 @@ _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local holds = {{KEYS[3], 2}, {KEYS[4], 3}}
-if ARGV[3] == '1' then holds[3] = {KEYS[5], 4} end
+if ARGV[3] == '1' then
+  holds[3] = {KEYS[5], 4}
+  holds[4] = {KEYS[7], 5}
+end
 for _, hold in ipairs(holds) do
   local untl = tonumber(redis.call('GET', hold[1]) or '0')
   if untl > now then return {hold[2], string.format('%.0f', untl - now), 0, 0} end
@@ -171,7 +175,7 @@ class RedisLimiter:
         if slot is not None:
             # Taken without a round trip, so without looking at this recipient's and this
             # number's holds: the send looks at them in its next one.
-            holds = (_pair_key(phone_id, recipient), f"{_number_key(phone_id)}:pause")
+            holds = lease_holds(phone_id, recipient, lane)
             return Decision(Verdict.GO, max(0.0, slot - time.monotonic()), holds)
         # This thread is the one fetching the number's next lease (see _leased_slot).
         leased: list[float] = []
@@ -204,6 +208,7 @@ class RedisLimiter:
             f"{base}:pause",
             f"{base}:quality-pause",
             f"{base}:penalty",
+            _marketing_key(recipient),
         ]
         args = [
             interval_us,
@@ -272,6 +277,9 @@ class RedisLimiter:
         kind = "quality-pause" if campaign_only else "pause"
         self._run(self._hold, [f"{_number_key(phone_id)}:{kind}"], [seconds])
 
+    def hold_marketing(self, recipient: str, seconds: float) -> None:
+        self._run(self._hold, [_marketing_key(recipient)], [seconds])
+
     def close(self) -> None:
         """Close the threads' connections; the Redis client belongs to the worker's services."""
         self._direct.close()
@@ -288,3 +296,21 @@ def _number_key(phone_id: str) -> str:
 
 def _pair_key(phone_id: str, recipient: str) -> str:
     return f"{_number_key(phone_id)}:pair:{recipient}"
+
+
+def _marketing_key(recipient: str) -> str:
+    """The recipient's marketing hold, for every number: like a pair key, the recipient ends
+    the key after a prefix no other key has, so no recipient string names another key."""
+    return f"{_PREFIX}:marketing-hold:{recipient}"
+
+
+def lease_holds(phone_id: str, recipient: str, lane: Lane) -> tuple[str, ...]:
+    """The hold keys a send of ``lane`` must respect, for a slot taken from a lease (which
+    skipped them; the send's ledger claim checks them): the recipient's pair hold and the
+    number's pause, and for campaign sends the quality pause and the recipient's marketing hold.
+    Today only transactional sends lease, so a campaign send's own ask checks those two."""
+    base = _number_key(phone_id)
+    holds = (_pair_key(phone_id, recipient), f"{base}:pause")
+    if lane != "campaign":
+        return holds
+    return (*holds, f"{base}:quality-pause", _marketing_key(recipient))

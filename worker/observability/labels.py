@@ -35,6 +35,7 @@ DEFERRAL_KINDS = (
     "recipient_cooling",
     "number_paused",
     "campaign_paused",
+    "recipient_capped",
     "campaign_scheduled",
     "scheduled",
     "send_window",

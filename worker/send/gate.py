@@ -36,11 +36,17 @@ _REASONS = {
     Verdict.RECIPIENT_COOLING: "recipient cooling down after a pair rate limit (131056)",
     Verdict.NUMBER_PAUSED: "number paused by Verloop (131057, maintenance)",
     Verdict.CAMPAIGN_PAUSED: "campaign sends paused on this number for quality (131048)",
+    Verdict.RECIPIENT_CAPPED: (
+        "recipient reached WhatsApp's marketing message cap (131049); campaign sends to them wait"
+    ),
 }
 
 
 #: Why a send with a leased slot waits after all (see :class:`Admission`).
-HOLD_REASON = "held: the recipient (131056) or the number (131057) is on hold"
+HOLD_REASON = (
+    "held: the recipient (131056) or the number (131057) is on hold, or for a campaign send "
+    "the number's campaign sends (131048) or the recipient's marketing messages (131049)"
+)
 
 #: The fixed names deferrals are counted under in metrics.
 _KINDS = {
@@ -48,6 +54,7 @@ _KINDS = {
     Verdict.RECIPIENT_COOLING: "recipient_cooling",
     Verdict.NUMBER_PAUSED: "number_paused",
     Verdict.CAMPAIGN_PAUSED: "campaign_paused",
+    Verdict.RECIPIENT_CAPPED: "recipient_capped",
 }
 
 

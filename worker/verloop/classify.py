@@ -19,7 +19,13 @@ import orjson
 from worker.errors import JobFailure, PermanentFailure, TokenInvalid, TransientFailure
 from worker.observability.logging import scrub_text
 
-__all__ = ["DEFAULT_DELAYS_S", "classify_response", "parse_retry_after"]
+__all__ = [
+    "DEFAULT_DELAYS_S",
+    "ERROR_NAMES",
+    "classify_response",
+    "error_name",
+    "parse_retry_after",
+]
 
 #: Meta codes that ask for a retry, and the wait we apply when no Retry-After says otherwise.
 DEFAULT_DELAYS_S: Mapping[int, float] = {
@@ -33,6 +39,27 @@ DEFAULT_DELAYS_S: Mapping[int, float] = {
     131000: 0.0,
     131016: 0.0,
 }
+
+#: Short names of the Meta codes reports name (``campaign status``'s failures by code): the
+#: ones a campaign's failed statuses mostly carry.
+ERROR_NAMES: Mapping[int, str] = {
+    131026: "undeliverable",
+    131049: "marketing cap",
+    131048: "spam rate limit",
+    131047: "re-engagement window",
+    131056: "pair rate limit",
+    130429: "rate limit",
+}
+
+
+def error_name(code: int | str) -> str | None:
+    """The short name of a Meta error code (``131026`` or ``"131026"``), None if it has none."""
+    if isinstance(code, str):
+        if not (code.isascii() and code.isdigit()):
+            return None
+        code = int(code)
+    return ERROR_NAMES.get(code)
+
 
 #: Token invalid or expired: refresh the phone token once.
 TOKEN_CODES = frozenset({0, 190})
