@@ -172,10 +172,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         clear_queues()
     assert first is not None
     elapsed = last.t - first.t
-    done = (high - low) * statuses / total  # statuses in the jobs measured
-    rate = done / elapsed
+    measured = (high - low) * statuses / total  # statuses in the jobs measured
+    rate = measured / elapsed
     cpu = cpu_between(first, last)
-    cpu_ms = 1000 * cpu["worker"] * elapsed / done
+    cpu_ms = 1000 * cpu["worker"] * elapsed / measured
     cache = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     funnel = CampaignStore(cache).get(CAMPAIGN).fields
     cache.close()

@@ -19,6 +19,12 @@ from typing import Any, Final, Literal
 
 import redis
 
+from worker.campaigns.funnel import (
+    DELIVERED_FIELD,
+    FAILED_CODE_PREFIX,
+    FAILED_FIELD,
+    READ_FIELD,
+)
 from worker.campaigns.store import CampaignRef
 from worker.connections.redis import RedisErrors, as_text
 from worker.connections.redis_direct import ThreadConnections
@@ -39,12 +45,12 @@ StatusEffect = Literal["recorded", "duplicate", "unknown"]
 # ARGV: 1 status, 2 its rank (sent 1, delivered 2, read 3; 0: failed or a word outside the
 # funnel), 3 the failure's code, 4 1 if the send had a campaign, 5 the outbox's length bound
 # ('' = no event), 6... the event's fields and values.
-# Funnel counters (the campaign's hash): status:delivered counts messages that reached
-# delivered or read, status:read those read, status:failed (and status:failed:<code>) those that
-# failed and were never delivered. A delivered after a failed (multi-device) moves the message
+# Funnel counters (the campaign's hash, named in worker.campaigns.funnel): delivered counts
+# messages that reached delivered or read, read those read, failed (and failed:<code>) those
+# that failed and were never delivered. A delivered after a failed (multi-device) moves the message
 # from failed to delivered; a failed after delivered is recorded and moves nothing.
 # Returns {effect, previous best rank}.
-_RECORD: Final = """
+_RECORD = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', '0'} end
 if redis.call('HSETNX', KEYS[1], 'seen:' .. ARGV[1], '1') == 0 then return {'duplicate', '0'} end
 local best = tonumber(redis.call('HGET', KEYS[1], 'best') or '0')
@@ -55,25 +61,32 @@ local function count(field, by)
   if counts then redis.call('HINCRBY', KEYS[2], field, by) end
 end
 if rank >= 2 and best < 2 then
-  count('status:delivered', 1)
+  count('{delivered}', 1)
   if failed then
-    count('status:failed', -1)
-    count('status:failed:' .. failed, -1)
+    count('{failed}', -1)
+    count('{failed_code}' .. failed, -1)
     redis.call('HDEL', KEYS[1], 'failed')
   end
 end
-if rank == 3 and best < 3 then count('status:read', 1) end
+if rank == 3 and best < 3 then count('{read}', 1) end
 if rank > best then redis.call('HSET', KEYS[1], 'best', rank) end
 if ARGV[1] == 'failed' and best < 2 and not failed then
   redis.call('HSET', KEYS[1], 'failed', ARGV[3])
-  count('status:failed', 1)
-  count('status:failed:' .. ARGV[3], 1)
+  count('{failed}', 1)
+  count('{failed_code}' .. ARGV[3], 1)
 end
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 6))
 end
 return {'recorded', tostring(best)}
 """
+for _name, _field in (
+    ("delivered", DELIVERED_FIELD),
+    ("read", READ_FIELD),
+    ("failed_code", FAILED_CODE_PREFIX),
+    ("failed", FAILED_FIELD),
+):
+    _RECORD = _RECORD.replace("{" + _name + "}", _field)
 
 
 def status_rank(status: str) -> int:
