@@ -7,14 +7,18 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import random
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import httpx
@@ -542,3 +546,80 @@ def test_a_full_queue_drops_a_send_s_statuses_and_counts_them(receiver: Receiver
         stats = http.get("/admin/stats").json()["statuses"]
     assert (stats["planned"], stats["pending"]) == (3, 3)
     assert (stats["dropped_queue_full"], stats["dropped"]) == (3, 3)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def run_simulator(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    repo_root = Path(__file__).resolve().parents[2]
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.sandbox", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "PYTHONPATH": str(repo_root)},
+    )
+
+
+def test_the_command_line_posts_statuses_signed_with_the_secret_from_the_environment(
+    receiver: Receiver,
+) -> None:
+    """``--status-url`` and shares on the command line, the secret in SANDBOX_WEBHOOK_SECRET;
+    it shows in no output of the process."""
+    env = {**os.environ, "SANDBOX_WEBHOOK_SECRET": SECRET}
+    process = run_simulator(
+        "--status-url",
+        receiver.url,
+        "--status-delay-s",
+        "0",
+        "--status-delivered",
+        "0",
+        "--status-failed",
+        "1",
+        "--status-failure-code",
+        "131026=1",
+        "--seed",
+        "5",
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip().removeprefix("sandbox listening on ")
+        with httpx.Client(base_url=url) as http:
+            token = http.get(
+                f"{BASE}/get_phone_token",
+                params={"client_id": "demo-client", "phone_id": "demo-phone-1"},
+                headers={
+                    "Authorization": http.post(
+                        "/api/v2/auth", json={"username": "sandbox", "password": "sandbox-password"}
+                    ).json()["system_user_token"]
+                },
+            ).json()["token"]
+            wamid = send(http, token)
+            statuses = receiver.wait_for(2)
+            admin = http.get("/admin/statuses").text + http.get("/admin/stats").text
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=5)
+    assert by_wamid(statuses) == {wamid: ["sent", "failed"]}
+    assert all(r.signed for r in receiver.received)
+    assert SECRET not in out + err + admin
+
+
+def test_the_command_line_refuses_a_url_without_a_secret_and_explains_it_in_help() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SANDBOX_WEBHOOK_SECRET"}
+    refused = run_simulator("--status-url", "http://127.0.0.1:9/x", env=env)
+    _, err = refused.communicate(timeout=10)
+    assert refused.returncode == 2
+    assert "SANDBOX_WEBHOOK_SECRET" in err
+    odd = run_simulator("--status-read", "2", env={**env, "SANDBOX_WEBHOOK_SECRET": SECRET})
+    _, err = odd.communicate(timeout=10)
+    assert odd.returncode == 2
+    assert "status webhooks: read must be a probability" in err
+    assert SECRET not in err
+    shown = run_simulator("--help", env=env)
+    out, _ = shown.communicate(timeout=10)
+    assert "--status-url" in out
+    assert "SANDBOX_WEBHOOK_SECRET" in out
+    assert "X-Hub-Signature-256" in out
