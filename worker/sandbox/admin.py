@@ -13,6 +13,7 @@ from aiohttp import web
 from worker.sandbox.faults import Faults
 from worker.sandbox.responses import INVALID_JSON, json_response, read_json
 from worker.sandbox.script import ScriptedResponse
+from worker.sandbox.statuses import StatusCallbacks
 from worker.sandbox.validation import FaultConfigError, digits_of
 
 if TYPE_CHECKING:
@@ -81,10 +82,13 @@ class _Admin:
         stats = self._sandbox.state.counters.to_json()
         stats["recorded_messages"] = len(self._sandbox.state.messages)
         stats["scripted_pending"] = self._sandbox.engine.script.pending()
+        statuses = self._sandbox.statuses
+        stats["statuses"] = statuses.stats.to_json(statuses.pending)
         return json_response(200, stats)
 
     async def reset(self, request: web.Request) -> web.Response:
-        """``POST /admin/reset [{"tokens": true}]`` -> clear messages, counters, faults, script."""
+        """``POST /admin/reset [{"tokens": true}]`` -> clear messages, counters, faults, script;
+        the status webhooks back to the configured ones."""
         try:
             data = await _json_object(request, optional=True)
         except _AdminError as exc:
@@ -118,6 +122,27 @@ class _Admin:
             return _bad(str(exc))
         engine.configure(faults)
         return json_response(200, faults.to_json())
+
+    async def get_statuses(self, request: web.Request) -> web.Response:
+        """``GET /admin/statuses`` -> the status webhook settings (the secret only as
+        ``app_secret_set``)."""
+        return json_response(200, self._sandbox.statuses.config.to_json())
+
+    async def put_statuses(self, request: web.Request) -> web.Response:
+        """``PUT /admin/statuses`` -> the configured settings with the given keys replaced."""
+        return await self._set_statuses(request, base=self._sandbox.statuses.configured)
+
+    async def patch_statuses(self, request: web.Request) -> web.Response:
+        """``PATCH /admin/statuses`` -> the active settings with the given keys replaced."""
+        return await self._set_statuses(request, base=self._sandbox.statuses.config)
+
+    async def _set_statuses(self, request: web.Request, *, base: StatusCallbacks) -> web.Response:
+        try:
+            config = StatusCallbacks.from_json(await _json_object(request), base=base)
+        except (_AdminError, FaultConfigError) as exc:
+            return _bad(str(exc))
+        self._sandbox.statuses.configure(config)
+        return json_response(200, config.to_json())
 
     async def get_script(self, request: web.Request) -> web.Response:
         """``GET /admin/script`` -> scripted responses not yet consumed."""
@@ -166,6 +191,9 @@ def add_routes(router: web.UrlDispatcher, sandbox: Sandbox) -> None:
     router.add_get("/admin/faults", admin.get_faults)
     router.add_put("/admin/faults", admin.put_faults)
     router.add_patch("/admin/faults", admin.patch_faults)
+    router.add_get("/admin/statuses", admin.get_statuses)
+    router.add_put("/admin/statuses", admin.put_statuses)
+    router.add_patch("/admin/statuses", admin.patch_statuses)
     router.add_get("/admin/script", admin.get_script)
     router.add_post("/admin/script", admin.add_script)
     router.add_post("/admin/revoke_phone_token", admin.revoke_phone_token)

@@ -247,6 +247,8 @@ class _Api:
             counters.duplicates += 1
         counters.sent += 1
         counters.by_phone[phone_id] += 1
+        # Accepted, so WhatsApp reports on it, even if the sender never learns the wamid below.
+        self._sandbox.statuses.on_sent(record)
         if scripted is not None and scripted.after_accept is not None:
             # Sent, and the sender does not learn it: the ambiguous outcome. A hang answers
             # 504 after timeout_s, long after a client's read timeout (set timeout_s so).

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from worker.sandbox.faults import Faults
+from worker.sandbox.statuses import StatusCallbacks
 
 __all__ = ["DEFAULT_CLIENTS", "SandboxConfig"]
 
@@ -20,7 +21,8 @@ def _default_clients() -> dict[str, tuple[str, ...]]:
 
 @dataclass(frozen=True, slots=True)
 class SandboxConfig:
-    """How a sandbox instance starts: credentials, known phones and initial faults."""
+    """How a sandbox instance starts: credentials, known phones, initial faults and status
+    webhooks."""
 
     username: str = "sandbox"
     password: str = "sandbox-password"  # noqa: S105  # well-known fake credential
@@ -32,6 +34,9 @@ class SandboxConfig:
     """True: any (client_id, phone_id) gets a token on demand; False: unknown ones get 404."""
     faults: Faults = field(default_factory=Faults)
     """Faults active at start (``POST /admin/reset`` clears them to none)."""
+    statuses: StatusCallbacks = field(default_factory=StatusCallbacks)
+    """Status webhooks after each accepted send (off by default; ``POST /admin/reset`` returns
+    to these)."""
     message_log_limit: int | None = None
     """Keep at most this many message records (oldest dropped); None = unlimited.
 
