@@ -30,6 +30,7 @@ from dramatiq.common import dq_name, xq_name
 from bench.common import set_deploy_policies
 from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 from worker.jobs.producer import queue_arguments
+from worker.receipts.models import STATUS_QUEUE
 from worker.runtime.jobs_exchange import JOB_QUEUES
 from worker.settings import Settings
 
@@ -44,11 +45,16 @@ K8S = DEPLOY / "k8s"
 DEFINITIONS = DEPLOY / "rabbitmq" / "definitions.json"
 DOCKERFILE = DEPLOY / "Dockerfile"
 SYSTEMD_UNIT = DEPLOY / "systemd" / "verloop-worker.service"
+SYSTEMD_WEBHOOKS_UNIT = DEPLOY / "systemd" / "verloop-webhooks.service"
 README = DEPLOY / "README.md"
 
 MAIN_QUEUES = (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE)
-ALL_QUEUES = tuple(q for main in MAIN_QUEUES for q in (main, dq_name(main), xq_name(main)))
+#: Every queue the worker consumes: the job queues and the status queue (delivery receipts).
+WORKER_QUEUES = (*MAIN_QUEUES, STATUS_QUEUE)
+ALL_QUEUES = tuple(q for main in WORKER_QUEUES for q in (main, dq_name(main), xq_name(main)))
 SETTING_NAMES = frozenset(name.upper() for name in Settings.model_fields)
+DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
+WEBHOOKS_USER = "verloop-webhooks"
 
 #: Metrics of RabbitMQ's rabbitmq_prometheus plugin that the alerts and the dashboard may use,
 #: as /metrics/per-object names them (labels queue, vhost). Checked against the plugin's
@@ -73,6 +79,54 @@ GRAFANA_VARIABLES = {
     "vhost": ".*",
 }
 METRIC_NAME = re.compile(r"\b(?:verloop|dramatiq|rabbitmq)_[A-Za-z0-9_]+\b")
+
+_STATUSES = frozenset({"sent", "delivered", "read", "failed", "other"})
+#: The delivery-receipt metrics (issue 15's contract): name -> (type, {label: its values, None
+#: for any}), by who exports them. The alerts and the dashboard may use these names and label
+#: values even before the code that declares them is merged; once any metric of a family is
+#: declared under worker/, every one of that family must be
+#: (test_declared_receipt_metrics_match_the_contract).
+RECEIPT_METRICS: dict[str, dict[str, tuple[str, dict[str, frozenset[str] | None]]]] = {
+    "status actor": {
+        "verloop_statuses_total": (
+            "counter",
+            {"status": _STATUSES, "lane": frozenset({"transactional", "campaign", "unknown"})},
+        ),
+        "verloop_status_ignored_total": (
+            "counter",
+            {"reason": frozenset({"duplicate", "unknown_message"})},
+        ),
+        "verloop_status_lag_seconds": ("histogram", {"status": frozenset({"delivered", "read"})}),
+        "verloop_number_statuses_total": ("counter", {"phone_id": None, "status": _STATUSES}),
+        "verloop_status_failures_total": ("counter", {"code": None}),
+    },
+    "receiver": {
+        "verloop_webhook_requests_total": (
+            "counter",
+            {
+                "result": frozenset(
+                    {
+                        "accepted",
+                        "bad_signature",
+                        "too_large",
+                        "malformed",
+                        "unavailable",
+                        "verified",
+                        "verify_refused",
+                        "not_found",
+                    }
+                )
+            },
+        ),
+        "verloop_webhook_items_total": (
+            "counter",
+            {"kind": frozenset({"status", "message", "ignored"})},
+        ),
+        "verloop_webhook_publish_seconds": ("histogram", {}),
+    },
+}
+#: Labels Prometheus adds to every series it scrapes.
+TARGET_LABELS = frozenset({"job", "instance"})
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -191,6 +245,34 @@ def _declared_metrics(source: Path) -> set[str]:
     return names
 
 
+def _series_names(name: str, kind: str) -> set[str]:
+    """The series a metric is exported as (a histogram's buckets, sum and count)."""
+    if kind == "histogram":
+        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    return {name}
+
+
+def _receipt_series() -> dict[str, tuple[str, dict[str, frozenset[str] | None]]]:
+    """Every series of RECEIPT_METRICS -> (its metric, its labels); buckets have ``le``."""
+    series: dict[str, tuple[str, dict[str, frozenset[str] | None]]] = {}
+    for family in RECEIPT_METRICS.values():
+        for name, (kind, labels) in family.items():
+            for one in _series_names(name, kind):
+                extra: dict[str, frozenset[str] | None] = (
+                    {"le": None} if one.endswith("_bucket") else {}
+                )
+                series[one] = (name, {**labels, **extra})
+    return series
+
+
+def _worker_declared_metrics() -> set[str]:
+    """The verloop_* series declared anywhere under worker/ (the receiver has its own module)."""
+    names: set[str] = set()
+    for source in sorted((ROOT / "worker").rglob("*.py")):
+        names |= {n for n in _declared_metrics(source) if n.startswith("verloop_")}
+    return names
+
+
 def _dramatiq_prometheus_source() -> Path:
     spec = importlib.util.find_spec("dramatiq")
     assert spec is not None
@@ -222,9 +304,39 @@ def _k8s_documents() -> dict[str, list[dict[str, Any]]]:
     return by_kind
 
 
-def _one(by_kind: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]:
-    assert len(by_kind.get(kind, [])) == 1, f"expected one {kind}"
-    return by_kind[kind][0]
+def _named(by_kind: dict[str, list[dict[str, Any]]], kind: str, name: str) -> dict[str, Any]:
+    found = [doc for doc in by_kind.get(kind, []) if doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} named {name}"
+    return found[0]
+
+
+def _container_port(container: dict[str, Any], name: str) -> int:
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    return int(ports[name])
+
+
+def _keeps(job: dict[str, Any], service: dict[str, Any], port_name: str) -> bool:
+    """Whether a Kubernetes scrape job's ``keep`` rules keep the endpoints of ``service``'s port
+    ``port_name`` (service labels, annotations and the port name, as Prometheus's endpoints
+    discovery names them)."""
+    meta = {
+        "__meta_kubernetes_endpoint_port_name": port_name,
+        **{
+            "__meta_kubernetes_service_label_" + re.sub(r"\W", "_", key): value
+            for key, value in service["metadata"].get("labels", {}).items()
+        },
+        **{
+            "__meta_kubernetes_service_annotation_" + re.sub(r"\W", "_", key): value
+            for key, value in service["metadata"].get("annotations", {}).items()
+        },
+    }
+    for rule in job["relabel_configs"]:
+        if rule.get("action") != "keep":
+            continue
+        value = ";".join(meta.get(label, "") for label in rule["source_labels"])
+        if re.fullmatch(rule["regex"], value) is None:
+            return False
+    return True
 
 
 def _rabbit_password_matches(password: str, password_hash: str) -> bool:
@@ -294,28 +406,76 @@ def test_scrape_jobs_are_named_as_the_alerts_expect() -> None:
     for path in (PROMETHEUS / "prometheus.yml", PROMETHEUS / "prometheus-kubernetes.yml"):
         config = _load_yaml(path)
         jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-        assert {"verloop-worker", "rabbitmq"} <= set(jobs), path.name
+        assert {"verloop-worker", "verloop-webhooks", "rabbitmq"} <= set(jobs), path.name
         # Per-queue series (label queue) with the plain rabbitmq_ names.
         assert jobs["rabbitmq"]["metrics_path"] == "/metrics/per-object", path.name
         assert config["rule_files"] == ["alerts.yml"], path.name
     assert 'up{job="verloop-worker"}' in ALERTS.read_text(encoding="utf-8")
+    assert 'up{job="verloop-webhooks"}' in ALERTS.read_text(encoding="utf-8")
 
 
 # --- metric names -------------------------------------------------------------------------------
 def test_metric_names_in_alerts_and_dashboard_exist() -> None:
-    verloop = _declared_metrics(ROOT / "worker" / "observability" / "metrics.py")
+    verloop = _worker_declared_metrics()
     dramatiq = _declared_metrics(_dramatiq_prometheus_source())
     message = "could not read the metric declarations of worker/observability/metrics.py"
     assert "verloop_sends_total" in verloop, message
     assert "verloop_api_request_duration_seconds_bucket" in verloop, message
     assert "dramatiq_messages_total" in dramatiq, "could not read dramatiq's metrics"
-    known = verloop | dramatiq | RABBITMQ_METRICS
+    known = verloop | dramatiq | RABBITMQ_METRICS | set(_receipt_series())
     used = [(f"alert {rule['alert']}", rule["expr"]) for rule in _alert_rules()]
     used += _dashboard_queries()
     found = [(name, where) for where, expr in used for name in METRIC_NAME.findall(expr)]
     assert any(name.startswith("verloop_") for name, _ in found)
     unknown = sorted({f"{name} ({where})" for name, where in found if name not in known})
     assert unknown == [], f"metrics that nothing exports: {unknown}"
+
+
+def _alert_and_dashboard_queries() -> list[tuple[str, str]]:
+    return [(f"alert {rule['alert']}", rule["expr"]) for rule in _alert_rules()] + [
+        (where, _grafana_to_promql(expr)) for where, expr in _dashboard_queries()
+    ]
+
+
+def test_receipt_metrics_are_queried_with_their_contract_labels() -> None:
+    """A typo in a label name or value (result="bad-signature", by (statu)) makes a query
+    silently empty: every matcher and grouping on a delivery-receipt metric uses the contract's
+    labels and values."""
+    series = _receipt_series()
+    matcher = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+    used = set()
+    for where, expr in _alert_and_dashboard_queries():
+        found = [name for name in METRIC_NAME.findall(expr) if name in series]
+        for name in found:
+            used.add(series[name][0])
+            labels = series[name][1]
+            for selector in re.findall(rf"\b{name}\{{([^}}]*)\}}", expr):
+                for label, op, value in matcher.findall(selector):
+                    assert label in labels or label in TARGET_LABELS, f"{where}: {name} {label}"
+                    allowed = labels.get(label)
+                    if allowed is None or op.startswith("!"):
+                        continue
+                    values = value.split("|") if op == "=~" else [value]
+                    assert re.fullmatch(r"[\w|]+", value), f"{where}: {value!r}: list values"
+                    assert set(values) <= allowed, f"{where}: {name}{{{label}}}: {values}"
+        if found and all(name in series for name in METRIC_NAME.findall(expr)):
+            known = set().union(*(series[name][1] for name in found)) | TARGET_LABELS
+            for grouping in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+                labels_used = {label.strip() for label in grouping.split(",") if label.strip()}
+                assert labels_used <= known, f"{where}: by ({grouping})"
+    assert used == {name for family in RECEIPT_METRICS.values() for name in family} - {
+        "verloop_webhook_items_total"
+    }, "every delivery-receipt metric but the items count is on the dashboard or in an alert"
+
+
+def test_declared_receipt_metrics_match_the_contract() -> None:
+    """Once the code of a family (the status actor, the receiver) declares any of its metrics,
+    it declares all of them under the names the alerts and the dashboard use."""
+    declared = _worker_declared_metrics()
+    for family, metrics in RECEIPT_METRICS.items():
+        expected = {s for name, (kind, _) in metrics.items() for s in _series_names(name, kind)}
+        if declared & expected:
+            assert expected <= declared, f"{family}: not declared: {sorted(expected - declared)}"
 
 
 def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
@@ -370,6 +530,39 @@ def test_dashboard_covers_the_requested_metrics() -> None:
         assert needed in exprs, needed
 
 
+def test_dashboard_has_the_delivery_funnel_row() -> None:
+    dashboard = _dashboard()
+    top = dashboard["panels"]
+    [row] = [p for p in top if p["type"] == "row" and p["title"] == "Delivery funnel"]
+    start = top.index(row) + 1
+    end = next((i for i in range(start, len(top)) if top[i]["type"] == "row"), len(top))
+    panels = row["panels"] if row.get("collapsed") else top[start:end]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for needed in (
+        "verloop_statuses_total",
+        "verloop_number_statuses_total",
+        "verloop_status_failures_total",
+        "verloop_status_lag_seconds_bucket",
+        "verloop_status_ignored_total",
+        "verloop_webhook_requests_total",
+        "verloop_webhook_publish_seconds_bucket",
+        'queue="verloop.status"',
+    ):
+        assert needed in exprs, needed
+    assert all(p["gridPos"]["y"] > row["gridPos"]["y"] for p in panels)
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for panel in _panels(_dashboard()["panels"]):
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+
+
 def test_grafana_provisioning_matches_the_compose_mounts() -> None:
     datasources = _load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
     (source,) = datasources["datasources"]
@@ -385,8 +578,10 @@ def test_grafana_provisioning_matches_the_compose_mounts() -> None:
 def test_compose_file_has_the_services_and_existing_mounts() -> None:
     compose = _load_yaml(COMPOSE)
     services = compose["services"]
-    assert {"rabbitmq", "redis", "worker", "prometheus", "grafana", "sandbox"} <= set(services)
-    for name in ("worker", "sandbox"):
+    assert {"rabbitmq", "redis", "worker", "webhooks", "prometheus", "grafana", "sandbox"} <= set(
+        services
+    )
+    for name in ("worker", "webhooks", "sandbox"):
         assert services[name]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
     assert services["sandbox"]["profiles"] == ["sandbox"]
     sandbox_command = ["sandbox", "--host", "0.0.0.0", "--port", "8765"]  # noqa: S104
@@ -420,13 +615,42 @@ def test_compose_worker_settings_are_real_settings() -> None:
 
 
 def test_compose_rabbitmq_password_matches_the_definitions() -> None:
-    worker = _load_yaml(COMPOSE)["services"]["worker"]
-    url = urlsplit(worker["environment"]["AMQP_URL"])
+    services = _load_yaml(COMPOSE)["services"]
     users = {u["name"]: u for u in json.loads(DEFINITIONS.read_text(encoding="utf-8"))["users"]}
-    assert url.username in users, f"{url.username} is not in definitions.json"
-    assert _rabbit_password_matches(
-        unquote(url.password or ""), users[url.username]["password_hash"]
-    )
+    for service, user in (("worker", "verloop-worker"), ("webhooks", WEBHOOKS_USER)):
+        url = urlsplit(services[service]["environment"]["AMQP_URL"])
+        assert url.username == user, service
+        assert url.username in users, f"{url.username} is not in definitions.json"
+        assert _rabbit_password_matches(
+            unquote(url.password or ""), users[url.username]["password_hash"]
+        )
+
+
+def test_compose_runs_the_webhook_receiver_on_its_ports() -> None:
+    compose = _load_yaml(COMPOSE)
+    webhooks = compose["services"]["webhooks"]
+    environment = webhooks["environment"]
+    assert set(environment) <= SETTING_NAMES, set(environment) - SETTING_NAMES
+    assert webhooks["command"] == ["webhooks"]
+    port = int(environment["WEBHOOK_PORT"])
+    metrics_port = int(environment["WEBHOOK_METRICS_PORT"])
+    assert (port, metrics_port) == (DEFAULTS["webhook_port"], DEFAULTS["webhook_metrics_port"])
+    assert environment["WEBHOOK_PATH"] == DEFAULTS["webhook_path"]
+    # Only the webhook port is published, on the host's loopback (a TLS proxy goes in front);
+    # the metrics port stays inside the Compose network.
+    assert webhooks["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert f"http://127.0.0.1:{metrics_port}/healthz" in " ".join(webhooks["healthcheck"]["test"])
+    assert webhooks["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert {"WEBHOOK_APP_SECRET", "WEBHOOK_VERIFY_TOKEN"} <= set(environment)
+    # The receiver's secrets are not the worker's, and the worker's are not the receiver's.
+    worker = compose["services"]["worker"]["environment"]
+    assert not {"WEBHOOK_APP_SECRET", "WEBHOOK_VERIFY_TOKEN"} & set(worker)
+    assert not {"REDIS_URL", "VERLOOP_SYSTEM_TOKEN", "VERLOOP_PASSWORD"} & set(environment)
+    # Prometheus finds it by its service name, on its metrics port.
+    jobs = {j["job_name"]: j for j in _load_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]}
+    [discovery] = jobs["verloop-webhooks"]["dns_sd_configs"]
+    assert discovery["names"] == ["webhooks"]
+    assert discovery["port"] == metrics_port
 
 
 # --- RabbitMQ definitions -----------------------------------------------------------------------
@@ -434,7 +658,7 @@ def test_definitions_declare_the_queues_as_the_worker_does() -> None:
     definitions = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
     queues = {q["name"]: q for q in definitions["queues"]}
     assert set(queues) == set(ALL_QUEUES)
-    for main in MAIN_QUEUES:
+    for main in WORKER_QUEUES:
         # dramatiq declares a queue and its delay queue with the same arguments.
         assert queues[main]["arguments"] == queue_arguments(main)
         assert queues[dq_name(main)]["arguments"] == queue_arguments(main)
@@ -451,7 +675,7 @@ def test_definitions_make_the_long_queues_lazy_and_leave_the_transactional_queue
     queues behave this way anyway and ignore the key). A real RabbitMQ applies it, the way
     ``make bench`` does, to a vhost of its own, so the check covers RabbitMQ's own pattern
     matching, not just ours."""
-    lazy = {CAMPAIGN_QUEUE, dq_name(CAMPAIGN_QUEUE), *(xq_name(q) for q in MAIN_QUEUES)}
+    lazy = {CAMPAIGN_QUEUE, dq_name(CAMPAIGN_QUEUE), *(xq_name(q) for q in WORKER_QUEUES)}
     ctl = _tool("rabbitmqctl", "apt-get install -y rabbitmq-server")
     vhost = "verloop-policy-check"
     _run([ctl, "-q", "delete_vhost", vhost])
@@ -521,6 +745,32 @@ def test_definitions_permissions_are_least_privilege() -> None:
     assert {p["user"] for p in definitions["permissions"]} == set(tags)
 
 
+def test_definitions_let_the_webhooks_user_publish_status_jobs_and_inbound_events_only() -> None:
+    """Write on amq.default (status jobs to verloop.status) and on the events exchange, where a
+    topic permission allows inbound.message.* routing keys only (no forged outcome events);
+    configure and read nothing. tests/integration/test_permissions.py tries it on RabbitMQ."""
+    definitions = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
+    [perm] = [p for p in definitions["permissions"] if p["user"] == WEBHOOKS_USER]
+    events = Settings.model_fields["events_exchange"].default
+    jobs_exchange = Settings.model_fields["jobs_exchange"].default
+    everything = [*ALL_QUEUES, "amq.default", "amq.topic", events, jobs_exchange, "other.queue"]
+    for kind in ("configure", "read"):
+        assert not any(re.search(perm[kind], r) for r in everything), kind
+    writable = {
+        r for r in [*everything, f"{events}x", "verloop.status.x"] if re.search(perm["write"], r)
+    }
+    assert writable == {"amq.default", events}
+    topics = [t for t in definitions["topic_permissions"] if t["user"] == WEBHOOKS_USER]
+    assert [(t["vhost"], t["exchange"]) for t in topics] == [("/", events)]
+    (topic,) = topics
+    assert re.search(topic["write"], "inbound.message.1234567890")
+    for forged in ("status.delivered.acme.p1.c1", "send.sent.acme.p1.none", "xinbound.message.1"):
+        assert not re.search(topic["write"], forged), forged
+    assert not re.search(topic["read"], "inbound.message.1")
+    [user] = [u for u in definitions["users"] if u["name"] == WEBHOOKS_USER]
+    assert user["tags"] == []
+
+
 def test_definitions_declare_the_jobs_exchange_as_the_worker_does() -> None:
     """Direct, durable, bound to the three job queues by their own names, as
     worker.runtime.jobs_exchange declares it (a mismatch would make RabbitMQ refuse the worker's
@@ -559,8 +809,8 @@ def test_k8s_manifests_parse_and_have_the_expected_kinds() -> None:
 
 def test_k8s_deployment_is_hardened_and_stops_gracefully() -> None:
     by_kind = _k8s_documents()
-    config = _one(by_kind, "ConfigMap")["data"]
-    pod = _one(by_kind, "Deployment")["spec"]["template"]["spec"]
+    config = _named(by_kind, "ConfigMap", "verloop-worker")["data"]
+    pod = _named(by_kind, "Deployment", "verloop-worker")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["terminationGracePeriodSeconds"] > float(config["SHUTDOWN_TIMEOUT_S"])
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -587,9 +837,10 @@ def test_k8s_deployment_is_hardened_and_stops_gracefully() -> None:
 
 def test_k8s_settings_and_secrets_are_consistent() -> None:
     by_kind = _k8s_documents()
-    config = _one(by_kind, "ConfigMap")
-    secret = _one(by_kind, "Secret")
-    container = _one(by_kind, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    config = _named(by_kind, "ConfigMap", "verloop-worker")
+    secret = _named(by_kind, "Secret", "verloop-worker")
+    deployment = _named(by_kind, "Deployment", "verloop-worker")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert set(config["data"]) <= SETTING_NAMES, set(config["data"]) - SETTING_NAMES
     secret_keys = set(secret["stringData"])
     assert {"AMQP_URL", "REDIS_URL", "VERLOOP_SYSTEM_TOKEN"} <= secret_keys
@@ -608,19 +859,19 @@ def test_k8s_settings_and_secrets_are_consistent() -> None:
 
 def test_k8s_service_pdb_and_keda_point_at_the_deployment() -> None:
     by_kind = _k8s_documents()
-    deployment = _one(by_kind, "Deployment")
+    deployment = _named(by_kind, "Deployment", "verloop-worker")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    service = _one(by_kind, "Service")
+    service = _named(by_kind, "Service", "verloop-worker-metrics")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     (port,) = service["spec"]["ports"]
     assert port["targetPort"] == "metrics"
     assert str(port["port"]) == service["metadata"]["annotations"]["prometheus.io/port"]
-    pdb = _one(by_kind, "PodDisruptionBudget")
+    pdb = _named(by_kind, "PodDisruptionBudget", "verloop-worker")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    scaled = _one(by_kind, "ScaledObject")
-    auth = _one(by_kind, "TriggerAuthentication")
-    secret = _one(by_kind, "Secret")
+    scaled = _named(by_kind, "ScaledObject", "verloop-worker")
+    auth = _named(by_kind, "TriggerAuthentication", "verloop-worker-rabbitmq")
+    secret = _named(by_kind, "Secret", "verloop-worker")
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     triggers = scaled["spec"]["triggers"]
     assert {t["metadata"]["queueName"] for t in triggers} == {SEND_QUEUE, CAMPAIGN_QUEUE}
@@ -631,6 +882,108 @@ def test_k8s_service_pdb_and_keda_point_at_the_deployment() -> None:
     assert ref["parameter"] == "host"
     assert ref["name"] == secret["metadata"]["name"]
     assert ref["key"] in secret["stringData"]
+
+
+def _pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_k8s_webhook_receiver_is_hardened_and_probed_on_its_metrics_port() -> None:
+    by_kind = _k8s_documents()
+    config = _named(by_kind, "ConfigMap", "verloop-worker")["data"]
+    deployment = _named(by_kind, "Deployment", "verloop-webhooks")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["webhooks"]
+    assert deployment["spec"]["replicas"] >= 2  # WhatsApp always has one to answer it
+    assert _container_port(container, "http") == int(config["WEBHOOK_PORT"])
+    assert _container_port(container, "metrics") == int(config["WEBHOOK_METRICS_PORT"])
+    assert int(config["WEBHOOK_PORT"]) == DEFAULTS["webhook_port"]
+    assert int(config["WEBHOOK_METRICS_PORT"]) == DEFAULTS["webhook_metrics_port"]
+    assert config["WEBHOOK_PATH"] == DEFAULTS["webhook_path"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts.get("/tmp") in empty_dirs  # noqa: S108 - the container's own /tmp
+    assert container["resources"]["requests"]
+    assert container["resources"]["limits"]
+    # The pause before SIGTERM and the answers in flight fit in the grace period.
+    pause = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    publish_timeout = float(config["WEBHOOK_PUBLISH_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] > pause + publish_timeout
+
+
+def test_k8s_webhook_receiver_gets_its_own_secret_and_the_worker_does_not() -> None:
+    by_kind = _k8s_documents()
+    secret = _named(by_kind, "Secret", "verloop-webhooks")
+    keys = set(secret["stringData"])
+    assert keys == {"AMQP_URL", "WEBHOOK_APP_SECRET", "WEBHOOK_VERIFY_TOKEN"}
+    assert all("CHANGE-ME" in value for value in secret["stringData"].values()), "placeholders"
+    assert urlsplit(secret["stringData"]["AMQP_URL"]).username == WEBHOOKS_USER
+    container = _named(by_kind, "Deployment", "verloop-webhooks")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env == {key: {"name": "verloop-webhooks", "key": key} for key in keys}
+    assert container["envFrom"] == [{"configMapRef": {"name": "verloop-worker"}}]
+    worker = _named(by_kind, "Deployment", "verloop-worker")["spec"]["template"]["spec"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for c in worker["containers"] for e in c["env"]}
+    assert refs == {"verloop-worker"}
+    worker_keys = set(_named(by_kind, "Secret", "verloop-worker")["stringData"])
+    assert not worker_keys & {"WEBHOOK_APP_SECRET", "WEBHOOK_VERIFY_TOKEN"}
+    config = _named(by_kind, "ConfigMap", "verloop-worker")["data"]
+    assert not set(config) & keys
+
+
+def test_k8s_webhook_services_pdb_and_scrape_job_select_the_receiver_only() -> None:
+    by_kind = _k8s_documents()
+    config = _named(by_kind, "ConfigMap", "verloop-worker")["data"]
+    receiver = _pod_labels(_named(by_kind, "Deployment", "verloop-webhooks"))
+    worker = _pod_labels(_named(by_kind, "Deployment", "verloop-worker"))
+    public = _named(by_kind, "Service", "verloop-webhooks")
+    metrics = _named(by_kind, "Service", "verloop-webhooks-metrics")
+    worker_metrics = _named(by_kind, "Service", "verloop-worker-metrics")
+    # The Ingress's Service: ClusterIP (TLS is the Ingress's job), the webhook port only.
+    assert public["spec"]["type"] == "ClusterIP"
+    assert [(p["name"], p["targetPort"]) for p in public["spec"]["ports"]] == [("http", "http")]
+    assert "annotations" not in public["metadata"]
+    (port,) = metrics["spec"]["ports"]
+    assert port["targetPort"] == "metrics"
+    assert int(metrics["metadata"]["annotations"]["prometheus.io/port"]) == port["port"]
+    assert port["port"] == int(config["WEBHOOK_METRICS_PORT"])
+    for service in (public, metrics):
+        assert _selects(service["spec"]["selector"], receiver)
+        assert not _selects(service["spec"]["selector"], worker)
+    assert not _selects(worker_metrics["spec"]["selector"], receiver)
+    pdb = _named(by_kind, "PodDisruptionBudget", "verloop-webhooks")
+    assert _selects(pdb["spec"]["selector"]["matchLabels"], receiver)
+    assert not _selects(pdb["spec"]["selector"]["matchLabels"], worker)
+    replicas = _named(by_kind, "Deployment", "verloop-webhooks")["spec"]["replicas"]
+    assert pdb["spec"]["maxUnavailable"] < replicas
+    worker_pdb = _named(by_kind, "PodDisruptionBudget", "verloop-worker")
+    assert not _selects(worker_pdb["spec"]["selector"]["matchLabels"], receiver)
+    # Each Kubernetes scrape job keeps its own pods' metrics and nothing else.
+    jobs = {
+        j["job_name"]: j
+        for j in _load_yaml(PROMETHEUS / "prometheus-kubernetes.yml")["scrape_configs"]
+    }
+    assert _keeps(jobs["verloop-webhooks"], metrics, "metrics")
+    assert not _keeps(jobs["verloop-webhooks"], worker_metrics, "metrics")
+    assert not _keeps(jobs["verloop-webhooks"], public, "http")
+    assert _keeps(jobs["verloop-worker"], worker_metrics, "metrics")
+    assert not _keeps(jobs["verloop-worker"], metrics, "metrics")
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
@@ -664,13 +1017,14 @@ def test_dockerfile_runs_the_worker_unprivileged_with_a_healthcheck() -> None:
 
 
 # --- systemd ------------------------------------------------------------------------------------
-def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", [SYSTEMD_UNIT, SYSTEMD_WEBHOOKS_UNIT], ids=lambda p: p.name)
+def test_systemd_unit_passes_systemd_analyze_verify(source: Path, tmp_path: Path) -> None:
     analyze = _tool("systemd-analyze", "apt-get install -y systemd")
     executable = Path(sys.executable).parent / "verloop-worker"
     assert executable.exists(), f"{executable}: install the project (make install)"
-    text = SYSTEMD_UNIT.read_text(encoding="utf-8")
+    text = source.read_text(encoding="utf-8")
     assert "/opt/verloop-worker/bin/verloop-worker" in text
-    unit = tmp_path / SYSTEMD_UNIT.name
+    unit = tmp_path / source.name
     unit.write_text(
         text.replace("/opt/verloop-worker/bin/verloop-worker", str(executable)), encoding="utf-8"
     )
@@ -678,3 +1032,28 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     _assert_ok(result)
     # Unknown keys and other mistakes are only warnings: none is allowed.
     assert result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+def _unit_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_systemd_webhooks_unit_runs_the_receiver_with_its_own_settings() -> None:
+    worker = _unit_settings(SYSTEMD_UNIT)
+    webhooks = _unit_settings(SYSTEMD_WEBHOOKS_UNIT)
+    assert webhooks["ExecStart"] == ["/opt/verloop-worker/bin/verloop-worker webhooks"]
+    assert "ExecStartPre" not in webhooks  # `check --services-only` would need Redis too
+    # Its own environment file (its RabbitMQ user, the app secret), the worker's user and group.
+    (environment_file,) = webhooks["EnvironmentFile"]
+    assert environment_file not in worker["EnvironmentFile"]
+    assert Path(environment_file).parent == Path(worker["EnvironmentFile"][0]).parent
+    assert (webhooks["User"], webhooks["Group"]) == (worker["User"], worker["Group"])
+    # The same hardening as the worker's unit.
+    hardening = {k: v for k, v in worker.items() if k.startswith(("Protect", "Private", "No"))}
+    assert hardening
+    assert {k: webhooks.get(k) for k in hardening} == hardening

@@ -148,6 +148,9 @@ def test_a_running_worker_exports_what_its_dashboard_and_alerts_query(
             for m in re.findall(r"\b((?:verloop|dramatiq)_[a-z_]+)", path.read_text())
         }
     assert used, "no worker metric found in the dashboard or alerts"
+    # The receiver's (verloop_webhook_*) are another process's; a delivery-receipt metric the
+    # worker does not declare is checked against its contract by tests/deploy instead.
+    used = {m for m in used if m.startswith("dramatiq_") or m in declared_metrics()}
     assert not used - exported, f"queried but not exported: {sorted(used - exported)}"
 
 

@@ -4,7 +4,8 @@ The users and their permission patterns, the queues, exchanges and bindings are 
 definitions file and created in a vhost of their own, so what ops deploy is what is tested:
 the worker runs with its user (and redeclares what the definitions declared, so their
 arguments must match), the producer can publish but not read, the jobs producer can reach the
-job queues and nothing else, a subscriber can follow events and nothing else. The vhost and
+job queues and nothing else, a subscriber can follow events and nothing else, the webhook
+receiver's user publishes status jobs and inbound-message events and nothing else. The vhost and
 the users get a suffix of this run's own, so runs on a shared RabbitMQ do not meet.
 """
 
@@ -22,10 +23,14 @@ from typing import Any
 import pika
 import pika.exceptions
 import pytest
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
+from dramatiq.common import dq_name, xq_name
 
 from tests.integration.conftest import Simulator, wait_until, worker_env
 from worker.errors import EnqueueError
-from worker.jobs.producer import Producer
+from worker.jobs.producer import Producer, queue_arguments
+from worker.jobs.wire import encode_job
+from worker.receipts.models import STATUS_QUEUE
 from worker.runtime.app import WorkerApp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +73,16 @@ def users() -> Iterator[dict[str, dict[str, str]]]:
                 perm["configure"],
                 perm["write"],
                 perm["read"],
+            )
+        for topic in definitions["topic_permissions"]:
+            ctl(
+                "set_topic_permissions",
+                "-p",
+                VHOST,
+                rabbit_user(topic["user"]),
+                topic["exchange"],
+                topic["write"],
+                topic["read"],
             )
         _declare_definitions(definitions)
         yield permissions
@@ -173,12 +188,15 @@ def test_the_worker_user_runs_the_worker_and_the_producer_user_only_publishes(
 JOBS_PRODUCER = "verloop-jobs-producer"
 
 
+FORGED = b'{"forged": true}'
+
+
 def publish(exchange: str, routing_key: str) -> Callable[[Any], Any]:
     """A confirmed, mandatory publish (a refusal closes the channel before the confirm)."""
 
     def action(channel: Any) -> None:
         channel.confirm_delivery()
-        channel.basic_publish(exchange, routing_key, b'{"forged": true}', mandatory=True)
+        channel.basic_publish(exchange, routing_key, FORGED, mandatory=True)
 
     return action
 
@@ -282,3 +300,87 @@ def test_send_and_campaign_start_publish_through_the_jobs_exchange_when_told(
     started = cli(*start, PUBLISH_TO_JOBS_EXCHANGE="true")
     assert started.returncode == 0, started.stdout + started.stderr
     assert (depth("verloop.send"), depth("verloop.campaign")) == (1, 2)
+
+
+WEBHOOKS = "verloop-webhooks"
+
+
+def test_the_webhooks_user_publishes_status_jobs_and_inbound_events_and_nothing_else(
+    users: dict[str, dict[str, str]],
+) -> None:
+    """The receiver's user: a record_status job to verloop.status through the default exchange
+    and an inbound.message event to verloop.events go through (and the worker's user declares
+    and consumes the status queues); forged outcome events (a topic permission on the events
+    exchange), the jobs exchange, declaring, binding and reading are refused. What RabbitMQ
+    cannot refuse: write on amq.default reaches every queue, verloop.send included."""
+    guest = pika.BlockingConnection(
+        pika.URLParameters(f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
+    )
+    watch = guest.channel()
+    watch.queue_declare("events.webhooks-check", exclusive=True)
+    watch.queue_bind("events.webhooks-check", "verloop.events", routing_key="#")
+    kwargs = {"wamid": "wamid.perm-test", "status": "delivered", "timestamp": 1700000000}
+    job = encode_job("record_status", kwargs, queue=STATUS_QUEUE, message_id=str(uuid.uuid4()))
+    event = json.dumps({"version": 1, "event": "inbound.message", "at": 1}).encode()
+
+    connection = pika.BlockingConnection(pika.URLParameters(url(WEBHOOKS)))
+    channel = connection.channel()
+    channel.confirm_delivery()  # a refusal or an unroutable publish raises
+    channel.basic_publish("", STATUS_QUEUE, job, mandatory=True)
+    channel.basic_publish("verloop.events", "inbound.message.phone-1", event, mandatory=True)
+    connection.close()
+
+    # The worker's user declares the status queues as dramatiq does (the definitions' arguments
+    # must be the same, or RabbitMQ refuses) and consumes the job.
+    worker = pika.BlockingConnection(pika.URLParameters(url("verloop-worker")))
+    consumer = worker.channel()
+    for queue in (STATUS_QUEUE, dq_name(STATUS_QUEUE)):
+        consumer.queue_declare(queue, durable=True, arguments=queue_arguments(STATUS_QUEUE))
+    consumer.queue_declare(
+        xq_name(STATUS_QUEUE), durable=True, arguments={"x-message-ttl": DEAD_MESSAGE_TTL}
+    )
+    method, _, body = consumer.basic_get(STATUS_QUEUE, auto_ack=True)
+    assert method is not None
+    assert body == job
+    worker.close()
+    method, _, body = watch.basic_get("events.webhooks-check", auto_ack=True)
+    assert (method.routing_key if method else None, body) == ("inbound.message.phone-1", event)
+
+    refusals = {
+        "a forged status event": publish("verloop.events", "status.delivered.acme.p1.c1"),
+        "a forged send event": publish("verloop.events", "send.sent.acme.phone-1.none"),
+        "the jobs exchange": publish("verloop.jobs", "verloop.send"),
+        "another exchange": publish("amq.topic", "inbound.message.phone-1"),
+        "declaring the status queue": lambda ch: ch.queue_declare(
+            STATUS_QUEUE, durable=True, arguments=queue_arguments(STATUS_QUEUE)
+        ),
+        "declaring a queue": lambda ch: ch.queue_declare("verloop.webhooks-own"),
+        "declaring the events exchange": lambda ch: ch.exchange_declare(
+            "verloop.events", exchange_type="topic", durable=True
+        ),
+        "binding": lambda ch: ch.queue_bind(STATUS_QUEUE, "verloop.events", routing_key="#"),
+        "reading status jobs": lambda ch: ch.basic_get(STATUS_QUEUE),
+        "reading send jobs": lambda ch: ch.basic_get("verloop.send"),
+    }
+    for what, action in refusals.items():
+        assert refused(action, WEBHOOKS), what
+    assert depth(STATUS_QUEUE) == 0
+    assert watch.basic_get("events.webhooks-check", auto_ack=True)[0] is None
+
+    # RabbitMQ checks write on the exchange, not on the queue: through amq.default this user
+    # could put a job on any queue (deploy/README.md, "RabbitMQ users and permissions").
+    before = depth("verloop.send")
+    assert not refused(publish("", "verloop.send"), WEBHOOKS)
+    assert depth("verloop.send") == before + 1
+    # Take the forged job out again; jobs other tests left there go back where they were.
+    others: list[int] = []
+    while (got := watch.basic_get("verloop.send"))[0] is not None:
+        method, _, body = got
+        if body == FORGED:
+            watch.basic_ack(method.delivery_tag)
+        else:
+            others.append(method.delivery_tag)
+    for tag in others:
+        watch.basic_nack(tag, requeue=True)
+    guest.close()
+    assert depth("verloop.send") == before
