@@ -195,7 +195,11 @@ class Settings(BaseSettings):
     #: default exchange, for a RabbitMQ user that may write to that exchange only.
     publish_to_jobs_exchange: bool = False
 
-    @field_validator("jobs_exchange")
+    #: A direct exchange each worker declares and binds to the status queue alone: the webhook
+    #: receiver publishes there, so its RabbitMQ user can reach no other queue.
+    status_exchange: str = Field(default="verloop.statuses", min_length=1, max_length=255)
+
+    @field_validator("jobs_exchange", "status_exchange")
     @classmethod
     def _jobs_exchange_is_declarable(cls, value: str) -> str:
         if value.startswith("amq."):

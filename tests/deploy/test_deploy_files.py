@@ -746,20 +746,32 @@ def test_definitions_permissions_are_least_privilege() -> None:
 
 
 def test_definitions_let_the_webhooks_user_publish_status_jobs_and_inbound_events_only() -> None:
-    """Write on amq.default (status jobs to verloop.status) and on the events exchange, where a
-    topic permission allows inbound.message.* routing keys only (no forged outcome events);
-    configure and read nothing. tests/integration/test_permissions.py tries it on RabbitMQ."""
+    """Write on the statuses exchange (bound to verloop.status alone: the default exchange would
+    reach every queue) and on the events exchange, where a topic permission allows
+    inbound.message.* routing keys only (no forged outcome events); configure and read nothing.
+    tests/integration/test_permissions.py tries it on RabbitMQ."""
     definitions = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
     [perm] = [p for p in definitions["permissions"] if p["user"] == WEBHOOKS_USER]
     events = Settings.model_fields["events_exchange"].default
     jobs_exchange = Settings.model_fields["jobs_exchange"].default
-    everything = [*ALL_QUEUES, "amq.default", "amq.topic", events, jobs_exchange, "other.queue"]
+    statuses = Settings.model_fields["status_exchange"].default
+    everything = [
+        *ALL_QUEUES,
+        "amq.default",
+        "amq.topic",
+        events,
+        jobs_exchange,
+        statuses,
+        "other.queue",
+    ]
     for kind in ("configure", "read"):
         assert not any(re.search(perm[kind], r) for r in everything), kind
     writable = {
-        r for r in [*everything, f"{events}x", "verloop.status.x"] if re.search(perm["write"], r)
+        r
+        for r in [*everything, f"{events}x", f"{statuses}x", "verloop.status.x"]
+        if re.search(perm["write"], r)
     }
-    assert writable == {"amq.default", events}
+    assert writable == {statuses, events}
     topics = [t for t in definitions["topic_permissions"] if t["user"] == WEBHOOKS_USER]
     assert [(t["vhost"], t["exchange"]) for t in topics] == [("/", events)]
     (topic,) = topics
@@ -772,21 +784,25 @@ def test_definitions_let_the_webhooks_user_publish_status_jobs_and_inbound_event
 
 
 def test_definitions_declare_the_jobs_exchange_as_the_worker_does() -> None:
-    """Direct, durable, bound to the three job queues by their own names, as
-    worker.runtime.jobs_exchange declares it (a mismatch would make RabbitMQ refuse the worker's
-    declaration)."""
+    """Direct, durable, bound to the three job queues by their own names (and the statuses
+    exchange to the status queue), as worker.runtime.jobs_exchange declares them (a mismatch
+    would make RabbitMQ refuse the worker's declaration)."""
     definitions = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
     name = Settings.model_fields["jobs_exchange"].default
-    [exchange] = [e for e in definitions["exchanges"] if e["name"] == name]
-    assert exchange["type"] == "direct"
-    assert exchange["durable"] is True
-    assert exchange["auto_delete"] is exchange["internal"] is False
-    assert exchange["arguments"] == {}
+    statuses = Settings.model_fields["status_exchange"].default
+    for declared in (name, statuses):
+        [exchange] = [e for e in definitions["exchanges"] if e["name"] == declared]
+        assert exchange["type"] == "direct"
+        assert exchange["durable"] is True
+        assert exchange["auto_delete"] is exchange["internal"] is False
+        assert exchange["arguments"] == {}
     bindings = {
         (b["source"], b["destination"], b["destination_type"], b["routing_key"])
         for b in definitions["bindings"]
     }
-    assert bindings == {(name, queue, "queue", queue) for queue in JOB_QUEUES}
+    assert bindings == {(name, queue, "queue", queue) for queue in JOB_QUEUES} | {
+        (statuses, STATUS_QUEUE, "queue", STATUS_QUEUE)
+    }
     assert set(JOB_QUEUES) == set(MAIN_QUEUES)
 
 

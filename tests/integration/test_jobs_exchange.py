@@ -16,21 +16,23 @@ from tests.integration.conftest import AMQP_URL, Simulator, queue_depth, wait_un
 from worker.errors import EnqueueError
 from worker.jobs.producer import Producer, queue_arguments
 from worker.observability.logging import configure_logging
+from worker.receipts.models import STATUS_QUEUE
 from worker.runtime.app import WorkerApp, create_app
 from worker.runtime.jobs_exchange import JOB_QUEUES, JobsExchange
 from worker.settings import Settings
 
 TEXT = {"type": "text", "text": {"body": "hi"}}
 EXCHANGE = "verloop.jobs"
+STATUSES = "verloop.statuses"
 
 
-def routed(routing_key: str) -> bool:
-    """Whether a mandatory publish to the jobs exchange reaches a queue (it is not returned)."""
+def routed(routing_key: str, exchange: str = EXCHANGE) -> bool:
+    """Whether a mandatory publish to the exchange reaches a queue (it is not returned)."""
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
     channel.confirm_delivery()
     try:
-        channel.basic_publish(EXCHANGE, routing_key, b"{}", mandatory=True)
+        channel.basic_publish(exchange, routing_key, b"{}", mandatory=True)
     except pika.exceptions.UnroutableError:
         return False
     finally:
@@ -58,12 +60,18 @@ def test_the_exchange_reaches_the_job_queues_and_nothing_else(
     app = create_app(make_settings())  # a worker's boot, without consumers to take the probes
     app.broker.declare_queues_now()
     app.broker.close()
-    JobsExchange(AMQP_URL, EXCHANGE).before_worker_boot(None, None)
+    JobsExchange(AMQP_URL, EXCHANGE, status_exchange=STATUSES).before_worker_boot(None, None)
     for queue in JOB_QUEUES:
         assert routed(queue)
         assert queue_depth(queue) == 1
     for queue in ("verloop.send.XQ", "verloop.send.DQ", "verloop.campaign.XQ", "events.mine"):
         assert not routed(queue)
+    # The statuses exchange (the webhook receiver's) reaches the status queue alone.
+    assert routed(STATUS_QUEUE, STATUSES)
+    assert queue_depth(STATUS_QUEUE) == 1
+    assert not routed(STATUS_QUEUE, EXCHANGE)
+    for queue in (*JOB_QUEUES, "verloop.status.XQ"):
+        assert not routed(queue, STATUSES)
     with Producer(AMQP_URL, exchange=EXCHANGE) as producer, pytest.raises(EnqueueError) as err:
         producer.send_message(
             client_id="acme",

@@ -87,7 +87,11 @@ def create_app(settings: Settings) -> WorkerApp:
             watch,
             lifecycle,
             outcomes,
-            JobsExchange(settings.amqp_url.get_secret_value(), settings.jobs_exchange),
+            JobsExchange(
+                settings.amqp_url.get_secret_value(),
+                settings.jobs_exchange,
+                status_exchange=settings.status_exchange,
+            ),
         ],
     )
     actors = register_actors(broker, lifecycle)

@@ -1,4 +1,5 @@
-"""The jobs exchange: a direct exchange that reaches the job queues and nothing else.
+"""The jobs exchange: a direct exchange that reaches the job queues and nothing else; and the
+statuses exchange, which reaches the status queue alone (the webhook receiver's only way in).
 
 Write permission on the default exchange reaches every queue of the vhost (dead letters, delay
 queues, event queues); ``JOBS_EXCHANGE`` lets a producer enqueue jobs and nothing else (README.md,
@@ -23,17 +24,20 @@ from worker.receipts.models import STATUS_QUEUE
 __all__ = ["JOB_QUEUES", "JobsExchange", "declare_jobs_exchange"]
 
 #: The queues the jobs exchange reaches (routing key = queue name).
-JOB_QUEUES: Final = (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE, STATUS_QUEUE)
+JOB_QUEUES: Final = (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE)
 
 _log = structlog.get_logger()
 
 
-def declare_jobs_exchange(channel: Any, exchange: str) -> None:
-    """Declare ``exchange`` (direct, durable) and bind each job queue to it; the queues must
-    exist already."""
-    channel.exchange_declare(exchange, exchange_type="direct", durable=True)
-    for queue in JOB_QUEUES:
-        channel.queue_bind(queue, exchange, routing_key=queue)
+def declare_jobs_exchange(channel: Any, exchange: str, status_exchange: str | None = None) -> None:
+    """Declare ``exchange`` (direct, durable) and bind each job queue to it, and the same for
+    ``status_exchange`` and the status queue; the queues must exist already."""
+    for name, queues in ((exchange, JOB_QUEUES), (status_exchange, (STATUS_QUEUE,))):
+        if name is None:
+            continue
+        channel.exchange_declare(name, exchange_type="direct", durable=True)
+        for queue in queues:
+            channel.queue_bind(queue, name, routing_key=queue)
 
 
 class JobsExchange(Middleware):
@@ -44,9 +48,17 @@ class JobsExchange(Middleware):
     RabbitMQ is back) and a thread tries again every ``retry_s`` until the bindings exist.
     """
 
-    def __init__(self, amqp_url: str, exchange: str, *, retry_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        exchange: str,
+        *,
+        status_exchange: str | None = None,
+        retry_s: float = 5.0,
+    ) -> None:
         self.amqp_url = amqp_url
         self.exchange = exchange
+        self.status_exchange = status_exchange
         self.retry_s = retry_s
         self._stop = threading.Event()
         self._retrying: threading.Thread | None = None
@@ -72,7 +84,7 @@ class JobsExchange(Middleware):
         except (pika.exceptions.AMQPError, OSError) as exc:
             return self._failed(exc, log_failure)
         try:
-            declare_jobs_exchange(connection.channel(), self.exchange)
+            declare_jobs_exchange(connection.channel(), self.exchange, self.status_exchange)
         except (pika.exceptions.AMQPError, OSError) as exc:
             return self._failed(exc, log_failure)
         finally:
