@@ -26,6 +26,7 @@ __all__ = [
     "declare_exchange",
     "publish_event",
     "routing_key",
+    "routing_word",
 ]
 
 EVENT_VERSION: Final = 1
@@ -64,7 +65,10 @@ _FROM_RECORD: Final = (
 )
 
 
-def _word(value: Any) -> str:
+def routing_word(value: Any) -> str:
+    """One routing-key word for an identifier: other characters than letters, digits and
+    ``_:@-`` become ``_``, a longer one is cut to a prefix and a hash, none is ``none``.
+    Shared by every routing key of ``EVENTS_EXCHANGE`` (the webhook receiver's too)."""
     text = str(value) if value not in (None, "") else "none"
     word = _NOT_WORD.sub("_", text)
     if len(word) > MAX_WORD_CHARS:
@@ -83,12 +87,12 @@ def routing_key(fields: Mapping[str, Any]) -> str:
         return _per_number("send", outcome, fields)
     if actor == STATUS_ACTOR and fields.get("status"):  # one status of a status job
         return _per_number("status", fields.get("status"), fields)
-    return f"manage.{_word(actor)}.{_word(outcome)}"
+    return f"manage.{routing_word(actor)}.{routing_word(outcome)}"
 
 
 def _per_number(kind: str, what: Any, fields: Mapping[str, Any]) -> str:
     words = (what, fields.get("client_id"), fields.get("phone_id"), fields.get("campaign_id"))
-    return ".".join((kind, *map(_word, words)))
+    return ".".join((kind, *map(routing_word, words)))
 
 
 def build_event(
