@@ -6,6 +6,7 @@ Folders by role (README.md's "Layout" lists every module):
 - ``send/``           the send path: the send_message handler, its steps, the gate, the ledger
 - ``finish/``         finishing a job: typed outcome, log line, retry or dead letter, events
 - ``receipts/``       delivery receipts: a sent message's statuses, once each, in any order
+- ``webhooks/``       the status webhook receiver: signed webhooks in, confirmed status jobs out
 - ``verloop/``        Verloop's API: endpoints, HTTP client, failure classes, tokens, handlers
 - ``limits/``         each number's rate limit, shared by the fleet through Redis
 - ``campaigns/``      one template to many recipients: file, enqueue, state, send windows

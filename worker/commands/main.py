@@ -20,6 +20,7 @@ from worker.commands.sandbox import sandbox
 from worker.commands.schema import schema
 from worker.commands.send import send
 from worker.commands.tokens import tokens
+from worker.commands.webhooks import webhooks
 
 __all__ = ["cli", "main"]
 
@@ -46,7 +47,7 @@ def cli(ctx: click.Context, env_file: Path | None) -> None:
 
 
 # One module per command (group); see worker/commands/__init__.py.
-for command in (run, send, sandbox, check, schema, campaign, clients, tokens, dlq):
+for command in (run, send, sandbox, check, schema, campaign, clients, tokens, dlq, webhooks):
     cli.add_command(command)
 
 
