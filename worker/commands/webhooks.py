@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 import click
 
 from worker.commands.context import current_settings
 from worker.observability.logging import configure_logging, register_secret
 
-__all__ = ["webhooks"]
+__all__ = ["run_loop", "webhooks"]
 
 
 @click.command(short_help="Receive WhatsApp's status webhooks.")
@@ -58,16 +60,20 @@ def webhooks() -> None:
         where = "METRICS_BIND:WEBHOOK_METRICS_PORT"
         _check_port(where, settings.metrics_bind, settings.webhook_metrics_port)
     configure_logging(settings.log_format, settings.log_level)
-    import os
-
     from worker.webhooks.serve import serve
 
-    if os.environ.get("XX_UVLOOP"):
-        import uvloop
+    run_loop(serve(settings))
 
-        uvloop.run(serve(settings))
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop where it is installed (a dependency, except on Windows): it takes
+    a fifth less CPU per request than asyncio's own loop (bench/webhooks.py)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(main)
         return
-    asyncio.run(serve(settings))
+    uvloop.run(main)
 
 
 def _check_port(names: str, host: str, port: int) -> None:
