@@ -10,6 +10,8 @@
   (``bench/campaign_send.py``); targets >= 0.95 of each limit, 0 duplicates, 0 lost.
 * ``receipts``: the status actor draining shuffled, duplicated statuses of a campaign
   (``bench/receipts.py``); target >= 3,000 statuses/s with the funnel exact.
+* ``webhooks``: the status webhook receiver taking signed statuses, one per request, with
+  publisher confirms (``bench/webhooks.py``); targets >= 3,000 statuses/s, p99 < 100 ms.
 * ``soak``, on demand only (``make soak``, ``--only soak``; ``--soak-minutes``, 25 by
   default): steady mixed load (transactional, campaign, management and 1 % hostile jobs, 2 %
   of sends answered 5xx) with a RabbitMQ and a Redis restart, both private servers it starts
@@ -45,6 +47,7 @@ from bench import (
     receipts,
     send_path,
     soak,
+    webhooks,
 )
 from bench.common import RESULTS, Result, ensure_vhost, loop_seconds, write_json
 
@@ -56,6 +59,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     campaign_send.NAME: campaign_send.run,
     campaign_enqueue.NAME: campaign_enqueue.run,
     receipts.NAME: receipts.run,
+    webhooks.NAME: webhooks.run,
     soak.NAME: soak.run,
 }
 #: Run only when named with --only: too long for every `make bench`.
@@ -85,6 +89,7 @@ def main() -> None:
     campaign_enqueue.add_arguments(parser)
     campaign_send.add_arguments(parser)
     receipts.add_arguments(parser)
+    webhooks.add_arguments(parser)
     soak.add_arguments(parser)
     args = parser.parse_args()
 
