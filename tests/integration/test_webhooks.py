@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pika
@@ -333,9 +334,22 @@ def test_a_body_that_is_not_a_webhook_is_400(
 ) -> None:
     declare_status_queue(channel)
     receiver = start_receiver()
-    for body in (b"{not json", b"[1, 2]", b'{"entry": "x"}', b'"\\ud800"'):
-        assert receiver.post(body).status_code == 400, body
-    assert receiver.metric('verloop_webhook_requests_total{result="malformed"}') == 4
+
+    def nest(depth: int) -> list[Any]:
+        deep: list[Any] = []
+        for _ in range(depth):
+            deep = [deep]
+        return deep
+
+    nested = (  # bodies that can be read but not written again (orjson: 255 levels; json: 1000)
+        webhook([status()], messages=[{"id": "wamid.in", "deep": nest(300)}]),
+        webhook([status("wamid.ok"), status("wamid bad", errors=[{"title": "DEEP"}])]).replace(
+            b'"DEEP"', b"[" * 1000 + b"]" * 1000
+        ),
+    )
+    for body in (b"{not json", b"[1, 2]", b'{"entry": "x"}', b'"\\ud800"', *nested):
+        assert receiver.post(body).status_code == 400, body[:40]
+    assert receiver.metric('verloop_webhook_requests_total{result="malformed"}') == 6
     assert take_jobs(channel) == []
 
 
@@ -360,6 +374,98 @@ def test_rabbitmq_unreachable_is_503_at_once(
     )
     assert "RabbitMQ cannot be reached" in receiver.log.getvalue()
     assert receiver.metric('verloop_webhook_requests_total{result="unavailable"}') == 1
+
+
+class AmqpProxy:
+    """A TCP proxy to RabbitMQ (an event loop in a thread) that a test can cut: ``sever()``
+    drops the connections through it, ``refuse`` turns new ones away at once."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.refuse = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _start(self) -> asyncio.Server:
+        return await asyncio.start_server(self._connect, "127.0.0.1", 0)
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    def sever(self) -> None:
+        def close_all() -> None:
+            for writer in self._writers:
+                writer.transport.abort()
+            self._writers.clear()
+
+        self._loop.call_soon_threadsafe(close_all)
+
+    def close(self) -> None:
+        self.sever()
+
+        async def stop() -> None:
+            self._server.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def test_the_receiver_reconnects_after_rabbitmq_went_away_without_a_restart(
+    start_receiver: Callable[..., RunningReceiver], channel: Any
+) -> None:
+    declare_status_queue(channel)
+    parts = urlsplit(AMQP_URL)
+    proxy = AmqpProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    try:
+        receiver = start_receiver(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}")
+        health = receiver.metrics_url + "/healthz"
+        answers: dict[str, int] = {}
+
+        def post(n: int) -> int:
+            answers[f"wamid.r{n}"] = receiver.post(webhook([status(f"wamid.r{n}")])).status_code
+            return answers[f"wamid.r{n}"]
+
+        assert post(0) == 200
+        proxy.sever()  # the connection breaks: answered 503 until a new one is open
+        wait_until(lambda: post(len(answers)) == 200, timeout=10, interval=0.1)
+        proxy.refuse = True  # RabbitMQ unreachable: 503 at once, and said so
+        proxy.sever()
+        wait_until(lambda: post(len(answers)) == 503, timeout=10, interval=0.1)
+        assert receiver.http.get(health).json()["rabbitmq"] == "not connected"
+        refused_at = time.monotonic()
+        assert post(len(answers)) == 503
+        assert time.monotonic() - refused_at < 1
+        proxy.refuse = False  # back: tried again within a second
+        wait_until(lambda: post(len(answers)) == 200, timeout=10, interval=0.2)
+        assert receiver.http.get(health).json()["rabbitmq"] == "connected"
+    finally:
+        proxy.close()
+    assert set(answers.values()) == {200, 503}
+    on_queue = {s["wamid"] for _, e in take_jobs(channel) for s in e["kwargs"]["statuses"]}
+    assert {wamid for wamid, code in answers.items() if code == 200} <= on_queue
+    assert "RabbitMQ cannot be reached" in receiver.log.getvalue()
 
 
 def test_a_missing_status_queue_is_503_saying_to_start_a_worker(

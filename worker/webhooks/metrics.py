@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
 __all__ = ["ITEM_KINDS", "REQUEST_RESULTS", "ReceiverMetrics"]
 
@@ -32,7 +32,10 @@ class ReceiverMetrics:
     """Requests by result, items by kind, and the wait for RabbitMQ's confirms per request."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)  # CPU, memory, open files of the receiver
+        self.registry = registry
         self._requests = Counter(
             "verloop_webhook_requests_total",
             "Webhook requests by result (accepted: every publish of the body confirmed).",

@@ -74,6 +74,7 @@ class Publisher:
         #: ``jobs`` and ``events``: a channel and its exchange.
         self._exchanges: dict[str, tuple[_Channel, _Exchange]] = {}
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
         self._failure: Unavailable | None = None
         self._failed_at = -float("inf")
         self._throttle = LogThrottle()
@@ -94,10 +95,9 @@ class Publisher:
         connection, self._connection = self._connection, None
         self._exchanges.clear()
         if connection is not None and not connection.is_closed:
-            try:
-                await asyncio.wait_for(connection.close(), timeout=5)
-            except (*_ERRORS, TimeoutError):
-                pass
+            await _close_quietly(connection)
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=5)
 
     async def publish_job(self, body: bytes, message_id: str) -> None:
         """Publish a status job to ``verloop.status`` and wait for its confirm.
@@ -152,7 +152,7 @@ class Publisher:
                 "(WEBHOOK_PUBLISH_TIMEOUT_S); is it blocked (memory or disk alarm)?",
             ) from None
         except _ERRORS as exc:
-            self._exchanges.pop(which, None)
+            self._forget_connection()
             raise self._problem(
                 "lost", f"the connection to RabbitMQ broke: {_describe(exc)}"
             ) from None
@@ -226,9 +226,20 @@ class Publisher:
                 "declares it too)",
             ) from None
         except (*_ERRORS, TimeoutError) as exc:
+            self._forget_connection()
             raise self._problem(
                 "lost", f"could not open a channel on RabbitMQ: {_describe(exc)}"
             ) from None
+
+    def _forget_connection(self) -> None:
+        """After a failure on it: a new connection is opened on the next publish (aio-pika may
+        still call a connection open whose socket is gone)."""
+        connection, self._connection = self._connection, None
+        self._exchanges.clear()
+        if connection is not None and not connection.is_closed:
+            task = asyncio.get_running_loop().create_task(_close_quietly(connection))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _unroutable(self) -> str:
         if self.jobs_exchange:
@@ -241,6 +252,11 @@ class Publisher:
     def _problem(self, kind: str, reason: str) -> Unavailable:
         self._throttle.warning(kind, "RabbitMQ did not take a message; answering 503", error=reason)
         return Unavailable(kind, reason)
+
+
+async def _close_quietly(connection: aio_pika.abc.AbstractConnection) -> None:
+    with contextlib.suppress(*_ERRORS, TimeoutError):
+        await asyncio.wait_for(connection.close(), timeout=5)
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 import orjson
@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.settings import Settings
 from worker.webhooks.batcher import Batcher, encode_statuses
-from worker.webhooks.mapping import InboundEvent, InvalidStatus, MalformedBody, map_body
+from worker.webhooks.mapping import InboundEvent, MalformedBody, map_body
 from worker.webhooks.metrics import ReceiverMetrics
 from worker.webhooks.publisher import Publisher
 from worker.webhooks.signature import signature_ok, token_ok
@@ -102,9 +102,16 @@ class Receiver:
                 "status actor to dead-letter with its reason",
                 reason=invalid.reason,
             )
+        try:  # before anything is published: a body that cannot go out whole is refused
+            alone = [encode_statuses([invalid.kwargs]) for invalid in mapped.invalid]
+            events = [(event, orjson.dumps(event.body)) for event in mapped.events]
+        except (TypeError, ValueError, RecursionError):
+            why = "a status or message nests too deeply to be published"
+            self._throttle.warning("malformed", "webhook refused: not a webhook body", why=why)
+            return self._answer(400, "malformed", f"malformed body: {why}")
         waits: list[asyncio.Future[None]] = list(self.batcher.add(mapped.statuses))
-        waits += [self._background(self._publish_alone(invalid)) for invalid in mapped.invalid]
-        waits += [self._background(self._publish_event(event)) for event in mapped.events]
+        waits += [self._background(self.publisher.publish_job(*job)) for job in alone]
+        waits += [self._background(self._publish_event(*event)) for event in events]
         if waits and not await self._confirmed(waits):
             return self._answer(503, "unavailable", "not stored; try again later")
         items = self.metrics.items
@@ -127,18 +134,13 @@ class Receiver:
             return False
         return all(not future.cancelled() and future.exception() is None for future in done)
 
-    async def _publish_alone(self, invalid: InvalidStatus) -> None:
-        body, message_id = encode_statuses([invalid.kwargs])
-        await self.publisher.publish_job(body, message_id)
-
-    async def _publish_event(self, event: InboundEvent) -> None:
-        body = orjson.dumps(event.body)
+    async def _publish_event(self, event: InboundEvent, body: bytes) -> None:
         kind = str(event.body["event"])
         await self.publisher.publish_event(event.routing_key, body, event.message_id, kind)
 
-    def _background(self, coroutine: Awaitable[None]) -> asyncio.Future[None]:
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """A task kept alive (and its failure retrieved) even if the request stops waiting."""
-        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(_forget(self._tasks))
         return task
