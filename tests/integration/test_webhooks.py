@@ -25,12 +25,24 @@ import pytest
 import structlog
 
 from tests.integration import test_security
-from tests.integration.conftest import AMQP_URL, REDIS_URL, VENV_BIN, free_port, wait_until
-from worker.jobs.producer import queue_arguments
+from tests.integration.conftest import (
+    AMQP_URL,
+    REDIS_URL,
+    SANDBOX_PASSWORD,
+    SANDBOX_USER,
+    VENV_BIN,
+    WorkerStarter,
+    free_port,
+    redis_client,
+    wait_until,
+)
+from worker.jobs.producer import Producer, queue_arguments
 from worker.jobs.registry import parse_job
 from worker.jobs.wire import parse_envelope
 from worker.observability.logging import configure_logging
+from worker.receipts.links import LINK_PREFIX, status_rank
 from worker.receipts.models import STATUS_ACTOR, STATUS_QUEUE, StatusJob
+from worker.sandbox import SandboxConfig, SandboxServer, StatusCallbacks
 from worker.settings import Settings
 from worker.webhooks.serve import serve
 from worker.webhooks.signature import sign
@@ -93,13 +105,17 @@ class RunningReceiver:
 
 @pytest.fixture
 def channel() -> Iterator[Any]:
-    """A channel on the test vhost; verloop.status deleted before and after."""
+    """A channel on the test vhost; verloop.status (and its .DQ, .XQ) deleted before and
+    after."""
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     chan = connection.channel()
-    chan.queue_delete(STATUS_QUEUE)
+    queues = [STATUS_QUEUE + suffix for suffix in ("", ".DQ", ".XQ")]
+    for queue in queues:
+        chan.queue_delete(queue)
     yield chan
     if chan.is_open:
-        chan.queue_delete(STATUS_QUEUE)
+        for queue in queues:
+            chan.queue_delete(queue)
     connection.close()
 
 
@@ -695,3 +711,61 @@ def test_statuses_reach_the_queue_over_amqps(
     assert receiver.post(webhook([status()])).status_code == 200
     assert tls_rabbitmq.handshakes >= 1
     assert len(take_jobs(channel)) == 1
+
+
+# --- the whole loop -------------------------------------------------------------------------------
+def test_the_simulators_statuses_reach_the_status_actor_through_the_receiver(
+    start_receiver: Callable[..., RunningReceiver], channel: Any
+) -> None:
+    """Sends through a real worker; the simulator posts their statuses (duplicated, out of
+    order) to the receiver; the worker's status actor records each message as read."""
+    receiver = start_receiver()
+    statuses = StatusCallbacks(
+        url=receiver.url,
+        app_secret=SECRET,
+        delay_min_s=0.01,
+        delay_max_s=0.05,
+        delivered=1.0,
+        read=1.0,
+        failed=0.0,
+        duplicate=0.5,
+        reorder=0.5,
+        seed=15,
+    )
+    config = SandboxConfig(username=SANDBOX_USER, password=SANDBOX_PASSWORD, statuses=statuses)
+    with SandboxServer(config) as server:
+
+        def make_settings(**overrides: Any) -> Settings:
+            values: dict[str, Any] = {
+                "amqp_url": AMQP_URL,
+                "redis_url": REDIS_URL,
+                "verloop_base_url": server.url,
+                "verloop_username": SANDBOX_USER,
+                "verloop_password": SANDBOX_PASSWORD,
+                "metrics_port": 0,
+            }
+            return Settings(**(values | overrides))
+
+        workers = WorkerStarter(make_settings)
+        try:
+            workers(threads=4)
+            with Producer(AMQP_URL) as producer:
+                for n in range(3):
+                    producer.send_message(
+                        client_id="acme",
+                        phone_id="phone-1",
+                        to=f"+9198765432{n:02d}",
+                        message={"type": "text", "text": {"body": f"hi {n}"}},
+                    )
+            cache = redis_client(decode_responses=True)
+
+            def all_read() -> bool:
+                keys = list(cache.scan_iter(match=LINK_PREFIX + "*"))
+                best = [cache.hget(key, "best") for key in keys]
+                return len(keys) == 3 and best == [str(status_rank("read"))] * 3
+
+            wait_until(all_read, timeout=30)
+        finally:
+            workers.stop_all()
+    assert receiver.metric('verloop_webhook_requests_total{result="bad_signature"}') == 0
+    assert receiver.metric('verloop_webhook_items_total{kind="status"}') >= 9
