@@ -26,7 +26,9 @@ import pytest
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
 
+from tests.integration import test_webhooks
 from tests.integration.conftest import Simulator, wait_until, worker_env
+from tests.integration.test_webhooks import RunningReceiver, status, webhook
 from worker.errors import EnqueueError
 from worker.jobs.producer import Producer, queue_arguments
 from worker.jobs.wire import encode_job
@@ -39,6 +41,8 @@ DEFINITIONS = ROOT / "deploy/rabbitmq/definitions.json"
 RUN = uuid.uuid4().hex[:8]
 VHOST = f"verloop-perm-test-{RUN}"
 PASSWORD = "perm-test-password"  # throwaway users in a throwaway vhost
+#: The webhook receiver in this process (its fixture lives with its tests).
+start_receiver = test_webhooks.start_receiver
 TEXT = {"type": "text", "text": {"body": "hi"}}
 
 
@@ -374,3 +378,29 @@ def test_the_webhooks_user_publishes_status_jobs_and_inbound_events_and_nothing_
     assert watch.basic_get("events.webhooks-check", auto_ack=True)[0] is None
 
     guest.close()
+
+
+def test_the_receiver_runs_with_the_webhooks_user(
+    users: dict[str, dict[str, str]], start_receiver: Callable[..., RunningReceiver]
+) -> None:
+    """`verloop-worker webhooks` with the definitions' verloop-webhooks user: a status and an
+    inbound message are published and confirmed (it declares nothing; the exchange check it
+    makes is passive)."""
+    guest = pika.BlockingConnection(
+        pika.URLParameters(f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
+    )
+    watch = guest.channel()
+    watch.queue_purge(STATUS_QUEUE)
+    watch.queue_declare("events.receiver-check", exclusive=True)
+    watch.queue_bind("events.receiver-check", "verloop.events", routing_key="inbound.message.#")
+    receiver = start_receiver(amqp_url=url(WEBHOOKS))
+    message = {"from": "919876543210", "id": "wamid.in-perm", "type": "text"}
+    assert receiver.post(webhook([status("wamid.perm")], messages=[message])).status_code == 200
+    method, _, body = watch.basic_get(STATUS_QUEUE, auto_ack=True)
+    assert method is not None
+    assert json.loads(body)["kwargs"]["statuses"][0]["wamid"] == "wamid.perm"
+    method, _, body = watch.basic_get("events.receiver-check", auto_ack=True)
+    assert method is not None
+    assert json.loads(body)["message"] == message
+    guest.close()
+    assert PASSWORD not in receiver.log.getvalue()
