@@ -583,8 +583,8 @@ def test_without_a_verify_token_every_verification_is_refused(
 # --- the command ---------------------------------------------------------------------------------
 def _receiver_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "AMQP", "LOG_"))}
-    env.update(AMQP_URL=AMQP_URL, LOG_FORMAT="json", PYTHONUNBUFFERED="1", **extra)
-    return env
+    env.update(AMQP_URL=AMQP_URL, LOG_FORMAT="json", PYTHONUNBUFFERED="1")
+    return env | extra
 
 
 def test_the_command_refuses_to_start_without_the_app_secret() -> None:
@@ -597,6 +597,22 @@ def test_the_command_refuses_to_start_without_the_app_secret() -> None:
     )
     assert done.returncode == 2
     assert "WEBHOOK_APP_SECRET is not set" in done.stderr
+
+
+def test_the_command_refuses_an_amqp_url_it_cannot_read_without_showing_it() -> None:
+    done = subprocess.run(
+        [str(VENV_BIN / "verloop-worker"), "webhooks"],
+        env=_receiver_env(
+            WEBHOOK_APP_SECRET=SECRET, AMQP_URL="amqp://u:hunter2-secret@h/?heartbeat=x"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "AMQP_URL" in done.stderr
+    assert "hunter2-secret" not in done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr
 
 
 def test_the_command_help_names_its_settings_and_leaves_tls_to_the_ingress() -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import click
 
 from worker.commands.context import current_settings
+from worker.connections.amqp import amqp_parameters
+from worker.errors import ConfigurationError
 from worker.observability.logging import configure_logging, register_secret
 
 __all__ = ["run_loop", "webhooks"]
@@ -52,6 +54,10 @@ def webhooks() -> None:
             "WhatsApp's webhooks without the app's secret (Meta's app dashboard, App settings "
             "> Basic); set it in the environment or the --env-file (see config/example.env)"
         )
+    try:
+        amqp_parameters(settings.amqp_url.get_secret_value())
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from None
     register_secret(settings.webhook_app_secret.get_secret_value())
     if settings.webhook_verify_token is not None:
         register_secret(settings.webhook_verify_token.get_secret_value())

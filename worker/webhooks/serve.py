@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -30,49 +29,27 @@ _BACKLOG = 1024
 _log = structlog.get_logger("worker.webhooks")
 
 
-async def serve(
-    settings: Settings,
-    *,
-    stop: asyncio.Event | None = None,
-    reuse_port: bool = False,
-    metrics_text: Callable[[], bytes] | None = None,
-    metrics: ReceiverMetrics | None = None,
-    serve_metrics: bool = True,
-) -> None:
-    """Serve until ``stop`` is set (None: until SIGTERM or SIGINT).
-
-    ``reuse_port`` lets several processes share the port (``webhooks --processes``);
-    ``metrics``/``metrics_text`` replace this process's own registry (the processes of
-    ``--processes`` share theirs, served by one of them); ``serve_metrics`` False leaves the
-    metrics site to another process.
-    """
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (None: until SIGTERM or SIGINT)."""
     publisher = Publisher(
         settings.amqp_url.get_secret_value(),
         jobs_exchange=settings.producer_exchange,
         events_exchange=settings.events_exchange,
         timeout_s=settings.webhook_publish_timeout_s,
     )
-    metrics = metrics or ReceiverMetrics()
+    metrics = ReceiverMetrics()
     receiver = Receiver(settings, publisher, metrics)
     runners: list[web.AppRunner] = []
     stop = stop or _on_signals()
     try:
+        webhook_site = (settings.webhook_bind, settings.webhook_port)
         runners.append(
-            await _start(
-                create_app(receiver),
-                settings.webhook_bind,
-                settings.webhook_port,
-                settings.shutdown_timeout_s,
-                reuse_port,
-            )
+            await _start(create_app(receiver), *webhook_site, settings.shutdown_timeout_s)
         )
-        if serve_metrics and settings.webhook_metrics_port:
-            app = create_metrics_app(
-                metrics_text or registry_text(metrics), lambda: _health(publisher)
-            )
-            runners.append(
-                await _start(app, settings.metrics_bind, settings.webhook_metrics_port, 5.0, False)
-            )
+        if settings.webhook_metrics_port:
+            app = create_metrics_app(registry_text(metrics), lambda: _health(publisher))
+            metrics_site = (settings.metrics_bind, settings.webhook_metrics_port)
+            runners.append(await _start(app, *metrics_site, 5.0))
         await publisher.start()
         # Everything loaded so far lives as long as the process: a full garbage collection
         # would scan it all (about 50 ms here, every request waiting), so it is set aside.
@@ -81,7 +58,7 @@ async def serve(
         _log.info(
             "webhook receiver listening",
             url=f"http://{settings.webhook_bind}:{settings.webhook_port}{settings.webhook_path}",
-            metrics_port=settings.webhook_metrics_port if serve_metrics else None,
+            metrics_port=settings.webhook_metrics_port or None,
             amqp=mask_url(settings.amqp_url.get_secret_value()),
             status_queue=STATUS_QUEUE,
             events_exchange=settings.events_exchange,
@@ -100,11 +77,11 @@ async def serve(
 
 
 async def _start(
-    app: web.Application, host: str, port: int, shutdown_timeout: float, reuse_port: bool
+    app: web.Application, host: str, port: int, shutdown_timeout: float
 ) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=_BACKLOG, reuse_port=reuse_port or None)
+    site = web.TCPSite(runner, host, port, backlog=_BACKLOG)
     try:
         await site.start()
     except BaseException:
