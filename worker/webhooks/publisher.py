@@ -175,7 +175,7 @@ class Publisher:
         self._exchanges.clear()
         if self._failure is not None and time.monotonic() - self._failed_at < self.retry_s:
             # Tried a moment ago: answer now rather than pile up (a new exception each time:
-            # one raised again and again would grow its traceback).
+            # the one kept must not hold a traceback).
             raise Unavailable(self._failure.kind, self._failure.reason)
         params = self._parameters
         ssl = params.ssl_options
@@ -200,7 +200,7 @@ class Publisher:
                 "unreachable", "RabbitMQ cannot be reached; answering 503 meanwhile",
                 error=self._failure.reason, retry_s=self.retry_s,
             )  # fmt: skip
-            raise self._failure from None
+            raise Unavailable(self._failure.kind, self._failure.reason) from None
         if self._failure is not None:
             _log.info("connected to RabbitMQ again", amqp=self._where)
         self._failure = None
