@@ -8,6 +8,10 @@ for within ``WEBHOOK_PUBLISH_TIMEOUT_S`` (the sender retries), else 200. A GET w
 ``hub.mode=subscribe`` and the right ``hub.verify_token`` gets its ``hub.challenge`` back; 403
 otherwise. Neither the app secret, the verify token nor the signature header is ever logged or
 answered.
+
+Why aiohttp: a well-kept asyncio HTTP server the project already uses (the simulator), with a C
+HTTP parser, keep-alive, body size limits and a graceful shutdown that waits for the handlers in
+flight; on uvloop it takes about 0.16 ms of CPU per webhook (bench/webhooks.py).
 """
 
 from __future__ import annotations
