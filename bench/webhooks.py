@@ -53,6 +53,7 @@ from bench.common import (
 )
 from worker.jobs.producer import queue_arguments
 from worker.receipts.models import STATUS_QUEUE
+from worker.settings import Settings
 from worker.webhooks.signature import sign
 
 NAME = "webhooks"
@@ -60,6 +61,7 @@ TARGET_PER_S = 3000.0
 TARGET_P99_MS = 100.0
 SECRET = "bench-webhook-app-secret"  # noqa: S105 - the benchmark's throwaway app secret
 PATH = "/webhooks/whatsapp"
+STATUS_EXCHANGE = Settings.model_fields["status_exchange"].default
 #: Distinct bodies made in advance (and signed), then sent round-robin.
 BODIES = 30_000
 
@@ -330,8 +332,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         channel = connection.channel()
         reset_queues(channel, [STATUS_QUEUE])
-        # As a worker declares it: the receiver declares nothing and needs it to exist.
+        # As a worker declares and binds it: the receiver declares nothing and needs both.
         channel.queue_declare(STATUS_QUEUE, durable=True, arguments=queue_arguments(STATUS_QUEUE))
+        channel.exchange_declare(STATUS_EXCHANGE, exchange_type="direct", durable=True)
+        channel.queue_bind(STATUS_QUEUE, STATUS_EXCHANGE, routing_key=STATUS_QUEUE)
         command = [str(BIN / "verloop-worker"), "webhooks"]
         env = receiver_env(port, metrics_port)
         with worker(command, env, RESULTS / "webhooks.log") as proc:

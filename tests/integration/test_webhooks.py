@@ -52,6 +52,7 @@ pytestmark = pytest.mark.integration
 SECRET = "app-secret-for-webhook-tests-4b1d"
 VERIFY_TOKEN = "verify-token-for-webhook-tests-9c2e"
 EVENTS = "verloop.events"
+STATUS_EXCHANGE = Settings.model_fields["status_exchange"].default
 #: RabbitMQ behind a TLS terminator, and its certificates (the amqps test).
 certificates = test_security.certificates
 tls_rabbitmq = test_security.tls_rabbitmq
@@ -120,8 +121,10 @@ def channel() -> Iterator[Any]:
 
 
 def declare_status_queue(chan: Any) -> None:
-    """As a worker declares it at start."""
+    """As a worker declares it at start, bound to the statuses exchange."""
     chan.queue_declare(STATUS_QUEUE, durable=True, arguments=queue_arguments(STATUS_QUEUE))
+    chan.exchange_declare(STATUS_EXCHANGE, exchange_type="direct", durable=True)
+    chan.queue_bind(STATUS_QUEUE, STATUS_EXCHANGE, routing_key=STATUS_QUEUE)
 
 
 @pytest.fixture
@@ -487,12 +490,24 @@ def test_the_receiver_reconnects_after_rabbitmq_went_away_without_a_restart(
 def test_a_missing_status_queue_is_503_saying_to_start_a_worker(
     start_receiver: Callable[..., RunningReceiver], channel: Any
 ) -> None:
-    receiver = start_receiver()  # verloop.status was deleted and nobody declared it
+    channel.exchange_declare(STATUS_EXCHANGE, exchange_type="direct", durable=True)
+    receiver = start_receiver()  # verloop.status was deleted (its binding with it)
     assert receiver.post(webhook([status()])).status_code == 503
-    assert "start a worker: it declares the queue" in receiver.log.getvalue()
+    assert "start a worker: it declares the queue and binds it" in receiver.log.getvalue()
     declare_status_queue(channel)
     assert receiver.post(webhook([status()])).status_code == 200  # no restart needed
     assert len(take_jobs(channel)) == 1
+
+
+def test_a_missing_status_exchange_is_503_saying_to_start_a_worker(
+    start_receiver: Callable[..., RunningReceiver], channel: Any
+) -> None:
+    declare_status_queue(channel)
+    receiver = start_receiver(status_exchange="verloop.statuses-never-declared")
+    assert receiver.post(webhook([status()])).status_code == 503
+    log = receiver.log.getvalue()
+    assert "exchange 'verloop.statuses-never-declared' does not exist: start a worker" in log
+    assert take_jobs(channel) == []
 
 
 # --- inbound messages --------------------------------------------------------------------------

@@ -23,11 +23,12 @@ def webhooks() -> None:
 
     \b
     Each POST to WEBHOOK_PATH is checked (size, then its X-Hub-Signature-256 HMAC with
-    WEBHOOK_APP_SECRET), its statuses are published as record_statuses jobs on verloop.status
-    (batched across requests) and its inbound messages as inbound.message.<phone_number_id>
-    events on EVENTS_EXCHANGE, and it is answered 200 only once RabbitMQ confirmed them all:
-    401 for a bad signature (nothing published), 413 for a body over WEBHOOK_MAX_BODY_BYTES,
-    400 for a body that is not a webhook, 503 while RabbitMQ cannot take it (WhatsApp retries).
+    WEBHOOK_APP_SECRET); its statuses are published as record_statuses jobs to verloop.status
+    through STATUS_EXCHANGE (batched across requests), its inbound messages as
+    inbound.message.<phone_number_id> events on EVENTS_EXCHANGE, and it is answered 200 only
+    once RabbitMQ confirmed them all: 401 for a bad signature (nothing published), 413 for a
+    body over WEBHOOK_MAX_BODY_BYTES, 400 for a body that is not a webhook, 503 while RabbitMQ
+    cannot take it (WhatsApp retries).
     A GET with hub.verify_token = WEBHOOK_VERIFY_TOKEN answers hub.challenge (Meta's check).
 
     \b
@@ -38,14 +39,13 @@ def webhooks() -> None:
       WEBHOOK_SIGNATURE_HEADER, WEBHOOK_MAX_BODY_BYTES, WEBHOOK_PUBLISH_TIMEOUT_S,
       WEBHOOK_BATCH_MAX, WEBHOOK_BATCH_LINGER_MS
       WEBHOOK_METRICS_PORT      /metrics and /healthz on METRICS_BIND (0: off)
-      AMQP_URL, EVENTS_EXCHANGE, PUBLISH_TO_JOBS_EXCHANGE, JOBS_EXCHANGE,
-      SHUTDOWN_TIMEOUT_S, LOG_FORMAT, LOG_LEVEL
+      AMQP_URL, STATUS_EXCHANGE, EVENTS_EXCHANGE, SHUTDOWN_TIMEOUT_S, LOG_FORMAT, LOG_LEVEL
 
     \b
     It serves plain HTTP: TLS belongs to the ingress or load balancer in front of it (WhatsApp
-    calls https:// URLs only). A worker must have started once: it declares verloop.status and
-    the events exchange; until then bodies are answered 503. Stop it with SIGTERM or Ctrl-C:
-    requests in flight are answered first.
+    calls https:// URLs only). A worker must have started once: it declares verloop.status,
+    STATUS_EXCHANGE and the events exchange (until then bodies are answered 503). Stop it with
+    SIGTERM or Ctrl-C: requests in flight are answered first.
     """
     settings = current_settings()
     if settings.webhook_app_secret is None:

@@ -2,10 +2,11 @@
 
 aio-pika (on aiormq) keeps any number of publishes in flight on one channel and hands each
 its own confirm, so concurrent requests never wait for one another's round trips. Status jobs go
-to ``verloop.status`` (through the default exchange, or ``JOBS_EXCHANGE`` with
-``PUBLISH_TO_JOBS_EXCHANGE``), ``mandatory`` and persistent: a job no queue takes is returned
-and the request answered 503. Nothing is declared (the webhook user needs no configure
-permission): the worker declares the queue and the events exchange when it starts.
+to ``verloop.status`` through ``STATUS_EXCHANGE`` (a direct exchange bound to that queue alone,
+so the receiver's RabbitMQ user reaches no other queue), ``mandatory`` and persistent: a job no
+queue takes is returned and the request answered 503. Nothing is declared (the webhook user
+needs no configure permission; its exchanges are only checked, passively): a worker declares
+the queue, binds it and declares the exchanges when it starts.
 
 The connection is opened on first use and again after it broke; while RabbitMQ cannot be
 reached, a new attempt is made at most every ``retry_s`` and the requests in between fail at
@@ -59,14 +60,14 @@ class Publisher:
         self,
         amqp_url: str,
         *,
-        jobs_exchange: str = "",
+        status_exchange: str,
         events_exchange: str,
         timeout_s: float,
         retry_s: float = 1.0,
     ) -> None:
         self._parameters = amqp_parameters(amqp_url)  # a URL pika cannot read stops us now
         self._where = mask_url(amqp_url)
-        self.jobs_exchange = jobs_exchange
+        self.status_exchange = status_exchange
         self.events_exchange = events_exchange
         self.timeout_s = timeout_s
         self.retry_s = retry_s
@@ -210,20 +211,17 @@ class Publisher:
         self, which: str, connection: aio_pika.abc.AbstractConnection
     ) -> tuple[_Channel, _Exchange]:
         """A new channel in confirm mode and its exchange, checked to exist (passively)."""
-        name = self.jobs_exchange if which == "jobs" else self.events_exchange
+        name = self.status_exchange if which == "jobs" else self.events_exchange
         try:
             channel = await connection.channel(
                 publisher_confirms=True, on_return_raises=which == "jobs"
             )
-            if not name:
-                return channel, channel.default_exchange
             return channel, await channel.get_exchange(name, ensure=True)
         except aio_pika.exceptions.ChannelNotFoundEntity:
-            who = "a worker declares it when it starts"
             raise self._problem(
                 "no_exchange",
-                f"exchange {name!r} does not exist: {who} (deploy/rabbitmq/definitions.json "
-                "declares it too)",
+                f"exchange {name!r} does not exist: start a worker: it declares it "
+                "(deploy/rabbitmq/definitions.json declares it too)",
             ) from None
         except (*_ERRORS, TimeoutError) as exc:
             self._forget_connection()
@@ -242,12 +240,10 @@ class Publisher:
             task.add_done_callback(self._closing.discard)
 
     def _unroutable(self) -> str:
-        if self.jobs_exchange:
-            return (
-                f"exchange {self.jobs_exchange!r} has no queue bound as {STATUS_QUEUE!r}: "
-                "start a worker: it declares the queue and binds it"
-            )
-        return f"queue {STATUS_QUEUE!r} does not exist: start a worker: it declares the queue"
+        return (
+            f"no queue {STATUS_QUEUE!r} is bound to exchange {self.status_exchange!r}: start a "
+            "worker: it declares the queue and binds it"
+        )
 
     def _problem(self, kind: str, reason: str) -> Unavailable:
         self._throttle.warning(kind, "RabbitMQ did not take a message; answering 503", error=reason)

@@ -33,7 +33,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     """Serve until ``stop`` is set (None: until SIGTERM or SIGINT)."""
     publisher = Publisher(
         settings.amqp_url.get_secret_value(),
-        jobs_exchange=settings.producer_exchange,
+        status_exchange=settings.status_exchange,
         events_exchange=settings.events_exchange,
         timeout_s=settings.webhook_publish_timeout_s,
     )
@@ -60,6 +60,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             url=f"http://{settings.webhook_bind}:{settings.webhook_port}{settings.webhook_path}",
             metrics_port=settings.webhook_metrics_port or None,
             amqp=mask_url(settings.amqp_url.get_secret_value()),
+            status_exchange=settings.status_exchange,
             status_queue=STATUS_QUEUE,
             events_exchange=settings.events_exchange,
             event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
