@@ -347,6 +347,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         connection.close()
         clear_queues()
+    figures["statuses_per_s"] = figures["saturated"]["accepted_per_s"]  # for a ratio to sends
     if figures["statuses_on_queue"] != figures["accepted_total"]:
         raise BenchError(
             f"{figures['accepted_total']} statuses accepted but {figures['statuses_on_queue']} "
@@ -367,7 +368,6 @@ def run(args: argparse.Namespace) -> list[Result]:
     ``details`` (``statuses_per_s``: the saturation rate, for a ratio to the send path)."""
     figures = measure(args)
     steady, saturated = figures["at_rate"], figures["saturated"]
-    figures["statuses_per_s"] = saturated["accepted_per_s"]
     all_taken = not steady["refused"] and steady["accepted"] >= 0.99 * args.webhook_rate * (
         args.webhook_seconds
     )
