@@ -39,7 +39,7 @@ tools:  ## Install prometheus + promtool for the tests (Debian's package, apt-ge
 	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
 	  { echo "apt-get could not install prometheus: install prometheus and promtool by hand"; exit 1; }
 
-run: services  ## Run the worker against the Verloop simulator, with a few demo messages
+run: services  ## Run the worker against the Verloop simulator: a demo campaign and its statuses
 	$(BIN)/verloop-worker run --sandbox --demo 10 --processes 1 --threads 4
 
 test: services tools  ## Run every test (real RabbitMQ, Redis and the simulator)

@@ -54,3 +54,7 @@ for command in (run, send, sandbox, check, schema, campaign, clients, tokens, dl
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="verloop-worker")
+
+
+if __name__ == "__main__":  # `python -m worker.commands.main`: how `run --sandbox` starts commands
+    main()

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -20,9 +21,14 @@ import click
 
 from worker.commands.check import service_problems
 from worker.commands.context import current_env_file, current_settings
-from worker.commands.sandbox import banner, refuse_real_verloop_settings, simulator
+from worker.commands.sandbox import (
+    banner,
+    refuse_real_verloop_settings,
+    simulator,
+    status_receiver,
+)
 from worker.errors import ConfigurationError
-from worker.jobs.models import SEND_QUEUE
+from worker.jobs.models import CAMPAIGN_QUEUE
 from worker.observability.logging import configure_logging, resolve_log_format
 from worker.runtime.health import HEALTH_DIR_ENV, health_dir
 from worker.runtime.lifeline import PARENT_PID_VARIABLE
@@ -100,7 +106,12 @@ def run(
     if env_file is not None:
         os.environ["VERLOOP_WORKER_ENV_FILE"] = str(env_file.resolve())
 
-    with simulator(sandbox, sandbox_url, env=_child_environment()) as url:
+    env = _child_environment()
+    # The simulator posts each accepted send's statuses to a receiver of our own.
+    with (
+        status_receiver(sandbox and sandbox_url is None, env=env) as statuses_to,
+        simulator(sandbox, sandbox_url, env=env, statuses_to=statuses_to) as url,
+    ):
         if url is not None:
             settings = current_settings()  # the sandbox overrides are in the environment now
             banner(url)
@@ -213,15 +224,37 @@ class _SettingsProblem(click.ClickException):
 
 
 def _enqueue_demo(settings: Settings, count: int) -> None:
+    """A demo campaign of ``count`` messages, so `campaign status` shows its funnel."""
+    from worker.campaigns.store import CampaignRef, CampaignStore
+    from worker.connections.redis import open_redis
     from worker.jobs.producer import Producer
 
+    campaign = CampaignRef("demo-client", f"demo-{time.strftime('%H%M%S')}")
+    cache = open_redis(settings)
+    store = CampaignStore(cache)
+    try:
+        store.create(campaign, {"client_id": campaign.client_id, "template": "(demo text)"})
+        store.checkpoint(campaign, rows_done=count, enqueued=count, rejected=0)
+        store.finish_enqueue(campaign, total_rows=count)
+    finally:
+        cache.close()
     with Producer(settings.amqp_url.get_secret_value()) as producer:
         for n in range(count):
-            producer.send_message(
-                client_id="demo-client",
-                phone_id=f"demo-phone-{n % 2 + 1}",
-                to=f"+9198765{n:05d}",
-                message={"type": "text", "text": {"body": f"Hello from verloop-worker #{n + 1}"}},
-                idempotency_key=f"demo-{uuid.uuid4()}",
-            )
-    click.secho(f"enqueued {count} demo messages on {SEND_QUEUE}", fg="green", err=True)
+            kwargs = {
+                "client_id": campaign.client_id,
+                "phone_id": f"demo-phone-{n % 2 + 1}",
+                "to": f"+9198765{n:05d}",
+                "message": {
+                    "type": "text",
+                    "text": {"body": f"Hello from verloop-worker #{n + 1}"},
+                },
+                "campaign_id": campaign.campaign_id,
+                "idempotency_key": f"demo-{uuid.uuid4()}",
+            }
+            producer.enqueue("send_message", kwargs, queue=CAMPAIGN_QUEUE)
+    click.secho(
+        f"enqueued a demo campaign of {count} messages on {CAMPAIGN_QUEUE}; its delivery funnel: "
+        f"verloop-worker campaign status {campaign.campaign_id}",
+        fg="green",
+        err=True,
+    )

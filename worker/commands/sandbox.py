@@ -7,9 +7,13 @@ tests/unit/test_layout_imports.py checks.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,9 +21,10 @@ from pathlib import Path
 
 import click
 
+from worker.sandbox.__main__ import SECRET_ENV as STATUS_SECRET_ENV
 from worker.settings import Settings
 
-__all__ = ["banner", "refuse_real_verloop_settings", "sandbox", "simulator"]
+__all__ = ["banner", "refuse_real_verloop_settings", "sandbox", "simulator", "status_receiver"]
 
 _SANDBOX_USERNAME = "sandbox"
 _SANDBOX_PASSWORD = "sandbox-password"  # noqa: S105 - the simulator's well-known fake login
@@ -78,10 +83,18 @@ def refuse_real_verloop_settings(
 
 
 @contextmanager
-def simulator(enabled: bool, url: str | None, *, env: Mapping[str, str]) -> Iterator[str | None]:
+def simulator(
+    enabled: bool,
+    url: str | None,
+    *,
+    env: Mapping[str, str],
+    statuses_to: tuple[str, str] | None = None,
+) -> Iterator[str | None]:
     """Start the simulator (unless given its URL) and point this process's settings at it.
 
-    ``env`` is the simulator process's environment (one that ties its life to ours).
+    ``env`` is the simulator process's environment (one that ties its life to ours);
+    ``statuses_to`` (a webhook URL and its app secret) makes it post the statuses of each
+    accepted send there.
     """
     if not enabled:
         yield None
@@ -89,23 +102,28 @@ def simulator(enabled: bool, url: str | None, *, env: Mapping[str, str]) -> Iter
     system_token = str(uuid.uuid4())
     proc: subprocess.Popen[str] | None = None
     if url is None:
+        command = [
+            sys.executable,
+            "-m",
+            "worker.sandbox",
+            "--port",
+            "0",
+            "--username",
+            _SANDBOX_USERNAME,
+            "--password",
+            _SANDBOX_PASSWORD,
+            "--system-user-token",
+            system_token,
+        ]
+        child_env = dict(env)
+        if statuses_to is not None:
+            command += ["--status-url", statuses_to[0]]
+            child_env[STATUS_SECRET_ENV] = statuses_to[1]  # not in argv: `ps` shows argv
         proc = subprocess.Popen(  # noqa: S603 - our own module, fixed arguments
-            [
-                sys.executable,
-                "-m",
-                "worker.sandbox",
-                "--port",
-                "0",
-                "--username",
-                _SANDBOX_USERNAME,
-                "--password",
-                _SANDBOX_PASSWORD,
-                "--system-user-token",
-                system_token,
-            ],
+            command,
             stdout=subprocess.PIPE,
             text=True,
-            env=dict(env),
+            env=child_env,
         )
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
@@ -127,6 +145,55 @@ def simulator(enabled: bool, url: str | None, *, env: Mapping[str, str]) -> Iter
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def status_receiver(enabled: bool, *, env: Mapping[str, str]) -> Iterator[tuple[str, str] | None]:
+    """Start ``verloop-worker webhooks`` on a free port with a fresh app secret, for the
+    simulator to post statuses to; yields (its webhook URL, the secret)."""
+    if not enabled:
+        yield None
+        return
+    secret = secrets.token_hex(16)
+    port = _free_port()
+    child_env = {
+        **env,
+        "WEBHOOK_APP_SECRET": secret,
+        "WEBHOOK_BIND": "127.0.0.1",
+        "WEBHOOK_PORT": str(port),
+        "WEBHOOK_METRICS_PORT": "0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.commands.main", "webhooks"], env=child_env
+    )
+    settings = Settings.load(webhook_port=port)
+    url = f"http://127.0.0.1:{port}{settings.webhook_path}"
+    try:
+        _wait_for_port(proc, port)
+        click.secho(f"status webhooks: the simulator posts to {url}", fg="green", err=True)
+        yield url, secret
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException("the status webhook receiver did not start (see above)")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+    proc.kill()
+    raise click.ClickException("the status webhook receiver did not start listening")
 
 
 def banner(url: str) -> None:
