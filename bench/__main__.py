@@ -133,6 +133,7 @@ def main() -> None:
             results.append(Result(name, f"did not finish: {exc}", "-", False))
         print(f"({name}: {time.monotonic() - began:.0f} s)", flush=True)
 
+    results.extend(_receipts_against_sends(results))
     print(f"\n=== summary ({time.monotonic() - started:.0f} s) ===")
     rows = [("benchmark", "figure", "target", "")] + [
         (r.benchmark, r.figure, r.target, _verdict(r.met)) for r in results
@@ -144,6 +145,30 @@ def main() -> None:
     write_json("summary", {"benchmarks": selected, "loop_s": loop_s, "results": results})
     # A target not met is a finding, printed above; only a benchmark that could not run fails.
     sys.exit(1 if failed else 0)
+
+
+def _receipts_against_sends(results: list[Result]) -> list[Result]:
+    """Statuses per second (the receiver's and the status actor's) per send per second of the
+    send path, all measured in this run: WhatsApp sends about three statuses per message."""
+    sends = next(
+        (r.details.get("sends_per_s") for r in results if "sends_per_s" in r.details), None
+    )
+    found = {
+        "receiver": next((r for r in results if r.benchmark == webhooks.NAME), None),
+        "status actor": next((r for r in results if r.benchmark == receipts.NAME), None),
+    }
+    rows = []
+    for who, result in found.items():
+        if result is None:
+            continue
+        per_s = result.details.get("statuses_per_s") or result.details.get("rate")
+        if not sends or not per_s:
+            figure = "not measured: the send path did not run in this run"
+        else:
+            figure = f"{per_s / sends:.2f} statuses per send ({per_s:.0f}/s vs {sends:.0f} sends/s)"
+        print(f"{who} against the send path, this run: {figure}")
+        rows.append(Result(f"{who} / send path", figure, "- (about 3 statuses a message)", None))
+    return rows
 
 
 def _verdict(met: bool | None) -> str:

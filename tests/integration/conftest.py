@@ -26,9 +26,12 @@ import pytest
 import redis
 from dramatiq import Worker
 
+from worker.finish.finish import JobFinisher
+from worker.finish.outcome import JobRun
 from worker.jobs.producer import Producer
 from worker.observability.logging import forget_secrets
 from worker.runtime.app import WorkerApp, create_app
+from worker.runtime.services import Services
 from worker.sandbox import SandboxConfig, SandboxServer
 from worker.settings import Settings
 
@@ -40,7 +43,7 @@ SANDBOX_PASSWORD = "sandbox-password-for-tests"
 #: Every queue the worker declares; deleted before each test so each starts empty.
 QUEUES = [
     q + suffix
-    for q in ("verloop.send", "verloop.campaign", "verloop.manage")
+    for q in ("verloop.send", "verloop.campaign", "verloop.manage", "verloop.status")
     for suffix in ("", ".DQ", ".XQ")
 ]
 VENV_BIN = Path(sys.executable).parent
@@ -189,6 +192,24 @@ def make_settings(simulator: Simulator) -> Callable[..., Settings]:
         return Settings(**values)
 
     return make
+
+
+@pytest.fixture
+def services(make_settings: Callable[..., Settings]) -> Iterator[Services]:
+    """One worker thread's services (real Redis, the simulator), for testing steps alone."""
+    opened = Services.open(make_settings(), threads=1)
+    yield opened
+    opened.close()
+
+
+class _Lifecycle:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+
+def finish_job(services: Services, run: JobRun, exchange: str = "verloop.events") -> None:
+    """What the outcome middleware does with a final outcome: the finisher's writes."""
+    JobFinisher(_Lifecycle(services), exchange)(None, run)  # type: ignore[arg-type]
 
 
 @pytest.fixture

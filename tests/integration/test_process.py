@@ -187,11 +187,12 @@ def test_a_sigkilled_process_manager_takes_its_worker_processes_with_it(
 def test_a_sigkilled_sandbox_run_takes_its_simulator_with_it(
     simulator: Simulator, tmp_path: Path
 ) -> None:
-    """With --sandbox, `run` also starts the simulator: it stops too."""
+    """With --sandbox, `run` also starts the simulator and a status receiver: they stop too."""
     blank = {"VERLOOP_BASE_URL": "", "VERLOOP_USERNAME": "", "VERLOOP_PASSWORD": ""}
     with worker_process(simulator, tmp_path / "worker.log", "--sandbox", **blank) as run:
         fleet = wait_until(lambda: len(descendants(run.pid)) >= 3 and descendants(run.pid))
         assert any("worker.sandbox" in command_line(p) for p in fleet)
+        assert any("webhooks" in command_line(p) for p in fleet)
         run.send_signal(signal.SIGKILL)
         run.wait(timeout=10)
         wait_until(lambda: not any(alive(p) for p in fleet), timeout=10)

@@ -5,16 +5,14 @@ the outbox and the limiter."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.integration.conftest import redis_client
+from tests.integration.conftest import finish_job, redis_client
 from worker.campaigns.store import CampaignRef
 from worker.errors import Deferred
-from worker.finish.finish import JobFinisher
 from worker.finish.outbox import STREAM
 from worker.finish.outcome import (
     JobContext,
@@ -30,27 +28,14 @@ from worker.receipts.actor import record_statuses
 from worker.receipts.links import LINK_PREFIX
 from worker.receipts.models import STATUS_ACTOR, StatusJob
 from worker.runtime.services import Services
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 TO = "+919876543210"
 
 
-@pytest.fixture
-def services(make_settings: Callable[..., Settings]) -> Iterator[Services]:
-    opened = Services.open(make_settings(), threads=1)
-    yield opened
-    opened.close()
-
-
-class _Lifecycle:
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
-
 def _finish(services: Services, run: JobRun) -> None:
-    JobFinisher(_Lifecycle(services), "verloop.events")(None, run)  # type: ignore[arg-type]
+    finish_job(services, run)
 
 
 def _send(services: Services, wamid: str, *, campaign: str | None = "spring", n: int = 1) -> None:

@@ -10,11 +10,9 @@ the real one.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import ssl
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from tests.integration.conftest import (
     worker_env,
     worker_process,
 )
+from tests.integration.tcp_proxy import TcpProxy
 from worker.finish.deadletters import DEAD_LETTER_HEADER
 from worker.jobs.producer import Producer
 from worker.runtime.app import WorkerApp
@@ -200,62 +199,12 @@ def test_the_limiter_and_token_cache_live_in_the_tls_redis(
 
 
 # --- RabbitMQ over TLS ----------------------------------------------------------------------------
-class TlsTerminator:
-    """Accepts TLS connections on a free port and forwards their bytes to RabbitMQ's plain
-    AMQP port (an event loop in a thread; TLS is done by asyncio, one connection per task)."""
-
-    def __init__(self, certificates: Certificates, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.handshakes = 0
-        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._context.load_cert_chain(certificates.cert, certificates.key)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _start(self) -> asyncio.Server:
-        return await asyncio.start_server(self._connect, "127.0.0.1", 0, ssl=self._context)
-
-    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.handshakes += 1  # the handler runs once the TLS handshake succeeded
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            writer.close()
-
-    def close(self) -> None:
-        async def stop() -> None:
-            self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-
 @pytest.fixture
-def tls_rabbitmq(certificates: Certificates) -> Iterator[TlsTerminator]:
-    parts = urlsplit(AMQP_URL)
-    terminator = TlsTerminator(certificates, (parts.hostname or "127.0.0.1", parts.port or 5672))
+def tls_rabbitmq(certificates: Certificates) -> Iterator[TcpProxy]:
+    """A TLS terminator in front of RabbitMQ's plain AMQP port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificates.cert, certificates.key)
+    terminator = TcpProxy(tls=context)
     yield terminator
     terminator.close()
 
@@ -284,7 +233,7 @@ def test_a_worker_on_amqps_and_rediss_sends_a_job_and_serves_metrics_where_told(
     tmp_path: Path,
     certificates: Certificates,
     tls_redis: TlsRedis,
-    tls_rabbitmq: TlsTerminator,
+    tls_rabbitmq: TcpProxy,
 ) -> None:
     """A real worker process whose AMQP_URL is amqps:// and REDIS_URL rediss://, both with
     passwords, consumes, sends and acknowledges a job; secrets stay out of its logs; and with
@@ -321,7 +270,7 @@ def metrics_answer(host: str, port: int) -> bool:
 
 
 def test_check_explains_an_amqps_url_that_fails_tls(
-    simulator: Simulator, tls_rabbitmq: TlsTerminator
+    simulator: Simulator, tls_rabbitmq: TcpProxy
 ) -> None:
     """amqps:// against a plain AMQP port, or a server certificate it does not trust: exit 1
     with the masked URL, never the password."""

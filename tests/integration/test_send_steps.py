@@ -3,33 +3,23 @@ Redis and the Verloop simulator."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Simulator, redis_client
+from tests.integration.conftest import Simulator, finish_job, redis_client
 from worker.campaigns.store import CampaignRef
 from worker.errors import Deferred, PermanentFailure, TransientFailure
-from worker.finish.finish import JobFinisher
 from worker.finish.outbox import STREAM
 from worker.finish.outcome import Failure, JobContext, JobFacts, JobOutcome, JobRun, Outcome
 from worker.jobs.models import SendMessageJob
 from worker.jobs.registry import parse_job
 from worker.runtime.services import Services
 from worker.send import steps
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 TO = "+919876543210"
-
-
-@pytest.fixture
-def services(make_settings: Callable[..., Settings]) -> Iterator[Services]:
-    opened = Services.open(make_settings(), threads=1)
-    yield opened
-    opened.close()
 
 
 def a_job(**overrides: Any) -> SendMessageJob:
@@ -111,11 +101,6 @@ def test_an_unanswered_call_leaves_the_campaign_lane_an_uncertain_claim(
         steps.claim(services, key, "owner-b", "campaign", slot)
 
 
-class _Lifecycle:
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
-
 def _spring(services: Services) -> CampaignRef:
     ref = CampaignRef("acme", "spring")
     services.campaigns.create(ref, {"client_id": "acme", "template": "spring_sale"})
@@ -143,7 +128,7 @@ def test_the_finisher_records_a_send_with_its_campaign_count_and_event(
     )
     run.outcome = JobOutcome(Outcome.SENT, verloop_message_id="wamid.fin", ledger_key=key)
     spring = _spring(services)
-    JobFinisher(_Lifecycle(services), "verloop.events")(None, run)  # type: ignore[arg-type]
+    finish_job(services, run)
     assert services.ledger.lookup(key).message_id == "wamid.fin"
     assert services.campaigns.get(spring).count("sent") == 1
     [event] = _stream_events()
@@ -159,7 +144,7 @@ def test_the_finisher_counts_a_dead_letter_and_queues_its_event_without_a_ledger
     failure = Failure("PermanentFailure", "undeliverable", 400, "131026")
     run.outcome = JobOutcome(Outcome.DEAD_LETTERED, failure=failure, dead_letter="failed")
     spring = _spring(services)
-    JobFinisher(_Lifecycle(services), "verloop.events")(None, run)  # type: ignore[arg-type]
+    finish_job(services, run)
     status = services.campaigns.get(spring)
     assert status.count("dead_lettered") == 1
     assert status.count("sent") == 0

@@ -36,6 +36,7 @@ from tests.integration.conftest import (
     redis_client,
     wait_until,
 )
+from tests.integration.tcp_proxy import TcpProxy
 from worker.jobs.producer import Producer, queue_arguments
 from worker.jobs.registry import parse_job
 from worker.jobs.wire import parse_envelope
@@ -395,70 +396,14 @@ def test_rabbitmq_unreachable_is_503_at_once(
     assert receiver.metric('verloop_webhook_requests_total{result="unavailable"}') == 1
 
 
-class AmqpProxy:
-    """A TCP proxy to RabbitMQ (an event loop in a thread) that a test can cut: ``sever()``
-    drops the connections through it, ``refuse`` turns new ones away at once."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.refuse = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _start(self) -> asyncio.Server:
-        return await asyncio.start_server(self._connect, "127.0.0.1", 0)
-
-    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refuse:
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    def sever(self) -> None:
-        def close_all() -> None:
-            for writer in self._writers:
-                writer.transport.abort()
-            self._writers.clear()
-
-        self._loop.call_soon_threadsafe(close_all)
-
-    def close(self) -> None:
-        self.sever()
-
-        async def stop() -> None:
-            self._server.close()
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-
 def test_the_receiver_reconnects_after_rabbitmq_went_away_without_a_restart(
     start_receiver: Callable[..., RunningReceiver], channel: Any
 ) -> None:
     declare_status_queue(channel)
-    parts = urlsplit(AMQP_URL)
-    proxy = AmqpProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    proxy = TcpProxy()
     try:
-        receiver = start_receiver(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}{parts.path}")
+        vhost = urlsplit(AMQP_URL).path
+        receiver = start_receiver(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}{vhost}")
         health = receiver.metrics_url + "/healthz"
         answers: dict[str, int] = {}
 

@@ -133,10 +133,16 @@ def test_only_series_of_ids_not_known_yet_are_missing_at_the_start() -> None:
         "verloop_quality_pauses_total",
         "verloop_campaign_jobs_total",
         "verloop_api_requests_total",
+        "verloop_number_statuses_total",
+        "verloop_status_failures_total",
     }
     metrics.add_known_numbers([("acme", "phone-1")], ["phone-2"])
     with_numbers = {name for name in used if samples(registry, name) or _histogram(registry, name)}
-    assert used - with_numbers == {"verloop_campaign_jobs_total", "verloop_api_requests_total"}
+    assert used - with_numbers == {
+        "verloop_campaign_jobs_total",
+        "verloop_api_requests_total",
+        "verloop_status_failures_total",
+    }
 
 
 def _histogram(registry: CollectorRegistry, name: str) -> bool:

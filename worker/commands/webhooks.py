@@ -13,6 +13,7 @@ from worker.commands.context import current_settings
 from worker.connections.amqp import amqp_parameters
 from worker.errors import ConfigurationError
 from worker.observability.logging import configure_logging, register_secret
+from worker.runtime.lifeline import follow_parent_from_environment
 
 __all__ = ["run_loop", "webhooks"]
 
@@ -47,6 +48,7 @@ def webhooks() -> None:
     STATUS_EXCHANGE and the events exchange (until then bodies are answered 503). Stop it with
     SIGTERM or Ctrl-C: requests in flight are answered first.
     """
+    follow_parent_from_environment()  # started by `run --sandbox`: stop when it dies
     settings = current_settings()
     if settings.webhook_app_secret is None:
         raise click.UsageError(

@@ -249,6 +249,7 @@ class Metrics:
         label, new = self._phone_ids(phone_id)
         if new:
             self._child(self.quality_pauses, label)
+            self.receipts.start_number(label)
         if self.rate_for is not None:
             if label != OTHER_LABEL_VALUE:
                 if label not in self._limits_set:

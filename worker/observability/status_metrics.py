@@ -69,6 +69,12 @@ class StatusMetrics:
         for status in ("delivered", "read"):
             self._child(self.lag, status)
 
+    def start_number(self, phone: str) -> None:
+        """A number's series, at zero from its first job (its delivered share is judged by
+        ``increase()``, which would miss the first status of a series born with it)."""
+        for status in STATUS_LABELS:
+            self._child(self.per_number, phone, status)
+
     def observe(self, status: StatusFacts, phone: str | None) -> None:
         """One status of a status job; ``phone`` is its number's label."""
         child = self._child

@@ -106,14 +106,7 @@ class Publisher:
         Raises:
             Unavailable: not confirmed (see its ``kind``).
         """
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            timestamp=int(time.time()),
-        )
-        await self._publish("jobs", message, STATUS_QUEUE, mandatory=True)
+        await self._publish("jobs", _message(body, message_id), STATUS_QUEUE, mandatory=True)
 
     async def publish_event(
         self, routing_key: str, body: bytes, message_id: str, kind: str
@@ -124,14 +117,7 @@ class Publisher:
         Raises:
             Unavailable: not confirmed.
         """
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            timestamp=int(time.time()),
-            type=kind,
-        )
+        message = _message(body, message_id, kind)
         await self._publish("events", message, routing_key, mandatory=False)
 
     async def _publish(
@@ -259,3 +245,15 @@ def _describe(exc: BaseException) -> str:
     """An exception in a few words, secrets and URL passwords removed."""
     text = str(exc)[:200]
     return scrub_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _message(body: bytes, message_id: str, kind: str | None = None) -> aio_pika.Message:
+    """A persistent JSON message, stamped with its id and the time."""
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        timestamp=int(time.time()),
+        type=kind,
+    )
