@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install services tools run test test-unit fuzz lint format bench soak schema clean
+.PHONY: help install services tools run test test-unit fuzz lint format bench profile soak schema clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ format: $(STAMP)  ## Format the code
 
 bench: services  ## Benchmarks: send path vs a naive actor; rate limits (fidelity, 1,000/s, lanes)
 	$(BIN)/python -m bench
+
+profile: services  ## Where a send's CPU goes in the worker, by step (py-spy on a real worker)
+	$(BIN)/python -m bench.profile
 
 SOAK_MINUTES ?= 25
 soak: $(STAMP)  ## Soak: mixed load with RabbitMQ and Redis restarts, SOAK_MINUTES (25) long

@@ -10,7 +10,8 @@ The worker's rate limiter is on (every send takes a slot in Redis) with
 ``RATE_LIMIT_PER_NUMBER=10000``, above what this machine can send, so it does not bind: this
 measures the send path's cost, limiter included, not its pacing.
 
-Target (issue 2, and the rate-limit issue's item 4): ours >= 0.9 x naive.
+Targets: ours >= 0.9 x naive's sends/s (issue 2, and the rate-limit issue's item 4), and the
+worker processes' CPU per send <= 1.2 x naive's (issue 16), both from the same rounds.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from worker.jobs.producer import encode_job
 
 NAME = "send_path"
 TARGET_RATIO = 0.9
+#: Issue 16: every feature on, at most this many times the naive actor's CPU per send.
+TARGET_CPU_RATIO = 1.2
 PHONE = "bench-phone"
 
 
@@ -193,6 +196,13 @@ def run(args: argparse.Namespace) -> list[Result]:
     }
     print(f"  naive, median {_cpu_text(median_cpu['naive'])}")
     print(f"  ours,  median {_cpu_text(median_cpu['ours'])}")
+    cpu_ratio = median_cpu["ours"]["worker"] / median_cpu["naive"]["worker"]
+    cpu_verdict = "met" if cpu_ratio <= TARGET_CPU_RATIO else "NOT met"
+    print(
+        f"  CPU per send, worker processes: ours {median_cpu['ours']['worker']:.3f} ms, naive "
+        f"{median_cpu['naive']['worker']:.3f} ms; ratio {cpu_ratio:.3f} "
+        f"(target <= {TARGET_CPU_RATIO}: {cpu_verdict})"
+    )
     args_used = {
         k: getattr(args, k) for k in ("processes", "threads", "jobs", "rounds", "latency_ms")
     }
@@ -207,6 +217,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             "naive": naive,
             "ours": ours,
             "ratio": ratio,
+            "cpu_ratio": cpu_ratio,
         },
     )
     return [
@@ -216,5 +227,12 @@ def run(args: argparse.Namespace) -> list[Result]:
             f">= {TARGET_RATIO}",
             ratio >= TARGET_RATIO,
             {"sends_per_s": ours, "naive_sends_per_s": naive},
-        )
+        ),
+        Result(
+            "4. CPU per send, ours / naive",
+            f"ratio {cpu_ratio:.3f} ({median_cpu['ours']['worker']:.2f} vs "
+            f"{median_cpu['naive']['worker']:.2f} ms, worker processes)",
+            f"<= {TARGET_CPU_RATIO}",
+            cpu_ratio <= TARGET_CPU_RATIO,
+        ),
     ]
