@@ -3,7 +3,10 @@ from the start, and labels whose values a producer chooses kept to a bounded set
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +245,40 @@ def test_the_cap_holds_for_many_ids() -> None:
     phones = {dict(labels)["phone_id"] for labels in samples(registry, "verloop_sends_total")}
     assert len(phones) == 301
     assert sum(samples(registry, "verloop_sends_total").values()) == 10_000
+
+
+_FORK_SCRIPT = """
+import os, sys
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.multiprocess import MultiProcessCollector
+from worker.observability.metrics import cache_pid_for_multiprocess_values
+
+cache_pid_for_multiprocess_values()
+jobs = Counter("jobs", "test", registry=None)
+jobs.inc()
+child = os.fork()
+if child == 0:
+    jobs.inc(2)  # the child's values start at zero, in a file of its own
+    os._exit(0)
+os.waitpid(child, 0)
+jobs.inc()
+files = sorted(f for f in os.listdir(sys.argv[1]) if f.startswith("counter_"))
+registry = CollectorRegistry()
+MultiProcessCollector(registry, sys.argv[1])
+print(len(files), registry.get_sample_value("jobs_total"))
+"""
+
+
+def test_the_cached_pid_still_gives_each_forked_process_its_own_values(tmp_path: Path) -> None:
+    """prometheus-client notices a fork by the pid; the cached one is renewed in the child, so
+    the parent's and the child's counts land in their own files and add up."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["2", "4.0"]

@@ -9,10 +9,11 @@ and the alerts see the first event.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 from worker.finish.outbox import PARK_KINDS
 from worker.finish.outcome import (
@@ -36,10 +37,37 @@ from worker.receipts.models import STATUS_QUEUE
 from worker.verloop.endpoints import DEFAULT_ENDPOINTS
 from worker.verloop.tokens import TokenSource
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "cache_pid_for_multiprocess_values"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
+
+
+_pid = os.getpid()
+
+
+def _cached_pid() -> int:
+    return _pid
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def cache_pid_for_multiprocess_values() -> None:
+    """Let prometheus-client's multiprocess values read this process's pid from memory.
+
+    Every increment and observation asks for the pid, to notice a fork (a ``getpid`` system
+    call each: about 15 a job). The pid cached here is renewed in the child after every fork,
+    which is what prometheus-client checks for. Call it in each worker process before any
+    metric exists; in single-process mode it changes nothing.
+    """
+    if values.ValueClass is not values.MutexValue:
+        values.ValueClass = values.MultiProcessValue(process_identifier=_cached_pid)  # type: ignore[no-untyped-call]
 
 
 class Metrics:

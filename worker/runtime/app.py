@@ -19,7 +19,7 @@ from worker.finish.middleware import JobOutcomes, RetryPolicy
 from worker.jobs.models import CAMPAIGN_QUEUE
 from worker.jobs.registry import JOB_TYPES
 from worker.observability.logging import DirectStream, configure_logging
-from worker.observability.metrics import Metrics
+from worker.observability.metrics import Metrics, cache_pid_for_multiprocess_values
 from worker.runtime.actors import register_actors
 from worker.runtime.broker import VerloopBroker, build_broker
 from worker.runtime.health import HEALTH_DIR_ENV, ThreadWatch
@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> WorkerApp:
         # makes its folder when imported, which only a worker process should do.
         from dramatiq.middleware.prometheus import Prometheus
 
+        cache_pid_for_multiprocess_values()
         metrics = Metrics(
             {job_type.name: job_type.queue for job_type in JOB_TYPES.values()},
             rate_for=settings.rate_for,
