@@ -48,6 +48,30 @@ def test_commands_go_in_one_write_and_their_replies_come_back_in_order(
     direct.close()
 
 
+def test_values_of_every_kind_the_worker_sends_arrive_as_redis_py_would_write_them(
+    client: redis.Redis,
+) -> None:
+    """Commands are packed by hiredis, not redis-py's encoder: str (UTF-8), int (within 64 bits
+    and beyond), float and bytes arrive byte for byte as redis-py writes them; bool and None are
+    refused as redis-py refuses them, and nothing is sent."""
+    direct = ThreadConnections(client)
+    values = ["plain", "é ñ 漢字 🙂", 0, -3, 2**64 + 1, 1.5, 0.1, 1e-7, b"raw\x00\xffbytes", ""]
+    pairs = [part for n, value in enumerate(values) for part in (n, value)]
+    direct.execute([("HSET", "d:ours", *pairs)])
+    client.hset("d:redis-py", mapping=dict(enumerate(values)))
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert raw.hgetall("d:ours") == raw.hgetall("d:redis-py")
+        assert len(raw.hgetall("d:ours")) == len(values)
+    finally:
+        raw.close()
+    for bad in (True, None):
+        with pytest.raises(redis.DataError):
+            direct.execute([("SET", "d:bad", bad)])
+    assert direct.execute([("EXISTS", "d:bad")]) == [0]
+    direct.close()
+
+
 def test_a_refused_command_raises_after_every_reply_was_read(client: redis.Redis) -> None:
     direct = ThreadConnections(client)
     client.set("d:text", "not a number")
