@@ -17,6 +17,7 @@ import structlog
 from worker.observability.logging import (
     REDACTED,
     DirectStream,
+    bound_logger,
     configure_logging,
     forget_secrets,
     mask_url,
@@ -321,3 +322,19 @@ def test_json_lines_reach_a_direct_stream_whole() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_the_bound_logger_follows_every_new_configuration() -> None:
+    """Bound once per configuration (not per line), it still writes where the latest
+    configuration says, redacting as it says."""
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("json", "INFO", stream=first)
+    bound_logger().info("job", n=1)
+    assert bound_logger() is bound_logger()
+    configure_logging("json", "WARNING", stream=second)
+    register_secret(SECRET)
+    bound_logger().info("job", n=2)  # below the new level: not written
+    bound_logger().warning("job", n=3, detail=f"token {SECRET}")
+    assert [json.loads(line)["n"] for line in first.getvalue().splitlines()] == [1]
+    [line] = [json.loads(line) for line in second.getvalue().splitlines()]
+    assert (line["n"], line["detail"]) == (3, f"token {REDACTED}")
