@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,15 @@ def test_a_jobs_exchange_named_like_rabbitmqs_own_is_refused() -> None:
     assert "JOBS_EXCHANGE: Value error, names starting with amq." in load_error(
         JOBS_EXCHANGE="amq.direct"
     )
+
+
+def test_config_example_env_documents_every_setting() -> None:
+    """config/example.env is where operators look a setting up: each one is there (set, or
+    commented out with its example value)."""
+    text = (Path(__file__).parents[2] / "config" / "example.env").read_text(encoding="utf-8")
+    missing = [
+        name.upper()
+        for name in Settings.model_fields
+        if not re.search(rf"^#?\s*{name.upper()}=", text, re.MULTILINE)
+    ]
+    assert missing == []
