@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,16 @@ def declared_metrics() -> set[str]:
 
 
 def scrape(port: int) -> str:
-    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    """The worker's /metrics. dramatiq's exposition server is a process of its own, forked
+    next to the worker's: it may start listening a moment after the worker says it is ready."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def families(text: str) -> set[str]:
