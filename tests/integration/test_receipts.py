@@ -5,12 +5,13 @@ the outbox and the limiter."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.integration.conftest import finish_job, redis_client
+from tests.integration.conftest import finish_job, free_port, redis_client
 from worker.campaigns.store import CampaignRef
 from worker.errors import Deferred
 from worker.finish.outbox import STREAM
@@ -28,6 +29,7 @@ from worker.receipts.actor import record_statuses
 from worker.receipts.links import LINK_PREFIX
 from worker.receipts.models import STATUS_ACTOR, StatusJob
 from worker.runtime.services import Services
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +275,29 @@ def test_a_131049_status_holds_the_recipients_campaign_sends(services: Services)
         services.gate.admit("phone-2", TO, "campaign")
     assert held.value.kind == "recipient_capped"
     assert services.gate.admit("phone-2", TO, "transactional").waited_s >= 0
+
+
+def test_redis_down_holds_the_status_job_and_records_nothing(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The job waits (no retry used) rather than failing or recording half of it."""
+    nobody = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    down = Services.open(make_settings(redis_url=nobody), threads=1)
+    try:
+        with pytest.raises(Deferred) as held:
+            _job(down, _entry("wamid.down", "delivered"))
+    finally:
+        down.close()
+    assert held.value.kind == "redis_unavailable"
+
+
+def test_statuses_are_recorded_after_redis_forgot_the_script(
+    services: Services, spring: CampaignRef
+) -> None:
+    """After a restart or SCRIPT FLUSH the record's script is loaded again, and the statuses
+    of that round trip are recorded once."""
+    _send(services, "wamid.flush")
+    with redis_client() as client:
+        client.script_flush()
+    assert _status(services, "wamid.flush", "delivered").effect == "recorded"
+    assert _funnel(services) == {"status:delivered": 1}

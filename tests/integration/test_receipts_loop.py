@@ -6,7 +6,6 @@ status actor, and end up in ``campaign status``'s funnel; a forged webhook publi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,11 +17,11 @@ import httpx
 import pytest
 
 from tests.integration.conftest import (
-    AMQP_URL,
-    REDIS_URL,
     Simulator,
+    free_port,
     queue_depth,
     wait_until,
+    worker_env,
 )
 from worker.campaigns.store import CampaignRef, CampaignStore
 from worker.connections.redis import open_redis
@@ -36,36 +35,22 @@ SECRET = "loop-test-app-secret"
 CLI = [sys.executable, "-m", "worker.commands.main"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _env(**settings: str) -> dict[str, str]:
-    own = ("VERLOOP_", "AMQP", "REDIS_URL", "WEBHOOK_", "METRICS_", "LOG_")
-    base = {k: v for k, v in os.environ.items() if not k.upper().startswith(own)}
-    return base | {"AMQP_URL": AMQP_URL, "REDIS_URL": REDIS_URL, "LOG_FORMAT": "json"} | settings
-
-
 class Receiver:
     """``verloop-worker webhooks`` as a process of its own."""
 
-    def __init__(self, log: Path) -> None:
-        self.port = _free_port()
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/webhooks/whatsapp"
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
             [*CLI, "webhooks"],
-            env=_env(
-                WEBHOOK_APP_SECRET=SECRET,
-                WEBHOOK_BIND="127.0.0.1",
-                WEBHOOK_PORT=str(self.port),
-                WEBHOOK_METRICS_PORT="0",
-            ),
+            env=env
+            | {
+                "WEBHOOK_APP_SECRET": SECRET,
+                "WEBHOOK_BIND": "127.0.0.1",
+                "WEBHOOK_PORT": str(self.port),
+                "WEBHOOK_METRICS_PORT": "0",
+            },
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -86,8 +71,14 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    running = Receiver(tmp_path / "receiver.log")
+def cli_env(simulator: Simulator) -> dict[str, str]:
+    """The environment of the CLI and the receiver, aimed at the test services."""
+    return worker_env(simulator)
+
+
+@pytest.fixture
+def receiver(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Receiver]:
+    running = Receiver(cli_env, tmp_path / "receiver.log")
     yield running
     running.stop()
 
@@ -106,7 +97,9 @@ def _statuses(simulator: Simulator, receiver: Receiver, **shares: Any) -> None:
     answer.raise_for_status()
 
 
-def _start_campaign(tmp_path: Path, campaign: str, recipients: int, phone: str) -> None:
+def _start_campaign(
+    env: dict[str, str], tmp_path: Path, campaign: str, recipients: int, phone: str
+) -> None:
     rows = tmp_path / f"{campaign}.csv"
     rows.write_text("to\n" + "".join(f"+91987650{n:04d}\n" for n in range(recipients)))
     done = subprocess.run(
@@ -126,7 +119,7 @@ def _start_campaign(tmp_path: Path, campaign: str, recipients: int, phone: str) 
             "--language",
             "en",
         ],
-        env=_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -135,10 +128,10 @@ def _start_campaign(tmp_path: Path, campaign: str, recipients: int, phone: str) 
     assert done.returncode == 0, done.stderr
 
 
-def _funnel(campaign: str) -> dict[str, Any]:
+def _funnel(env: dict[str, str], campaign: str) -> dict[str, Any]:
     done = subprocess.run(
         [*CLI, "campaign", "status", campaign, "--json"],
-        env=_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=30,
@@ -151,6 +144,7 @@ def test_every_status_of_a_campaign_reaches_its_funnel_duplicated_and_out_of_ord
     simulator: Simulator,
     receiver: Receiver,
     start_worker: Callable[..., WorkerApp],
+    cli_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
     _statuses(
@@ -165,7 +159,7 @@ def test_every_status_of_a_campaign_reaches_its_funnel_duplicated_and_out_of_ord
         seed=15,
     )
     start_worker()
-    _start_campaign(tmp_path, "loop", 40, "phone-1")
+    _start_campaign(cli_env, tmp_path, "loop", 40, "phone-1")
     wait_until(
         lambda: (
             simulator.stats()["statuses"]["pending"] == 0
@@ -184,7 +178,7 @@ def test_every_status_of_a_campaign_reaches_its_funnel_duplicated_and_out_of_ord
     assert expected["read"] > 0
 
     def arrived() -> dict[str, Any] | None:
-        funnel = _funnel("loop")
+        funnel = _funnel(cli_env, "loop")
         got = {k: funnel[k] for k in expected}
         return funnel if got == expected else None
 
@@ -213,16 +207,17 @@ def test_a_131048_status_pauses_the_numbers_campaign_sends(
     receiver: Receiver,
     start_worker: Callable[..., WorkerApp],
     make_settings: Callable[..., Settings],
+    cli_env: dict[str, str],
     tmp_path: Path,
 ) -> None:
     """The send was accepted; WhatsApp then reports 131048 (spam rate limit): the number's next
     campaign sends wait (quality pause), its transactional sends do not."""
     _statuses(simulator, receiver, failed=1.0, failure_codes={"131048": 1.0}, seed=1)
     start_worker()
-    _start_campaign(tmp_path, "first", 1, "phone-7")
-    wait_until(lambda: _funnel("first")["failed"] == 1, timeout=60, interval=0.5)
+    _start_campaign(cli_env, tmp_path, "first", 1, "phone-7")
+    wait_until(lambda: _funnel(cli_env, "first")["failed"] == 1, timeout=60, interval=0.5)
     sent = simulator.stats()["requests"].get("send_message", 0)
-    _start_campaign(tmp_path, "second", 3, "phone-7")
+    _start_campaign(cli_env, tmp_path, "second", 3, "phone-7")
     cache = open_redis(make_settings())
     store = CampaignStore(cache)
     ref = CampaignRef("acme", "second")

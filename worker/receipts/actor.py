@@ -112,20 +112,20 @@ def _records(
 ) -> tuple[list[StatusRecord], list[tuple[Mapping[str, Any], Mapping[str, Any]] | None]]:
     """What to record for each status with a send, and the event to publish directly for each
     that has one when events do not go through the outbox."""
-    outbox = services.outbox if services.settings.outcome_exchange else None
+    outbox = services.outbox  # None: events are off, or published directly
     events_on = bool(services.settings.outcome_exchange)
     records: list[StatusRecord] = []
     direct: list[tuple[Mapping[str, Any], Mapping[str, Any]] | None] = []
     for entry, facts, link in found:
         facts.send_lane, facts.phone_id = link.lane, link.phone_id
         facts.lag_s = max(0.0, facts.at - link.sent_at)
-        event = status_event(run, entry, facts, link) if events_on else None
+        wanted = events_on and facts.status in EVENT_STATUSES
+        event = status_event(run, entry, facts, link) if wanted else None
         queued = None
-        if event is not None and facts.status in EVENT_STATUSES and outbox is not None:
+        if event is not None and outbox is not None:
             queued = (outbox.stream, outbox.max_len, outbox.entry(*event))
         records.append(StatusRecord(entry.wamid, link, facts.status, facts.code, queued))
-        wanted = event is not None and facts.status in EVENT_STATUSES and outbox is None
-        direct.append(event if wanted else None)
+        direct.append(event if outbox is None else None)
     return records, direct
 
 
