@@ -158,7 +158,7 @@ def _profile(
                     "--duration",
                     str(args.seconds),
                     "--rate",
-                    "250",
+                    str(args.rate),
                     "--format",
                     "raw",
                     "--output",
@@ -233,6 +233,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8000, help="backlog size, each worker")
     parser.add_argument("--seconds", type=int, default=12, help="how long to sample each")
     parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument(
+        "--rate", type=int, default=250, help="samples per second (more: finer, and slower)"
+    )
     run(parser.parse_args())
 
 
