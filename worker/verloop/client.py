@@ -22,6 +22,9 @@ from worker.verloop.endpoints import Endpoint, pick
 __all__ = ["MAX_RESPONSE_BYTES", "SendResult", "VerloopClient"]
 
 _HEADERS = {"User-Agent": "verloop-worker/0.1", "Accept": "application/json"}
+#: A call with a JSON body: encoded by orjson (httpx's own encoder, the standard library's, costs
+#: about a third of building the request; both write the same compact UTF-8).
+_JSON_HEADERS = _HEADERS | {"Content-Type": "application/json"}
 #: Verloop's answers are small JSON objects: more than this is not read (what was read is kept).
 MAX_RESPONSE_BYTES = 1024 * 1024
 #: Failures that mean the request never reached Verloop whole: sending it again is safe. Any
@@ -144,9 +147,11 @@ class VerloopClient:
         request = httpx.Request(
             endpoint.method,
             self._urls[name],
-            json=json,
+            content=None if json is None else orjson.dumps(json),
             params=params,
-            headers=_HEADERS | {"Authorization": token or ""} | (headers or {}),
+            headers=(_HEADERS if json is None else _JSON_HEADERS)
+            | {"Authorization": token or ""}
+            | (headers or {}),
             extensions=self._extensions,
         )
         started = time.perf_counter()
