@@ -51,7 +51,7 @@ def create_app(settings: Settings) -> WorkerApp:
         # processes started by ``verloop-worker run`` have one (and the multiprocess folder).
         # Imported here: dramatiq's module reads its metrics settings from the environment and
         # makes its folder when imported, which only a worker process should do.
-        from dramatiq.middleware.prometheus import Prometheus
+        from worker.observability.dramatiq_metrics import DramatiqMetrics
 
         cache_pid_for_multiprocess_values()
         metrics = Metrics(
@@ -59,7 +59,7 @@ def create_app(settings: Settings) -> WorkerApp:
             rate_for=settings.rate_for,
             max_label_values=settings.metrics_max_label_values,
         )
-        middleware.append(Prometheus())
+        middleware.append(DramatiqMetrics())
     lifecycle = Lifecycle(settings, metrics)
     health = os.environ.get(HEALTH_DIR_ENV)
     watch = ThreadWatch(
