@@ -18,6 +18,7 @@ import orjson
 from worker.errors import OutcomeUnknown, PermanentFailure, TransientFailure
 from worker.verloop.classify import classify_response
 from worker.verloop.endpoints import Endpoint, pick
+from worker.verloop.transport import open_transport
 
 __all__ = ["MAX_RESPONSE_BYTES", "SendResult", "VerloopClient"]
 
@@ -87,8 +88,9 @@ class VerloopClient:
         }
         # httpx's transport (its public, lower layer) rather than httpx.Client: we use none of
         # the client's per-request features (base-URL merging, cookies, auth, redirects).
-        # Timeouts travel with each request, as httpx.Client would send them.
-        self._transport = transport or httpx.HTTPTransport(limits=limits, retries=0)
+        # Timeouts travel with each request, as httpx.Client would send them, and are kept by
+        # the kernel on the transport's sockets (worker.verloop.transport).
+        self._transport = transport or open_transport(timeout, limits)
         self._extensions = {"timeout": timeout.as_dict()}
         #: Called after every call with (endpoint, status, code, seconds): the metrics hook.
         self._observe = observe
