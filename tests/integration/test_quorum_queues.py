@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from tests.integration.conftest import (
     redis_client,
     wait_until,
 )
+from tests.integration.tcp_proxy import TcpProxy
 from worker.campaigns.enqueue import enqueue_campaign
 from worker.campaigns.spec import CampaignSpec
 from worker.campaigns.store import CampaignStore
@@ -49,7 +51,7 @@ from worker.finish.deadletters import DEAD_LETTER_HEADER
 from worker.jobs.models import CAMPAIGN_QUEUE, SEND_QUEUE
 from worker.jobs.producer import Producer
 from worker.receipts.models import STATUS_QUEUE
-from worker.runtime.app import WorkerApp
+from worker.runtime.app import WorkerApp, create_app
 from worker.settings import Settings
 from worker.webhooks.publisher import Publisher
 
@@ -239,6 +241,21 @@ def test_queues_of_the_other_type_are_named_at_boot_with_the_setting_and_the_gui
     assert "QUEUE_TYPE=quorum" in str(caught.value)
 
 
+def test_the_broker_names_queues_of_the_other_type_in_its_boot_log(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker process started without `run`'s pre-flight still says what is wrong."""
+    with Producer(AMQP_URL) as producer:  # a classic verloop.send exists now
+        send(producer)
+    app = create_app(make_settings(queue_type="quorum"))
+    with caplog.at_level(logging.ERROR):
+        app.broker.declare_queues_now()
+    app.broker.close()
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "QUEUE_TYPE=quorum" in record.getMessage()
+    assert "verloop.send" in record.getMessage()
+
+
 # --- several hosts --------------------------------------------------------------------------------
 def test_with_a_dead_first_node_the_worker_and_producer_reach_the_live_one(
     simulator: Simulator, start_worker: Callable[..., WorkerApp]
@@ -263,6 +280,47 @@ def test_with_a_dead_first_node_the_worker_and_producer_reach_the_live_one(
         assert wait_until(event, timeout=20)["message_id"] == message_id
     finally:
         connection.close()
+
+
+def test_when_the_connected_node_goes_every_connection_moves_to_another(
+    simulator: Simulator, start_worker: Callable[..., WorkerApp]
+) -> None:
+    """The first node is a proxy to RabbitMQ: the worker and the producer connect through it;
+    once it drops its connections and refuses new ones, consumers, the events relay and the
+    producer reconnect to the second node and the next job is sent and reported."""
+    proxy = TcpProxy()
+    parts = urlsplit(AMQP_URL)
+    userinfo = parts.netloc.rsplit("@", 1)[0]
+    first = parts._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}").geturl()
+    url = f"{first},{AMQP_URL}"
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        events = channel.queue_declare("", exclusive=True).method.queue
+        start_worker(amqp_url=url, queue_type="quorum")
+        channel.queue_bind(events, "verloop.events", routing_key="#")
+        with Producer(url, queue_type="quorum") as producer:
+            send(producer, 1)
+            wait_until(lambda: len(simulator.messages()) == 1)
+            assert proxy.handshakes > 0  # everything went through the first node
+            proxy.refuse = True
+            proxy.sever()
+            second = send(producer, 2)
+        wait_until(lambda: len(simulator.messages()) == 2, timeout=30)
+
+        def reported() -> bool:
+            while True:
+                method, _, body = channel.basic_get(events, auto_ack=True)
+                if method is None:
+                    return False
+                if json.loads(body)["message_id"] == second:
+                    return True
+
+        wait_until(reported, timeout=30)
+        assert dead_letters() == []
+    finally:
+        connection.close()
+        proxy.close()
 
 
 def test_with_a_dead_first_node_the_tools_reach_the_live_one(
