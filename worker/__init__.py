@@ -11,7 +11,7 @@ Folders by role (README.md's "Layout" lists every module):
 - ``limits/``         each number's rate limit, shared by the fleet through Redis
 - ``campaigns/``      one template to many recipients: file, enqueue, state, send windows
 - ``dlq/``            dead-letter tooling: read, replay, purge, export
-- ``connections/``    Redis and AMQP connections, Redis keys
+- ``connections/``    Redis and AMQP connections, queue arguments, Redis keys
 - ``runtime/``        a worker process: app, broker, actors, services, supervisor, health
 - ``commands/``       every ``verloop-worker`` command: options and printing
 - ``observability/``  logging and metrics

@@ -89,7 +89,12 @@ class Settings(BaseSettings):
     )
 
     # --- services -------------------------------------------------------------------------
+    #: One URL, or the nodes of a cluster as several URLs separated by commas (tried in order;
+    #: worker/connections/amqp.py).
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
+    #: The type every queue of the worker is declared with: classic (one node), or quorum
+    #: (replicated across a cluster; worker/connections/queues.py). Immutable once declared.
+    queue_type: Literal["classic", "quorum"] = "classic"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
 
     # --- Verloop ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import dq_name, xq_name
 
 from bench.common import set_deploy_policies
+from worker.connections.queues import dead_letter_queue_arguments, work_queue_arguments
 from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 from worker.jobs.producer import queue_arguments
 from worker.receipts.models import STATUS_QUEUE
@@ -669,37 +670,76 @@ def test_definitions_declare_the_queues_as_the_worker_does() -> None:
         assert queue["vhost"] == "/"
 
 
-def test_definitions_make_the_long_queues_lazy_and_leave_the_transactional_queue_alone() -> None:
-    """The policy keeps a campaign's millions of jobs (and dead letters) on disk rather than in
-    memory (RabbitMQ before 3.12 pages a long in-memory queue out in bulk; from 3.12 classic
-    queues behave this way anyway and ignore the key). A real RabbitMQ applies it, the way
-    ``make bench`` does, to a vhost of its own, so the check covers RabbitMQ's own pattern
-    matching, not just ours."""
-    lazy = {CAMPAIGN_QUEUE, dq_name(CAMPAIGN_QUEUE), *(xq_name(q) for q in WORKER_QUEUES)}
+def _policies_applied(vhost: str, *, default_queue_type: str | None = None) -> dict[str, Any]:
+    """Apply definitions.json's policies to a new ``vhost`` of the real RabbitMQ, declare every
+    queue the way the worker's classic path does (dramatiq's arguments), and return, per
+    queue, its type and the policy RabbitMQ applied; the vhost is deleted after."""
     ctl = _tool("rabbitmqctl", "apt-get install -y rabbitmq-server")
-    vhost = "verloop-policy-check"
     _run([ctl, "-q", "delete_vhost", vhost])
-    _assert_ok(_run([ctl, "-q", "add_vhost", vhost]))
+    default = ["--default-queue-type", default_queue_type] if default_queue_type else []
+    _assert_ok(_run([ctl, "-q", "add_vhost", vhost, *default]))
     try:
         _assert_ok(_run([ctl, "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]))
-        (policy,) = set_deploy_policies(ctl, vhost)
-        assert policy["definition"] == {"queue-mode": "lazy"}
+        policies = {p["name"]: p for p in set_deploy_policies(ctl, vhost)}
         connection = pika.BlockingConnection(
             pika.URLParameters(f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
         )
         try:
             channel = connection.channel()
-            for queue in ALL_QUEUES:
-                channel.queue_declare(queue, durable=True)
+            for main in WORKER_QUEUES:
+                channel.queue_declare(main, durable=True, arguments=queue_arguments(main))
+                channel.queue_declare(dq_name(main), durable=True, arguments=queue_arguments(main))
+                dead = {"x-message-ttl": DEAD_MESSAGE_TTL}
+                channel.queue_declare(xq_name(main), durable=True, arguments=dead)
         finally:
             connection.close()
-        listing = [ctl, "-q", "list_queues", "-p", vhost, "--no-table-headers", "name", "policy"]
-        listed = _run(listing)
+        listing = [ctl, "-q", "list_queues", "-p", vhost, "name", "type", "policy"]
+        listed = _run([*listing, "--formatter", "json"])
         _assert_ok(listed)
-        applied = dict(line.split("\t") for line in listed.stdout.strip().splitlines())
-        assert {q for q, name in applied.items() if name == policy["name"]} == lazy
+        rows = json.loads(listed.stdout)
+        return {"policies": policies, "queues": {row.pop("name"): row for row in rows}}
     finally:
         _run([ctl, "-q", "delete_vhost", vhost])
+
+
+def test_definitions_make_the_long_queues_lazy_and_leave_the_transactional_queue_alone() -> None:
+    """The policy keeps a campaign's millions of jobs (and dead letters) on disk rather than in
+    memory (RabbitMQ before 3.12 pages a long in-memory queue out in bulk; from 3.12 classic
+    queues behave this way anyway and ignore the key). A real RabbitMQ applies it, the way
+    ``make bench`` does, to a vhost of its own, so the check covers RabbitMQ's own pattern
+    matching, not just ours. The quorum policies hold keys classic queues do not take, so
+    RabbitMQ applies none of them to a classic queue."""
+    lazy = {CAMPAIGN_QUEUE, dq_name(CAMPAIGN_QUEUE), *(xq_name(q) for q in WORKER_QUEUES)}
+    applied = _policies_applied("verloop-policy-check")
+    policies = applied["policies"]
+    assert policies["verloop-long-queues"]["definition"] == {"queue-mode": "lazy"}
+    assert {row["type"] for row in applied["queues"].values()} == {"classic"}
+    named = {q: row["policy"] for q, row in applied["queues"].items() if row["policy"]}
+    assert named == dict.fromkeys(lazy, "verloop-long-queues")
+
+
+def test_definitions_give_quorum_queues_the_worker_s_quorum_arguments() -> None:
+    """The vhost route (a vhost whose default queue type is quorum, dramatiq's own declarations
+    unchanged): every queue becomes quorum and gets, by policy, what QUEUE_TYPE=quorum would
+    have declared."""
+    applied = _policies_applied("verloop-policy-check-quorum", default_queue_type="quorum")
+    policies = applied["policies"]
+    for name, row in applied["queues"].items():
+        assert row["type"] == "quorum", name
+        definition = policies[row["policy"]]["definition"]
+        if name.endswith(".XQ"):
+            expected = dead_letter_queue_arguments("quorum")
+        else:
+            expected = work_queue_arguments(name.removesuffix(".DQ"), "quorum")
+        for key, value in expected.items():
+            if key.startswith("x-") and key[2:] in definition:
+                assert definition[key[2:]] == value, (name, key)
+        assert "x-delivery-limit" in expected
+        assert definition["delivery-limit"] == expected["x-delivery-limit"], name
+        if not name.endswith(".XQ"):
+            assert definition["dead-letter-strategy"] == "at-least-once", name
+            assert definition["overflow"] == "reject-publish", name
+        assert "max-priority" not in definition
 
 
 def test_definitions_permissions_are_least_privilege() -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import structlog
 
+from worker.connections.amqp import amqp_parameter_list
+from worker.errors import ConfigurationError
 from worker.observability.logging import (
     REDACTED,
     DirectStream,
@@ -218,6 +220,15 @@ def test_url_passwords_are_masked_in_log_lines() -> None:
             "amqps://h/?ssl_options=%7B%27password%27%3A+%27kp%27%7D&heartbeat=5",
             "amqps://h/?ssl_options=***&heartbeat=5",
         ),
+        # AMQP_URL naming several nodes: each URL is masked on its own.
+        (
+            "amqp://u:p1@n1:5672/%2F,amqp://u:p2@n2:5672/%2F,amqps://u:p3@n3:5671/%2F",
+            "amqp://u:***@n1:5672/%2F,amqp://u:***@n2:5672/%2F,amqps://u:***@n3:5671/%2F",
+        ),
+        (
+            "amqp://u:p,1@n1/v?password=q,amqp://u:p@2,@n2/v, amqp://u:p:3@n3/v",
+            "amqp://u:***@n1/v?password=***,amqp://u:***@n2/v, amqp://u:***@n3/v",
+        ),
     ],
 )
 def test_mask_url_hides_only_the_password(url: str, masked: str) -> None:
@@ -232,6 +243,22 @@ def test_url_secrets_inside_text_are_masked_whole() -> None:
     assert scrub_text(text) == (
         "cannot connect to amqp://u:***@h:5672/%2F, then redis://h/0?password=*** z"
     )
+
+
+def test_every_node_s_password_is_masked_in_log_lines_and_errors() -> None:
+    """A multi-node AMQP_URL in a log line, and in the error for a URL pika cannot read, shows
+    no node's password."""
+    urls = "amqp://u:pw-one@n1/%2F,amqp://u:pw-two@n2/%2F?ssl_options=broken"
+    with json_logging() as stream:
+        structlog.get_logger("t").info("connecting", amqp=urls)
+    (line,) = lines(stream)
+    assert "pw-one" not in json.dumps(line)
+    assert "pw-two" not in json.dumps(line)
+    with pytest.raises(ConfigurationError) as caught:
+        amqp_parameter_list(urls)
+    assert "pw-one" not in str(caught.value)
+    assert "pw-two" not in str(caught.value)
+    assert "AMQP_URL" in str(caught.value)
 
 
 def test_forget_secrets_stops_redacting_them() -> None:

@@ -27,6 +27,7 @@ from worker.campaigns.rejects import RejectsFile, spreadsheet_safe
 from worker.campaigns.rows import RowValidator
 from worker.campaigns.spec import CampaignInputError, CampaignSpec
 from worker.campaigns.store import CampaignStore
+from worker.connections.queues import QueueType
 from worker.errors import ConfigurationError
 
 __all__ = [
@@ -100,6 +101,7 @@ def enqueue_campaign(
     amqp_url: str,
     store: CampaignStore,
     exchange: str = "",
+    queue_type: QueueType = "classic",
     rejects_path: Path | None = None,
     file_format: FileFormat | None = None,
     batch_size: int = 2000,
@@ -110,7 +112,8 @@ def enqueue_campaign(
     """Enqueue every valid row of ``path`` as a ``send_message`` job, resuming if the campaign
     exists. ``progress(bytes_read, rows_read)`` is called as the file is read. Jobs go to
     ``exchange`` with the queue name as routing key: ``""`` is the default exchange (the queue
-    is declared first), else the jobs exchange (nothing declared; see worker.runtime.jobs_exchange).
+    is declared first, as a ``queue_type`` queue), else the jobs exchange (nothing declared; see
+    worker.runtime.jobs_exchange). ``amqp_url`` may name several nodes (comma-separated).
 
     Raises:
         CampaignInputError: the file, its columns or ``spec`` cannot make a campaign.
@@ -180,6 +183,7 @@ def enqueue_campaign(
         run = PublishRun(
             amqp_url=amqp_url,
             exchange=exchange,
+            queue_type=queue_type,
             rows=rows,
             validator=validator,
             rejects=rejects,

@@ -1,8 +1,9 @@
 """Publishing a campaign's rows: the confirm loop of one run over the file.
 
 Pipelined on one pika ``SelectConnection``: up to ``window`` persistent, ``mandatory`` messages
-in flight to ``verloop.campaign`` (declared first with dramatiq's arguments); the checkpoint
-advances as confirms arrive. Resume, Ctrl-C and failures: :mod:`worker.campaigns.enqueue`.
+in flight to ``verloop.campaign`` (declared first with the worker's arguments); the checkpoint
+advances as confirms arrive. The connection goes to the first node of ``AMQP_URL`` that
+answers. Resume, Ctrl-C and failures: :mod:`worker.campaigns.enqueue`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from worker.campaigns.reader import RawRow
 from worker.campaigns.rejects import RejectsFile
 from worker.campaigns.rows import RowValidator
 from worker.campaigns.store import CampaignRef, CampaignStore
-from worker.connections.amqp import amqp_parameters
+from worker.connections.amqp import amqp_parameter_list
+from worker.connections.queues import QueueType, inequivalent_queue
 from worker.errors import EnqueueError
 from worker.jobs.models import CAMPAIGN_QUEUE
 from worker.jobs.producer import queue_arguments
@@ -73,6 +75,7 @@ class PublishRun:
         *,
         amqp_url: str,
         exchange: str,
+        queue_type: QueueType = "classic",
         rows: Iterator[RawRow],
         validator: RowValidator,
         rejects: RejectsFile,
@@ -85,6 +88,7 @@ class PublishRun:
     ) -> None:
         self.amqp_url = amqp_url
         self.exchange = exchange
+        self.queue_type = queue_type
         self.rows = rows
         self.validator = validator
         self.rejects = rejects
@@ -109,25 +113,33 @@ class PublishRun:
         self.interrupted = False
         self.connection: Any = None
         self.channel: Any = None
+        #: The last connection could not be opened at all (the next node is tried).
+        self.open_failed = False
 
     # --- connection lifecycle ------------------------------------------------------------------
     def run(self) -> None:
-        parameters = amqp_parameters(self.amqp_url)
-        self.connection = pika.SelectConnection(
-            parameters,
-            on_open_callback=self._on_open,
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_closed,
-        )
+        nodes = amqp_parameter_list(self.amqp_url)
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, self._on_sigint) if main_thread else None
         try:
-            self.connection.ioloop.start()
+            for parameters in nodes:  # the first node that answers
+                self.error, self.open_failed = None, False
+                self.connection = pika.SelectConnection(
+                    parameters,
+                    on_open_callback=self._on_open,
+                    on_open_error_callback=self._on_open_error,
+                    on_close_callback=self._on_closed,
+                )
+                try:
+                    self.connection.ioloop.start()
+                finally:
+                    self.connection.ioloop.close()  # its wake-up socket pair
+                if not self.open_failed or self.interrupted:
+                    break
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
             self.rejects.flush()
-            self.connection.ioloop.close()  # its wake-up socket pair
         if self.error is not None:
             raise CampaignEnqueueError(self.error)
         if self.interrupted and not self.eof:
@@ -143,6 +155,7 @@ class PublishRun:
         connection.channel(on_open_callback=self._on_channel)
 
     def _on_open_error(self, _: Any, exc: BaseException) -> None:
+        self.open_failed = True
         self.error = f"cannot connect to RabbitMQ at {mask_url(self.amqp_url)} ({_describe(exc)})"
         self.connection.ioloop.stop()
 
@@ -165,7 +178,7 @@ class PublishRun:
         self.channel.queue_declare(
             CAMPAIGN_QUEUE,
             durable=True,
-            arguments=queue_arguments(CAMPAIGN_QUEUE),
+            arguments=queue_arguments(CAMPAIGN_QUEUE, self.queue_type),
             callback=self._on_declared,
         )
 
@@ -175,6 +188,10 @@ class PublishRun:
 
     def _on_channel_closed(self, _: Any, exc: BaseException) -> None:
         if not self.closing:
+            problem = inequivalent_queue(exc, self.queue_type)
+            if problem is not None:
+                self._fail(problem)
+                return
             self._fail(self._stopped_at(f"RabbitMQ closed the channel ({_describe(exc)})"))
 
     # --- publishing ----------------------------------------------------------------------------

@@ -194,6 +194,7 @@ def start(
                 spec,
                 amqp_url=settings.amqp_url.get_secret_value(),
                 exchange=settings.producer_exchange,
+                queue_type=settings.queue_type,
                 store=CampaignStore(cache),
                 rejects_path=rejects_path,
                 file_format=fmt,

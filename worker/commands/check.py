@@ -13,8 +13,8 @@ import pika.exceptions
 import redis
 
 from worker.commands.context import current_settings
+from worker.connections.amqp import amqp_parameter_list
 from worker.errors import ConfigurationError, JobFailure
-from worker.jobs.producer import amqp_parameters
 from worker.observability.logging import mask_url, scrub_text, unreadable_url
 from worker.runtime.health import health_dir, read_health
 from worker.runtime.services import open_redis, open_verloop_client
@@ -80,9 +80,8 @@ def service_problems(settings: Settings) -> list[tuple[str, str, str | None]]:
     amqp = settings.amqp_url.get_secret_value()
     amqp_problem = None
     try:
-        params = amqp_parameters(amqp)
-        params.connection_attempts = 1
-        params.socket_timeout = 3
+        # One node answering is enough: every AMQP user goes to the first that answers.
+        params = amqp_parameter_list(amqp, connection_attempts=1, socket_timeout=3)
         pika.BlockingConnection(params).close()
     except ConfigurationError as exc:
         amqp_problem = str(exc)

@@ -160,7 +160,11 @@ def store(queues: tuple[str, ...]) -> Iterator[DeadLetterStore]:
     """The dead-letter store of ``queues`` (all by default); its errors exit 1, scrubbed."""
     settings = current_settings()
     try:
-        store = DeadLetterStore(settings.amqp_url.get_secret_value(), queues or DLQ_QUEUES)
+        store = DeadLetterStore(
+            settings.amqp_url.get_secret_value(),
+            queues or DLQ_QUEUES,
+            queue_type=settings.queue_type,
+        )
     except DlqError as exc:
         raise click.ClickException(scrub_text(str(exc))) from None
     try:

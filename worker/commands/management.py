@@ -56,7 +56,7 @@ def run_management_job(
         ).method.queue
         channel.queue_bind(queue, settings.outcome_exchange, routing_key=f"manage.{actor}.*")
         try:
-            with Producer(url) as producer:
+            with Producer(url, queue_type=settings.queue_type) as producer:
                 message_id = producer.enqueue(actor, kwargs)
         except EnqueueError as exc:
             raise click.ClickException(str(exc)) from None

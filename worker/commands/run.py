@@ -1,7 +1,8 @@
 """``verloop-worker run``: start the worker processes under dramatiq's process manager.
 
-Settings and services are checked first, so a bad setup stops here with one sentence rather
-than in every worker process; then the metrics and health folders are prepared and the process
+Settings and services are checked first (and the queues declared, so queues of another
+``QUEUE_TYPE`` are named here), so a bad setup stops here with one sentence rather than in
+every worker process; then the metrics and health folders are prepared and the process
 manager is supervised (signals passed on; it never outlives us). ``--sandbox``: see
 :mod:`worker.commands.sandbox`.
 """
@@ -18,6 +19,8 @@ import uuid
 from pathlib import Path
 
 import click
+import pika.exceptions
+from dramatiq.common import dq_name, xq_name
 
 from worker.commands.check import service_problems
 from worker.commands.context import current_env_file, current_settings
@@ -27,9 +30,16 @@ from worker.commands.sandbox import (
     simulator,
     status_receiver,
 )
+from worker.connections.amqp import close_quietly, open_connection
+from worker.connections.queues import (
+    dead_letter_queue_arguments,
+    inequivalent_queue,
+    work_queue_arguments,
+)
 from worker.errors import ConfigurationError
-from worker.jobs.models import CAMPAIGN_QUEUE
+from worker.jobs.models import CAMPAIGN_QUEUE, MANAGE_QUEUE, SEND_QUEUE
 from worker.observability.logging import configure_logging, resolve_log_format
+from worker.receipts.models import STATUS_QUEUE
 from worker.runtime.health import HEALTH_DIR_ENV, health_dir
 from worker.runtime.lifeline import PARENT_PID_VARIABLE
 from worker.settings import Settings
@@ -116,6 +126,9 @@ def run(
             settings = current_settings()  # the sandbox overrides are in the environment now
             banner(url)
         problems = [(name, p) for name, _, p in service_problems(settings) if p is not None]
+        queue_problem = None if problems else _queue_type_problem(settings)
+        if queue_problem is not None:
+            problems.append(("RabbitMQ", queue_problem))
         if problems:
             for name, problem in problems:
                 click.secho(f"✗ {name}: {problem}", fg="red", err=True)
@@ -140,6 +153,29 @@ def run(
             args += ["--queues", *queues]
         code = _supervise([sys.executable, "-m", "worker.runtime.supervisor", *args])
     sys.exit(code)
+
+
+def _queue_type_problem(settings: Settings) -> str | None:
+    """Declare the worker's queues as its processes will (they do it again at boot): the
+    sentence to show if RabbitMQ has them with other arguments (another QUEUE_TYPE), else None
+    (RabbitMQ not answering now is left to the processes, which wait for it)."""
+    try:
+        connection = open_connection(settings.amqp_url.get_secret_value())
+    except (pika.exceptions.AMQPError, OSError):
+        return None
+    try:
+        channel = connection.channel()
+        for queue in (SEND_QUEUE, CAMPAIGN_QUEUE, MANAGE_QUEUE, STATUS_QUEUE):
+            arguments = work_queue_arguments(queue, settings.queue_type)
+            channel.queue_declare(queue, durable=True, arguments=arguments)
+            channel.queue_declare(dq_name(queue), durable=True, arguments=arguments)
+            xq_arguments = dead_letter_queue_arguments(settings.queue_type)
+            channel.queue_declare(xq_name(queue), durable=True, arguments=xq_arguments)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        return inequivalent_queue(exc, settings.queue_type)
+    finally:
+        close_quietly(connection)
+    return None
 
 
 def _metrics_environment(settings: Settings) -> dict[str, str]:
@@ -238,7 +274,7 @@ def _enqueue_demo(settings: Settings, count: int) -> None:
         store.finish_enqueue(campaign, total_rows=count)
     finally:
         cache.close()
-    with Producer(settings.amqp_url.get_secret_value()) as producer:
+    with Producer(settings.amqp_url.get_secret_value(), queue_type=settings.queue_type) as producer:
         for n in range(count):
             kwargs = {
                 "client_id": campaign.client_id,

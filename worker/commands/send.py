@@ -51,7 +51,9 @@ def send(
     settings = current_settings()
     try:
         with Producer(
-            settings.amqp_url.get_secret_value(), exchange=settings.producer_exchange
+            settings.amqp_url.get_secret_value(),
+            exchange=settings.producer_exchange,
+            queue_type=settings.queue_type,
         ) as producer:
             message_id = producer.send_message(
                 client_id=client_id,

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from worker.commands.context import current_settings
-from worker.connections.amqp import amqp_parameters
+from worker.connections.amqp import amqp_parameter_list
 from worker.errors import ConfigurationError
 from worker.observability.logging import configure_logging, register_secret
 from worker.runtime.lifeline import follow_parent_from_environment
@@ -57,7 +57,7 @@ def webhooks() -> None:
             "> Basic); set it in the environment or the --env-file (see config/example.env)"
         )
     try:
-        amqp_parameters(settings.amqp_url.get_secret_value())
+        amqp_parameter_list(settings.amqp_url.get_secret_value())
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None
     register_secret(settings.webhook_app_secret.get_secret_value())

@@ -4,21 +4,46 @@ and a channel reopened on a new connection after a failure.
 Every pika ``BlockingConnection`` of the worker's tools opens and closes here, so a URL pika
 cannot read is reported the same way everywhere (never quoting a secret), and closing a broken
 connection never raises.
+
+``AMQP_URL`` may name several nodes of a cluster, separated by commas (a comma starts a new URL
+only where ``amqp://`` or ``amqps://`` follows, so one inside ``ssl_options`` stays put): every
+connection goes to the first node that answers, and a connection opened again after its node
+went goes to the first that answers then.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import Any
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 import pika
 import pika.exceptions
 
 from worker.errors import ConfigurationError
-from worker.observability.logging import unreadable_url
+from worker.observability.logging import mask_url, unreadable_url
 
-__all__ = ["ReconnectingChannel", "amqp_parameters", "close_quietly", "open_connection"]
+__all__ = [
+    "ReconnectingChannel",
+    "amqp_parameter_list",
+    "amqp_parameters",
+    "close_quietly",
+    "open_connection",
+    "split_amqp_urls",
+]
+
+#: A comma followed by the scheme of another AMQP URL: where ``AMQP_URL`` names the next node.
+_NEXT_URL = re.compile(r",\s*(?=amqps?://)", re.IGNORECASE)
+
+#: A connection target: one URL (or several, comma-separated), or pika parameters to try in turn.
+Target: TypeAlias = str | pika.ConnectionParameters | Sequence[pika.ConnectionParameters]
+
+
+def split_amqp_urls(value: str) -> list[str]:
+    """The URLs in ``value``: one, or several separated by commas (each new one starting with
+    ``amqp://`` or ``amqps://``), in the order they are tried."""
+    return [url.strip() for url in _NEXT_URL.split(value.strip()) if url.strip()]
 
 
 def amqp_parameters(
@@ -36,6 +61,10 @@ def amqp_parameters(
             it refused: pika's own messages can quote a value (it evaluates ``ssl_options``,
             which may hold a key file's password).
     """
+    if len(split_amqp_urls(url)) > 1:
+        raise ConfigurationError(
+            f"AMQP_URL {mask_url(url)} names several nodes: read it with amqp_parameter_list"
+        )
     try:
         parameters = pika.URLParameters(url)
     except Exception as exc:  # noqa: BLE001 - pika raises many kinds, a SyntaxError among them
@@ -51,14 +80,48 @@ def amqp_parameters(
     return parameters
 
 
-def open_connection(target: str | pika.ConnectionParameters) -> Any:
-    """A new ``BlockingConnection`` to ``target`` (a URL, read by :func:`amqp_parameters`).
+def amqp_parameter_list(
+    urls: str,
+    *,
+    connection_attempts: int | None = None,
+    socket_timeout: float | None = None,
+    blocked_connection_timeout: float | None = None,
+    heartbeat: int | None = None,
+) -> list[pika.URLParameters]:
+    """:func:`amqp_parameters` for each URL of ``urls`` (see :func:`split_amqp_urls`), in order.
 
     Raises:
-        ConfigurationError: the URL cannot be read.
-        pika.exceptions.AMQPError, OSError: RabbitMQ could not be reached or refused us.
+        ConfigurationError: pika cannot read one of them (the message masks every URL).
     """
-    parameters = amqp_parameters(target) if isinstance(target, str) else target
+    found = split_amqp_urls(urls)
+    if not found:
+        raise ConfigurationError("AMQP_URL is empty; see config/example.env")
+    return [
+        amqp_parameters(
+            url,
+            connection_attempts=connection_attempts,
+            socket_timeout=socket_timeout,
+            blocked_connection_timeout=blocked_connection_timeout,
+            heartbeat=heartbeat,
+        )
+        for url in found
+    ]
+
+
+def open_connection(target: Target) -> Any:
+    """A new ``BlockingConnection`` to the first node of ``target`` that answers (URLs are read
+    by :func:`amqp_parameter_list`; pika tries a list of parameters in order).
+
+    Raises:
+        ConfigurationError: a URL cannot be read.
+        pika.exceptions.AMQPError, OSError: no node could be reached, or one refused us.
+    """
+    if isinstance(target, str):
+        parameters: Any = amqp_parameter_list(target)
+        if len(parameters) == 1:
+            parameters = parameters[0]
+    else:
+        parameters = target
     return pika.BlockingConnection(parameters)
 
 
@@ -80,7 +143,7 @@ class ReconnectingChannel:
 
     def __init__(
         self,
-        target: str | pika.ConnectionParameters,
+        target: Target,
         *,
         setup: Callable[[Any], None] | None = None,
     ) -> None:

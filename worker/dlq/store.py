@@ -12,7 +12,8 @@ import pika
 import pika.exceptions
 from dramatiq.common import xq_name
 
-from worker.connections.amqp import amqp_parameters, close_quietly, open_connection
+from worker.connections.amqp import amqp_parameter_list, close_quietly, open_connection
+from worker.connections.queues import QueueType
 from worker.dlq.edits import Edit, apply_edits
 from worker.dlq.entries import DLQ_QUEUES, DeadLetterEntry, DlqError
 from worker.dlq.filters import Filters
@@ -94,13 +95,19 @@ class DeadLetterStore:
     them and returns them to their queue when it finishes (see the module docstring).
     """
 
-    def __init__(self, amqp_url: str, queues: Sequence[str] = DLQ_QUEUES) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        queues: Sequence[str] = DLQ_QUEUES,
+        *,
+        queue_type: QueueType = "classic",
+    ) -> None:
         self.queues = tuple(queues)
         try:
             # No heartbeats: the connection idles while an operator reads a purge prompt, and
             # its unacknowledged messages must still be there when they answer. A dead peer is
             # noticed by TCP; RabbitMQ's consumer timeout (30 minutes) bounds the wait.
-            params = amqp_parameters(
+            params = amqp_parameter_list(
                 amqp_url,
                 connection_attempts=1,
                 socket_timeout=5,
@@ -114,7 +121,7 @@ class DeadLetterStore:
         except (pika.exceptions.AMQPError, OSError) as exc:
             raise DlqError(f"cannot connect to RabbitMQ ({type(exc).__name__})") from None
         # Replays go through the producer's confirmed publishing, on a connection of its own.
-        self._producer = Producer(amqp_url)
+        self._producer = Producer(amqp_url, queue_type=queue_type)
         self._reading: list[Any] = []
 
     def __enter__(self) -> DeadLetterStore:

@@ -15,9 +15,9 @@ from typing import Any
 
 import pika
 import pika.exceptions
-from dramatiq.common import xq_name
 
-from worker.connections.amqp import ReconnectingChannel, amqp_parameters
+from worker.connections.amqp import ReconnectingChannel, amqp_parameter_list, amqp_parameters
+from worker.connections.queues import QueueType, inequivalent_queue, work_queue_arguments
 from worker.errors import EnqueueError
 from worker.jobs.models import SEND_QUEUE
 from worker.jobs.registry import JOB_TYPES, parse_job
@@ -35,9 +35,9 @@ _ACCESS_REFUSED = 403
 _NOT_FOUND = 404
 
 
-def queue_arguments(queue: str) -> dict[str, Any]:
-    """The arguments dramatiq declares its queues with; a producer must declare the same."""
-    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": xq_name(queue)}
+def queue_arguments(queue: str, queue_type: QueueType = "classic") -> dict[str, Any]:
+    """The arguments the worker declares its queues with; a producer must declare the same."""
+    return work_queue_arguments(queue, queue_type)
 
 
 class Producer:
@@ -47,12 +47,17 @@ class Producer:
     default exchange (each queue is declared before its first publish, so the user needs
     configure permission on it), or the jobs exchange (``verloop.jobs``, ``JOBS_EXCHANGE``):
     nothing is declared, for a RabbitMQ user that may write to that exchange and nothing else.
+    ``queue_type`` must be the workers' ``QUEUE_TYPE`` (queues are declared with its
+    arguments). ``amqp_url`` may name several nodes, comma-separated: see ``AMQP_URL``.
     """
 
-    def __init__(self, amqp_url: str, *, exchange: str = "") -> None:
+    def __init__(
+        self, amqp_url: str, *, exchange: str = "", queue_type: QueueType = "classic"
+    ) -> None:
         self.exchange = exchange
+        self.queue_type = queue_type
         self._amqp = ReconnectingChannel(
-            amqp_parameters(amqp_url, blocked_connection_timeout=_BLOCKED_TIMEOUT_S),
+            amqp_parameter_list(amqp_url, blocked_connection_timeout=_BLOCKED_TIMEOUT_S),
             setup=self._setup_channel,
         )
         self._declared: set[str] = set()
@@ -137,6 +142,9 @@ class Producer:
                 self._reset()
                 if exc.reply_code in (_ACCESS_REFUSED, _NOT_FOUND):
                     raise EnqueueError(self._refused(exc)) from None  # trying again cannot help
+                problem = inequivalent_queue(exc, self.queue_type)
+                if problem is not None:
+                    raise EnqueueError(problem) from None
                 last_error = exc
             except (pika.exceptions.AMQPError, OSError) as exc:
                 last_error = exc
@@ -150,7 +158,8 @@ class Producer:
     def _ensure_channel(self, queue: str) -> Any:
         channel = self._amqp.channel()
         if not self.exchange and queue not in self._declared:
-            channel.queue_declare(queue=queue, durable=True, arguments=queue_arguments(queue))
+            arguments = queue_arguments(queue, self.queue_type)
+            channel.queue_declare(queue=queue, durable=True, arguments=arguments)
             self._declared.add(queue)
         return channel
 

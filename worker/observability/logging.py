@@ -46,7 +46,9 @@ _SECRET_KEY = re.compile(
     r"(?:^|[_-])(?:token|password|passwd|secret|authorization|api[_-]?key)$", re.I
 )
 #: A URL: its scheme, then everything up to the next whitespace (parsed by :func:`_mask_match`).
-_URL = re.compile(r"[a-z][a-z0-9+.-]*://\S*", re.I)
+#: A URL ends at whitespace, or where a comma starts the next URL (``AMQP_URL`` may list
+#: several nodes, ``amqp://a,amqp://b``: each is masked on its own).
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s,]*(?:,(?!\s*[a-z][a-z0-9+.-]*://)[^\s,]*)*", re.I)
 #: Query parameters whose value is a secret (``?password=``, ``ssl_password``, ``token``...).
 _SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|auth|credential|api[_-]?key", re.I)
 #: A parameter whose value embeds a secret-named key (pika's ``ssl_options={'password': ...}``).

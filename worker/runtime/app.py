@@ -83,6 +83,7 @@ def create_app(settings: Settings) -> WorkerApp:
         low_priority_queues=frozenset({CAMPAIGN_QUEUE}),
         events_exchange=settings.outcome_exchange,
         max_delay_s=settings.max_job_delay_s,
+        queue_type=settings.queue_type,
         middleware=[
             *middleware,
             watch,

@@ -16,10 +16,17 @@ import dramatiq
 import dramatiq.errors
 import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.common import q_name
+from dramatiq.common import q_name, xq_name
 from dramatiq.encoder import JSONEncoder
 from dramatiq.middleware import Middleware
 
+from worker.connections.amqp import split_amqp_urls
+from worker.connections.queues import (
+    QueueType,
+    dead_letter_queue_arguments,
+    inequivalent_queue,
+    work_queue_arguments,
+)
 from worker.errors import InvalidJob
 from worker.finish.events import declare_exchange
 from worker.jobs.wire import UNDECODABLE_ACTOR, parse_envelope, undecodable_envelope
@@ -122,11 +129,25 @@ class VerloopBroker(RabbitmqBroker):
         *,
         low_priority_queues: frozenset[str] = frozenset(),
         events_exchange: str = "",
+        queue_type: QueueType = "classic",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.low_priority_queues = low_priority_queues
         self.events_exchange = events_exchange
+        self.queue_type = queue_type
+
+    # Every queue, its delay queue and its dead-letter queue are declared with the arguments of
+    # worker.connections.queues (dramatiq's own for classic queues).
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        return work_queue_arguments(queue_name, self.queue_type)
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        return self.channel.queue_declare(
+            queue=xq_name(queue_name),
+            durable=True,
+            arguments=dead_letter_queue_arguments(self.queue_type),
+        )
 
     def get_actor(self, actor_name: str) -> Any:
         actor = self.actors.get(actor_name)
@@ -153,7 +174,12 @@ class VerloopBroker(RabbitmqBroker):
             if self.events_exchange:
                 declare_exchange(self.channel, self.events_exchange)
         except (dramatiq.errors.BrokerConnectionError, pika.exceptions.AMQPError) as exc:
-            self.logger.warning("could not declare queues at boot (%s); consumers will", exc)
+            cause = exc.message if isinstance(exc, dramatiq.errors.DramatiqError) else exc
+            problem = inequivalent_queue(cause, self.queue_type)
+            if problem is not None:
+                self.logger.error("%s", problem)
+            else:
+                self.logger.warning("could not declare queues at boot (%s); consumers will", exc)
         finally:
             # The booting thread publishes nothing: do not keep its connection open unused.
             del self.connection
@@ -180,6 +206,7 @@ def build_broker(
     low_priority_queues: frozenset[str] = frozenset(),
     events_exchange: str = "",
     max_delay_s: float = 7 * 86_400,
+    queue_type: QueueType = "classic",
 ) -> VerloopBroker:
     """Build the broker, set it as dramatiq's global one, and return it.
 
@@ -188,12 +215,17 @@ def build_broker(
     arbitrary actors; its time limit interrupts a thread wherever it is, a send halfway
     included (every wait inside a job has a timeout of its own, and
     :mod:`worker.runtime.health` reports a stuck one).
+
+    ``amqp_url`` may name several nodes (comma-separated): each connection dramatiq opens goes
+    to the first that answers.
     """
     dramatiq.set_encoder(WireEncoder(max_job_bytes, known_actors, max_delay_s=max_delay_s))
+    urls = split_amqp_urls(amqp_url)
     broker = VerloopBroker(
         low_priority_queues=low_priority_queues,
         events_exchange=events_exchange,
-        url=amqp_url,
+        queue_type=queue_type,
+        url=urls if len(urls) > 1 else amqp_url,
         confirm_delivery=True,
         middleware=[_TrackConsumingQueue(), *middleware],
     )

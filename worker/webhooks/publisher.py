@@ -8,9 +8,10 @@ queue takes is returned and the request answered 503. Nothing is declared (the w
 needs no configure permission; its exchanges are only checked, passively): a worker declares
 the queue, binds it and declares the exchanges when it starts.
 
-The connection is opened on first use and again after it broke; while RabbitMQ cannot be
-reached, a new attempt is made at most every ``retry_s`` and the requests in between fail at
-once (503: the sender retries) instead of piling up.
+The connection is opened on first use and again after it broke, to the first node of
+``AMQP_URL`` that answers (it may list several, comma-separated); while none can be reached,
+a new attempt is made at most every ``retry_s`` and the requests in between fail at once
+(503: the sender retries) instead of piling up.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import aio_pika.abc
 import aio_pika.exceptions
 import structlog
 
-from worker.connections.amqp import amqp_parameters
+from worker.connections.amqp import amqp_parameter_list
 from worker.observability.logging import mask_url, scrub_text
 from worker.receipts.models import STATUS_QUEUE
 from worker.webhooks.throttle import LogThrottle
@@ -65,7 +66,7 @@ class Publisher:
         timeout_s: float,
         retry_s: float = 1.0,
     ) -> None:
-        self._parameters = amqp_parameters(amqp_url)  # a URL pika cannot read stops us now
+        self._nodes = amqp_parameter_list(amqp_url)  # a URL pika cannot read stops us now
         self._where = mask_url(amqp_url)
         self.status_exchange = status_exchange
         self.events_exchange = events_exchange
@@ -164,20 +165,8 @@ class Publisher:
             # Tried a moment ago: answer now rather than pile up (a new exception each time:
             # the one kept must not hold a traceback).
             raise Unavailable(self._failure.kind, self._failure.reason)
-        params = self._parameters
-        ssl = params.ssl_options
         try:
-            self._connection = await aio_pika.connect(
-                host=params.host,
-                port=params.port,
-                login=params.credentials.username,
-                password=params.credentials.password,
-                virtualhost=params.virtual_host,
-                ssl=ssl is not None,
-                ssl_context=ssl.context if ssl is not None else None,
-                timeout=self.timeout_s,
-                client_properties={"connection_name": _CONNECTION_NAME},
-            )
+            self._connection = await self._connect_first()
         except (*_ERRORS, TimeoutError) as exc:
             self._failure = Unavailable(
                 "unreachable", f"RabbitMQ at {self._where} cannot be reached: {_describe(exc)}"
@@ -192,6 +181,27 @@ class Publisher:
             _log.info("connected to RabbitMQ again", amqp=self._where)
         self._failure = None
         return self._connection
+
+    async def _connect_first(self) -> aio_pika.abc.AbstractConnection:
+        """A connection to the first node that answers; the last node's failure if none does."""
+        for index, params in enumerate(self._nodes):
+            ssl = params.ssl_options
+            try:
+                return await aio_pika.connect(
+                    host=params.host,
+                    port=params.port,
+                    login=params.credentials.username,
+                    password=params.credentials.password,
+                    virtualhost=params.virtual_host,
+                    ssl=ssl is not None,
+                    ssl_context=ssl.context if ssl is not None else None,
+                    timeout=self.timeout_s,
+                    client_properties={"connection_name": _CONNECTION_NAME},
+                )
+            except (*_ERRORS, TimeoutError):
+                if index == len(self._nodes) - 1:
+                    raise
+        raise AssertionError("amqp_parameter_list returns at least one node")
 
     async def _open(
         self, which: str, connection: aio_pika.abc.AbstractConnection
