@@ -2,7 +2,7 @@
 
 Folders by role (README.md's "Layout" lists every module):
 
-- ``jobs/``           the public contract: job models, registry, wire envelope, phones, producer
+- ``jobs/``           the public contract: models, JSON limits, registry, wire, phones, producer
 - ``send/``           the send path: the send_message handler, its steps, the gate, the ledger
 - ``finish/``         finishing a job: typed outcome, log line, retry or dead letter, events
 - ``receipts/``       delivery receipts: a sent message's statuses, once each, in any order

@@ -285,6 +285,22 @@ def test_the_request_body_leaves_out_unset_optional_fields() -> None:
     assert "metadata" not in body
 
 
+@pytest.mark.parametrize("message", VALID_MESSAGES, ids=[m["type"] for m in VALID_MESSAGES])
+def test_the_request_body_is_the_message_dumped_as_json_without_nulls(
+    message: dict[str, Any],
+) -> None:
+    """request_body() calls the message's serializer itself: the same as model_dump's JSON."""
+    job = parse_job("send_message", (), send_kwargs(message=message))
+    assert isinstance(job, SendMessageJob)
+    content = job.message.model_dump(mode="json", exclude_none=True)
+    assert job.request_body() == {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": TO,
+        **content,
+    }
+
+
 def test_a_job_is_frozen() -> None:
     """A parsed job cannot be changed after validation."""
     job = parse_job("send_message", (), send_kwargs())

@@ -7,7 +7,6 @@ models; a job that does not is dead-lettered with :func:`parse_job`'s reason, ne
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -22,6 +21,7 @@ from pydantic import (
 )
 
 from worker.connections.redis_keys import join_parts
+from worker.jobs.json_limits import MAX_JSON_DEPTH, check_json_limits
 from worker.jobs.phones import normalize_e164
 from worker.send.ledger import LedgerKey
 
@@ -61,11 +61,6 @@ TEXT_MAX_CHARS = 4096
 CAPTION_MAX_CHARS = 1024
 #: ``metadata`` is echoed in every log line of the job, so it is kept small.
 MAX_METADATA_BYTES = 4096
-#: How deeply a job's kwargs may nest (objects and arrays). A Cloud API message needs a few
-#: levels; the log line's and the event's encoder stops at 254.
-MAX_JSON_DEPTH = 32
-#: The integers the log line's and the event's encoder (orjson) can write.
-_INT_RANGE = (-(2**63), 2**64 - 1)
 
 ID_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"
 Identifier = Annotated[str, Field(pattern=ID_PATTERN, description="Verloop identifier")]
@@ -279,7 +274,11 @@ class SendMessageJob(_Strict):
 
     def request_body(self) -> dict[str, Any]:
         """The body of the (modeled) send call: the Cloud API message object."""
-        content = self.message.model_dump(mode="json", exclude_none=True)
+        # What model_dump(mode="json", exclude_none=True) returns, without its Python wrapper.
+        message = self.message
+        content: dict[str, Any] = message.__pydantic_serializer__.to_python(
+            message, mode="json", exclude_none=True
+        )
         envelope = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": self.to}
         return envelope | content
 
@@ -328,57 +327,3 @@ def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
     if more > 0:
         parts.append(f"and {more} more")
     return "; ".join(parts)
-
-
-def check_json_limits(value: Any, where: str = "") -> None:
-    """Make sure ``value`` can go everywhere a job's values go (the log line and the event are
-    written by orjson; Verloop gets JSON).
-
-    Raises:
-        ValueError: naming the first place that nests more than :data:`MAX_JSON_DEPTH` levels,
-            holds an integer outside 64 bits, a number that is not finite, a string that is not
-            text (a lone surrogate) or a value that is not JSON. Values are not echoed.
-    """
-    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
-    while stack:
-        node, path, depth = stack.pop()
-        if isinstance(node, str):
-            _check_text(node, path)
-        elif isinstance(node, dict | list | tuple):
-            if depth >= MAX_JSON_DEPTH:
-                raise ValueError(f"{_short(path)}: nested more than {MAX_JSON_DEPTH} levels deep")
-            if isinstance(node, dict):
-                for key, item in node.items():
-                    if not isinstance(key, str):
-                        raise ValueError(f"{_short(path)}: object keys must be strings")
-                    _check_text(key, path)
-                    stack.append((item, f"{path}.{key}" if path else key, depth + 1))
-            else:
-                stack.extend((item, f"{path}.{i}", depth + 1) for i, item in enumerate(node))
-        elif node is None or isinstance(node, bool):
-            continue
-        elif isinstance(node, int):
-            if not _INT_RANGE[0] <= node <= _INT_RANGE[1]:
-                raise ValueError(
-                    f"{path}: an integer of {len(str(abs(node)))} digits does not fit in 64 bits; "
-                    "send it as a string"
-                )
-        elif isinstance(node, float):
-            if not math.isfinite(node):
-                raise ValueError(f"{path}: {node} is not a JSON number")
-        else:
-            raise ValueError(f"{path}: a {type(node).__name__} is not a JSON value")
-
-
-def _short(path: str) -> str:
-    return path[:60] + "..." if len(path) > 63 else path or "job"
-
-
-def _check_text(text: str, path: str) -> None:
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(
-                f"{_short(path)}: has a lone UTF-16 surrogate, which is not text"
-            ) from None

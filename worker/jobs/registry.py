@@ -127,7 +127,8 @@ def parse_job(actor_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -
     except ValueError as exc:
         raise InvalidJob(f"invalid {actor_name} job: {exc}") from None
     try:
-        return job_type.model.model_validate(dict(kwargs))
+        # (a copy only of a mapping that is not a dict: validation leaves its input alone)
+        return job_type.model.model_validate(kwargs if type(kwargs) is dict else dict(kwargs))
     except ValidationError as exc:
         raise InvalidJob(f"invalid {actor_name} job: {describe_validation_error(exc)}") from None
 

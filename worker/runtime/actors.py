@@ -1,9 +1,10 @@
 """The actors on the broker: one per job type, each runs the job through the same prologue.
 
-Every actor: names the job by its well-formed ids (so even an invalid job's log line and event
-say whose it was), validates it (:func:`worker.jobs.registry.parse_job`; invalid: dead letter,
-no retry), sends it back to wait if its ``options.eta`` has not come (no retry used), then
-runs its handler, whose outcome it leaves on the job's run for the outcome middleware.
+Every actor: validates the job (:func:`worker.jobs.registry.parse_job`; invalid: dead letter,
+no retry) and names it by its ids (an invalid one by those that are well-formed, so even its log
+line and event say whose it was), sends it back to wait if its ``options.eta`` has not come (no
+retry used), then runs its handler, whose outcome it leaves on the job's run for the outcome
+middleware.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import dramatiq
 from worker.errors import Deferred
 from worker.finish.middleware import current_run
 from worker.finish.outcome import JobContext, JobFacts
-from worker.jobs.models import ID_PATTERN, RefreshPhoneTokenJob, SendMessageJob
+from worker.jobs.models import (
+    ID_PATTERN,
+    RefreshClientTokensJob,
+    RefreshPhoneTokenJob,
+    SendMessageJob,
+)
 from worker.jobs.registry import JOB_TYPES, AnyJob, JobType, parse_job
 from worker.runtime.services import Lifecycle
 
@@ -52,8 +58,11 @@ def _actor(job_type: JobType, lifecycle: Lifecycle) -> Callable[..., None]:
         # The outcome goes to the middleware on the run, not as the actor's return value:
         # dramatiq warns about (and discards) a value returned without its Results middleware.
         current = current_run()
-        _describe_unvalidated(current.facts, kwargs)
-        job = parse_job(job_type.name, args, kwargs)
+        try:
+            job = parse_job(job_type.name, args, kwargs)
+        except BaseException:
+            _describe_unvalidated(current.facts, kwargs)
+            raise
         _describe(current.facts, job)
         _wait_for_schedule(current.ctx)
         current.outcome = job_type.handler(lifecycle.services, job, current)
@@ -74,13 +83,16 @@ def _describe(facts: JobFacts, job: AnyJob) -> None:
     elif isinstance(job, RefreshPhoneTokenJob):
         facts.client_id = job.client_id
         facts.phone_id = job.phone_id
+    elif isinstance(job, RefreshClientTokensJob):
+        facts.client_id = job.client_id
     if job.metadata is not None:
         facts.metadata = job.metadata
 
 
 def _describe_unvalidated(facts: JobFacts, kwargs: dict[str, Any]) -> None:
-    """The job's ids that are well-formed, before validation (an id that is not goes nowhere;
-    the dead letter's reason names it)."""
+    """What an invalid job says about itself: its ids that are well-formed (an id that is not
+    goes nowhere; the dead letter's reason names it). A valid job's come from :func:`_describe`,
+    which has them all."""
     for key in ("client_id", "phone_id"):
         value = kwargs.get(key)
         if isinstance(value, str) and _IDENTIFIER.match(value):
