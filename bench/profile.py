@@ -73,7 +73,15 @@ STEPS: Sequence[tuple[str, tuple[str, ...]]] = (
     ("record, event", ("worker/finish/finish.py", "worker/receipts/links.py")),
     ("log line", ("structlog/", "worker/observability/logging.py")),
     ("metrics", ("prometheus_client/", "worker/observability/")),
-    ("Verloop call", ("worker/verloop/client.py", "worker/verloop/classify.py", "bench/naive.py")),
+    (
+        "Verloop call",
+        (
+            "worker/verloop/client.py",
+            "worker/verloop/transport.py",
+            "worker/verloop/classify.py",
+            "bench/naive.py",
+        ),
+    ),
     ("ledger claim", ("worker/send/ledger.py",)),
     ("limiter", ("worker/send/gate.py", "worker/limits/")),
     ("campaign, token", ("worker/campaigns/", "worker/verloop/tokens.py", "token_cache.py")),
