@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from worker.finish.events import build_event, routing_key
+import pytest
+
+from worker.finish import events
+from worker.finish.events import build_event, routing_key, routing_word
+from worker.finish.outbox import EventOutbox
 
 
 def test_a_send_s_routing_key_names_outcome_client_number_and_campaign() -> None:
@@ -71,3 +75,42 @@ def test_a_short_identifier_is_kept_as_it_is() -> None:
         {"actor": "send_message", "outcome": "sent", "client_id": "a" * 64, "phone_id": "p-1"}
     )
     assert key == f"send.sent.{'a' * 64}.p-1.none"
+
+
+def test_routing_words_from_the_cache_are_the_words_made_afresh() -> None:
+    """Short identifiers' words are kept to be reused: the same words, and none kept for
+    long identifiers or for anything but a plain non-empty string."""
+    values: list[object] = ["acme", "acme.in", "p#1", "é" * 10, "c" * 128, "", None, 5, "a*b"]
+    first = [routing_word(v) for v in values]
+    again = [routing_word(v) for v in values]
+    assert first == again == [events._word(v) for v in values]
+    assert first[:4] == ["acme", "acme_in", "p_1", "_" * 10]
+    assert "c" * 128 not in events._WORDS
+    assert "" not in events._WORDS
+
+
+def test_the_routing_word_cache_is_bounded() -> None:
+    for n in range(events._MAX_WORDS + 100):
+        assert routing_word(f"client-{n}") == f"client-{n}"
+    assert len(events._WORDS) <= events._MAX_WORDS
+
+
+def test_the_outbox_command_carries_the_entry_s_fields_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(events.time, "time", lambda: 1_700_000_000.1234)
+    fields = {"actor": "send_message", "outcome": "sent", "client_id": "acme", "message_id": "m"}
+    extra = {"to": "+919876543210"}
+    outbox = EventOutbox(None, stream="s", max_len=10)  # type: ignore[arg-type]
+    command = outbox.command(fields, extra)
+    assert command[:6] == ("XADD", "s", "MAXLEN", "~", 10, "*")
+    entry = EventOutbox.entry(fields, extra)
+    assert list(zip(command[6::2], command[7::2], strict=True)) == list(entry.items())
+    assert list(entry) == ["k", "b", "t", "m", "a"]
+    assert entry["k"] == "send.sent.acme.none.none"
+    assert entry["t"] == "send.sent"
+    assert (entry["m"], entry["a"]) == ("m", "1700000000")
+    assert entry["b"] == (
+        '{"version":1,"event":"send.sent","outcome":"sent","at":1700000000.123,'
+        '"message_id":"m","actor":"send_message","client_id":"acme","to":"+919876543210"}'
+    )

@@ -1,5 +1,5 @@
 """Blocking connections to RabbitMQ outside dramatiq: reading ``AMQP_URL``, opening, closing,
-and a channel reopened on a new connection after a failure.
+a channel reopened on a new connection after a failure, and publishing a batch in one write.
 
 Every pika ``BlockingConnection`` of the worker's tools opens and closes here, so a URL pika
 cannot read is reported the same way everywhere (never quoting a secret), and closing a broken
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -29,7 +30,9 @@ __all__ = [
     "amqp_parameter_list",
     "amqp_parameters",
     "close_quietly",
+    "join_pending_writes",
     "open_connection",
+    "publish_unflushed",
     "split_amqp_urls",
 ]
 
@@ -130,6 +133,47 @@ def close_quietly(connection: Any) -> None:
     if connection is not None and connection.is_open:
         with contextlib.suppress(pika.exceptions.AMQPError, OSError):
             connection.close()
+
+
+# --- a batch in one write -------------------------------------------------------------------------
+# pika's BlockingChannel.basic_publish sends each message at once: a poll and a send() per
+# frame, three frames a message. A batch committed at its end (AMQP transaction) need not: these
+# two functions let its messages wait in the connection's buffer and leave in one send().
+# They reach into pika 1.x's internals (``BlockingChannel._impl``, the transport's
+# ``_tx_buffers``); without them they fall back to pika's ordinary, slower, behaviour, and
+# tests/integration/test_amqp_connections.py fails so that a pika upgrade that moved them is
+# noticed.
+
+
+def publish_unflushed(channel: Any) -> Callable[..., None]:
+    """``basic_publish(exchange, routing_key, body, properties)`` for ``channel`` (a
+    ``BlockingChannel`` in transaction mode) that only marshals the message into the
+    connection's output buffer; the channel's next synchronous call (``tx_commit``) sends it.
+
+    It raises what ``BlockingChannel.basic_publish`` raises for a message that cannot be
+    encoded (``ShortStringTooLong``...), before anything of that message is buffered.
+    """
+    # The underlying asynchronous channel's basic_publish is BlockingChannel's without the
+    # flush that follows it (outside confirm mode, which a batch in one write cannot use).
+    publish: Callable[..., None] | None = getattr(
+        getattr(channel, "_impl", None), "basic_publish", None
+    )
+    return publish if callable(publish) else channel.basic_publish
+
+
+def join_pending_writes(connection: Any) -> bool:
+    """Join what ``connection`` (a ``BlockingConnection``) has buffered into one chunk, so it
+    leaves in one send(): pika's transport sends each buffered frame with a send() of its own.
+    False (nothing done) where pika's internals are not the expected ones."""
+    transport = getattr(getattr(connection, "_impl", None), "_transport", None)
+    chunks = getattr(transport, "_tx_buffers", None)
+    if not isinstance(chunks, deque):
+        return False
+    if len(chunks) > 1:
+        joined = b"".join(chunks)
+        chunks.clear()
+        chunks.append(joined)
+    return True
 
 
 class ReconnectingChannel:

@@ -65,10 +65,27 @@ _FROM_RECORD: Final = (
 )
 
 
+#: Words already made for short identifiers (a few distinct clients, numbers, campaigns and
+#: outcomes make almost every key): at most this many, each at most ``MAX_WORD_CHARS`` long.
+_WORDS: dict[str, str] = {}
+_MAX_WORDS: Final = 4096
+
+
 def routing_word(value: Any) -> str:
     """One routing-key word for an identifier: other characters than letters, digits and
     ``_:@-`` become ``_``, a longer one is cut to a prefix and a hash, none is ``none``.
     Shared by every routing key of ``EVENTS_EXCHANGE`` (the webhook receiver's too)."""
+    if type(value) is str and value:
+        word = _WORDS.get(value)
+        if word is None:
+            word = _word(value)
+            if len(value) <= MAX_WORD_CHARS and len(_WORDS) < _MAX_WORDS:
+                _WORDS[value] = word
+        return word
+    return _word(value)
+
+
+def _word(value: Any) -> str:
     text = str(value) if value not in (None, "") else "none"
     word = _NOT_WORD.sub("_", text)
     if len(word) > MAX_WORD_CHARS:
@@ -105,18 +122,21 @@ def build_event(
     the producer's ``metadata``, and management results such as the client list.
     """
     key = key or routing_key(fields)
+    get = fields.get
     event: dict[str, Any] = {
         "version": EVENT_VERSION,
-        "event": ".".join(key.split(".")[:2]),
-        "outcome": fields.get("outcome"),
+        "event": ".".join(key.split(".", 2)[:2]),
+        "outcome": get("outcome"),
         "at": round(time.time(), 3),
     }
     for name in _FROM_RECORD:
-        value = fields.get(name)
+        value = get(name)
         if value is not None:
             event[name] = value
     if extra:
-        event.update({k: v for k, v in extra.items() if v is not None})
+        for name, value in extra.items():
+            if value is not None:
+                event[name] = value
     return event
 
 

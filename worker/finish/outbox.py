@@ -3,10 +3,10 @@ never waits for a publisher confirm.
 
 The finisher adds each event to ``verloop:events:outbox`` before the job is acknowledged; a relay
 thread per process reads it as consumer group ``relay``, publishes a batch in one AMQP
-transaction and deletes it only once RabbitMQ committed (at least once). Unconfirmed entries are
-retried, or taken over from a dead relay; an entry that can never be published is parked in
-``verloop:events:parked`` so it cannot hold back the rest. README.md, "Outcome events", has the
-settings.
+transaction (sent in one write) and deletes it only once RabbitMQ committed (at least once).
+Unconfirmed entries are retried, or taken over from a dead relay; an entry that can never be
+published is parked in ``verloop:events:parked`` so it cannot hold back the rest. README.md,
+"Outcome events", has the settings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
-from itertools import chain
 from typing import Any, Final
 
 import orjson
@@ -26,7 +25,12 @@ import pika.exceptions
 import redis
 import structlog
 
-from worker.connections.amqp import close_quietly, open_connection
+from worker.connections.amqp import (
+    close_quietly,
+    join_pending_writes,
+    open_connection,
+    publish_unflushed,
+)
 from worker.connections.redis import RedisErrors, as_text
 from worker.finish.events import build_event, declare_exchange, routing_key
 
@@ -40,6 +44,8 @@ PARKED_STREAM: Final = "verloop:events:parked"
 PARKED_MAX_LEN: Final = 10_000
 #: AMQP's limit on a routing key and on the short-string properties.
 _SHORT_STRING_BYTES: Final = 255
+#: A text of at most this many characters is within that limit (4 UTF-8 bytes at most each).
+_SURELY_SHORT_CHARS: Final = _SHORT_STRING_BYTES // 4
 #: What publishing an entry raises when the entry itself is at fault (not the connection):
 #: pika's ShortStringTooLong is an AMQPError, so it is listed before the outage handling sees it.
 _ENTRY_FAULTS = (
@@ -55,17 +61,26 @@ _log = structlog.get_logger()
 _REDIS: Final = RedisErrors("events outbox: {error}")
 
 
-def _entry(fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[Any, Any]:
-    """The stream entry of one event: routing key, body and the AMQP properties' values."""
+def _entry_values(
+    fields: Mapping[str, Any], extra: Mapping[str, Any] | None
+) -> tuple[str, str, str, str, str]:
+    """The stream entry of one event, its fields' values in order ``k``, ``b``, ``t``, ``m``,
+    ``a``: routing key, body, and the AMQP properties' values (type, message id, timestamp)."""
     key = routing_key(fields)
     body = build_event(fields, extra, key=key)
-    return {
-        "k": key,
-        "b": orjson.dumps(body, default=str).decode(),
-        "t": body["event"],
-        "m": str(fields.get("message_id") or ""),
-        "a": str(int(body["at"])),
-    }
+    return (
+        key,
+        orjson.dumps(body, default=str).decode(),
+        body["event"],
+        str(fields.get("message_id") or ""),
+        str(int(body["at"])),
+    )
+
+
+def _entry(fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[Any, Any]:
+    """The stream entry of one event, as a mapping (see :func:`_entry_values`)."""
+    key, body, event_type, message_id, at = _entry_values(fields, extra)
+    return {"k": key, "b": body, "t": event_type, "m": message_id, "a": at}
 
 
 class EventOutbox:
@@ -86,8 +101,11 @@ class EventOutbox:
         Raises:
             TypeError, ValueError: the event cannot be encoded (the caller logs it and goes on).
         """
-        entry = self.entry(fields, extra)
-        return ("XADD", self.stream, "MAXLEN", "~", self.max_len, "*", *chain(*entry.items()))
+        key, body, event_type, message_id, at = _entry_values(fields, extra)
+        return (
+            "XADD", self.stream, "MAXLEN", "~", self.max_len, "*",
+            "k", key, "b", body, "t", event_type, "m", message_id, "a", at,
+        )  # fmt: skip
 
     @staticmethod
     def entry(fields: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[Any, Any]:
@@ -121,8 +139,10 @@ def _unpublishable(fields: Mapping[Any, Any]) -> tuple[str, str] | None:
     if not key or body is None:
         return "not_an_event", "no routing key or body"
     for name, field in (("routing key", "k"), ("message id", "m"), ("event type", "t")):
-        size = len(as_text(fields.get(field, "")).encode("utf-8", "surrogatepass"))
-        if size > _SHORT_STRING_BYTES:
+        text = as_text(fields.get(field, ""))
+        if len(text) > _SURELY_SHORT_CHARS and (
+            len(text.encode("utf-8", "surrogatepass")) > _SHORT_STRING_BYTES
+        ):
             return "too_long", f"{name} longer than AMQP's {_SHORT_STRING_BYTES} bytes"
     return None
 
@@ -333,9 +353,10 @@ class OutboxRelay:
     def _publish(
         self, entries: list[tuple[str, dict[str, str] | None]]
     ) -> tuple[int, list[tuple[str, dict[str, str], tuple[str, str]]]]:
-        """Publish the entries in one transaction; returns how many were published, and the
-        entries parked instead (id, fields, (kind, reason))."""
+        """Publish the entries in one transaction, sent in one write; returns how many were
+        published, and the entries parked instead (id, fields, (kind, reason))."""
         channel = self._open_channel()
+        publish = publish_unflushed(channel)
         published = 0
         parked: list[tuple[str, dict[str, str], tuple[str, str]]] = []
         for entry_id, fields in entries:
@@ -344,19 +365,20 @@ class OutboxRelay:
             why = _unpublishable(fields)
             if why is None:
                 try:
-                    self._publish_one(channel, fields)
+                    self._publish_one(publish, fields)
                     published += 1
                     continue
                 except _ENTRY_FAULTS as exc:
-                    # Refused before anything was sent: the channel is still good.
+                    # Refused before anything of it was buffered: the channel is still good.
                     why = "unencodable", f"{type(exc).__name__}: {str(exc)[:200]}"
             parked.append((entry_id, {as_text(k): as_text(v) for k, v in fields.items()}, why))
-        channel.tx_commit()
+        join_pending_writes(self._connection)
+        channel.tx_commit()  # sends the batch and the commit; returns once RabbitMQ committed
         return published, parked
 
-    def _publish_one(self, channel: Any, fields: Mapping[str, Any]) -> None:
+    def _publish_one(self, publish: Callable[..., None], fields: Mapping[str, Any]) -> None:
         timestamp = fields.get("a", "")
-        channel.basic_publish(
+        publish(
             self.exchange,
             as_text(fields["k"]),
             as_text(fields["b"]).encode(),
