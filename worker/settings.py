@@ -183,7 +183,7 @@ class Settings(BaseSettings):
     events_relay_block_ms: int = Field(default=100, ge=1, le=MAX_RELAY_BLOCK_MS)
     #: After relaying a part-full batch, the relay waits this long so its next batch carries
     #: more events (fewer Redis and RabbitMQ round trips per event; 0: no wait).
-    events_relay_linger_ms: int = Field(default=50, ge=0, le=5000)
+    events_relay_linger_ms: int = Field(default=100, ge=0, le=5000)
     #: How long a relay waits after RabbitMQ refused a batch before trying it again.
     events_relay_retry_s: float = Field(default=1.0, gt=0, le=300)
     #: A batch another relay took and left unconfirmed this long is taken over (its process

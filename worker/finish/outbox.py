@@ -165,7 +165,7 @@ class OutboxRelay:
         consumer: str | None = None,
         batch: int = 256,
         block_ms: int = 100,
-        linger_ms: int = 50,
+        linger_ms: int = 100,
         retry_s: float = 1.0,
         reclaim_s: float = 30.0,
         forget_after_s: float = 3600.0,
