@@ -292,8 +292,9 @@ def configure_logging(
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
 
+    # (No structlog.contextvars.merge_contextvars: nothing binds context variables, and it copied
+    # the whole context of every line to find none.)
     shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         # Exceptions become text before redaction, so a secret inside one is caught too.
