@@ -185,6 +185,37 @@ def test_an_outbox_entry_that_is_not_an_event_is_parked_and_the_rest_still_go_ou
         subscriber.close()
 
 
+def test_an_outbox_entry_that_is_not_utf8_is_parked_and_the_relay_goes_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bytes that are not UTF-8 in an entry (written by hand, say) once made every read of the
+    stream fail, killing each process's relay thread: now that entry alone is parked, with its
+    bytes escaped, and the events around it go out."""
+    cache = redis_client(REDIS_URL, decode_responses=True)
+    raw = redis_client(REDIS_URL, decode_responses=False)
+    outbox = EventOutbox(cache)
+    outbox.add(_fields(1), None)
+    bad_id = raw.xadd(STREAM, {b"k": b"send.sent.\xff", b"b": b"{}"}).decode()
+    outbox.add(_fields(2), None)
+    subscriber = Events("send.#")
+    relay = OutboxRelay(cache, AMQP_URL, EXCHANGE, consumer="alive:5")
+    try:
+        assert relay.run_once() == 0  # its own pending entries first: none yet
+        assert relay.run_once() == 2  # all three taken: two published, one parked
+        events = subscriber.wait_for(2)
+        assert sorted(e["message_id"] for _, e in events) == ["m-1", "m-2"]
+        assert _outbox_length(cache) == 0
+        assert f"entry={bad_id}" in capsys.readouterr().out
+        [(_, parked)] = cache.xrange(PARKED_STREAM)
+        assert parked["reason"] == "its fields are not UTF-8 text"
+        assert parked["k"] == "send.sent.\\xff"
+        outbox.add(_fields(3), None)  # and the relay still relays
+        assert relay.run_once() == 1
+    finally:
+        relay.stop(timeout_s=0)
+        subscriber.close()
+
+
 def test_a_relay_whose_stream_was_deleted_makes_it_again() -> None:
     """FLUSHDB or DEL under a running relay: it re-creates its group and goes on."""
     cache = redis_client(REDIS_URL, decode_responses=True)

@@ -195,6 +195,8 @@ class OutboxRelay:
         self.on_length = on_length
         self._connection: Any = None
         self._channel: Any = None
+        #: Reads the stream without decoding (see :meth:`_read`), made on first use.
+        self._undecoded: redis.Redis | None = None
         self._group_ready = False
         #: Our own pending entries (taken, not yet confirmed) come first.
         self._own_pending = True
@@ -268,23 +270,24 @@ class OutboxRelay:
                 self.on_length(int(self.cache.xlen(self.stream)))
         try:
             if self._own_pending:
-                entries = self._read("0", block_ms=None)
-                if not entries:
+                entries, undecodable = self._read("0", block_ms=None)
+                if not entries and not undecodable:
                     self._own_pending = False
                     return 0
             else:
-                entries = self._read(">", block_ms=self.block_ms if block else None)
+                entries, undecodable = self._read(">", block_ms=self.block_ms if block else None)
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):  # the stream was deleted (FLUSHDB): make it again
                 self._group_ready = False
                 return 0
             raise
-        if not entries:
+        if not entries and not undecodable:
             if self._connection is not None and self._connection.is_open:
                 self._connection.process_data_events(time_limit=0)  # heartbeats while idle
             return 0
-        published, parked = self._publish(entries)
-        ids = [entry_id for entry_id, _ in entries]
+        published, parked = self._publish(entries) if entries else (0, [])
+        parked += [(i, f, ("unencodable", "its fields are not UTF-8 text")) for i, f in undecodable]
+        ids = [entry_id for entry_id, _ in entries] + [entry_id for entry_id, _ in undecodable]
         pipe = self.cache.pipeline(transaction=False)
         for entry_id, fields, (_, reason) in parked:
             # Kept for a person to look at (XRANGE verloop:events:parked - +), not retried.
@@ -314,14 +317,41 @@ class OutboxRelay:
                 raise
         self._group_ready = True
 
-    def _read(self, start: str, *, block_ms: int | None) -> list[tuple[str, dict[str, str] | None]]:
-        answer: Any = self.cache.xreadgroup(
+    def _read(
+        self, start: str, *, block_ms: int | None
+    ) -> tuple[list[tuple[str, dict[str, str] | None]], list[tuple[str, dict[str, str]]]]:
+        """A batch: its entries, and those whose bytes are not UTF-8 text (to be parked; their
+        fields with such bytes escaped). The stream is read undecoded: a client that decodes
+        would fail the whole read on one such entry, again at every read, and stall the relay
+        of every process."""
+        if self._undecoded is None:
+            pool = self.cache.connection_pool
+            kwargs = pool.connection_kwargs | {"decode_responses": False}
+            self._undecoded = redis.Redis(
+                connection_pool=redis.ConnectionPool(
+                    connection_class=pool.connection_class, **kwargs
+                )
+            )
+        answer: Any = self._undecoded.xreadgroup(
             self.group, self.consumer, {self.stream: start}, count=self.batch, block=block_ms
         )
-        if not answer:
-            return []
+        entries: list[tuple[str, dict[str, str] | None]] = []
+        undecodable: list[tuple[str, dict[str, str]]] = []
         # [[stream, [(id, fields), ...]]]; a deleted entry still pending comes back as (id, None).
-        return [(as_text(i), f) for i, f in answer[0][1]]
+        for raw_id, raw in answer[0][1] if answer else ():
+            entry_id = as_text(raw_id)
+            if raw is None:
+                entries.append((entry_id, None))
+                continue
+            try:
+                entries.append((entry_id, {k.decode(): v.decode() for k, v in raw.items()}))
+            except UnicodeDecodeError:
+                escaped = {
+                    k.decode(errors="backslashreplace"): v.decode(errors="backslashreplace")
+                    for k, v in raw.items()
+                }
+                undecodable.append((entry_id, escaped))
+        return entries, undecodable
 
     def _reclaim(self) -> bool:
         """Take over entries another relay took and left unconfirmed for ``reclaim_s``."""
@@ -405,3 +435,6 @@ class OutboxRelay:
     def _close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         close_quietly(connection)
+        undecoded, self._undecoded = self._undecoded, None
+        if undecoded is not None:
+            undecoded.connection_pool.disconnect()
