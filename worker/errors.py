@@ -60,6 +60,16 @@ class RedisUnavailable(VerloopWorkerError):
     """Redis, which holds the rate limiter and the token cache, did not answer."""
 
 
+class LedgerNotReplicated(RedisUnavailable):
+    """With ``LEDGER_DURABILITY=replica``: the primary wrote a send's record (and the commands
+    that went with it, whose replies are ``replies``) but no replica confirmed it in time; the
+    ledger writes it again later. The message was sent."""
+
+    def __init__(self, message: str, replies: list[object]) -> None:
+        super().__init__(message)
+        self.replies = replies
+
+
 class Deferred(VerloopWorkerError):
     """Control flow, not a failure: send this job again in ``delay_s`` seconds, with its retry
     count unchanged (its number's slot is far away, its recipient is cooling down...)."""

@@ -96,6 +96,16 @@ class Settings(BaseSettings):
     #: (replicated across a cluster; worker/connections/queues.py). Immutable once declared.
     queue_type: Literal["classic", "quorum"] = "classic"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    #: Redis through Sentinel: the sentinels, ``host:port,host:port,...`` (unset: REDIS_URL's
+    #: host). REDIS_URL then gives only the primary's scheme (TLS), credentials and database.
+    redis_sentinels: str | None = None
+    #: The name the sentinels monitor the primary under (``sentinel monitor <name> ...``).
+    redis_sentinel_service: str = Field(default="mymaster", pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    #: The sentinels' own credentials (``requirepass``/ACL of the sentinel processes), if any.
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    #: Talk to the sentinels over TLS (with REDIS_URL's ``ssl_*`` query parameters).
+    redis_sentinel_tls: bool = False
 
     # --- Verloop ----------------------------------------------------------------------------
     verloop_base_url: str = DEFAULT_BASE_URL
@@ -168,6 +178,11 @@ class Settings(BaseSettings):
     #: How long a claim on a job's ledger entry lasts while it is being sent; by default long
     #: enough for the slot wait and the call (VERLOOP_CONNECT_TIMEOUT_S + VERLOOP_TIMEOUT_S).
     ledger_lease_s: float | None = Field(default=None, gt=0)
+    #: ``primary``: a send's record counts once the Redis primary wrote it (a failover may lose
+    #: it). ``replica``: it counts once a replica has it too (``WAIT 1``); a record no replica
+    #: took in LEDGER_REPLICA_TIMEOUT_MS is kept to be written again later.
+    ledger_durability: Literal["primary", "replica"] = "primary"
+    ledger_replica_timeout_ms: int = Field(default=250, ge=1, le=int(REDIS_TIMEOUT_S * 1000 / 2))
     #: How long a process trusts a campaign's state (running/paused/cancelled) it read.
     campaign_state_cache_s: float = Field(default=1.0, ge=0, le=30)
     #: A paused campaign's job looks again after this long (it is re-delayed, no retry used).
@@ -295,6 +310,33 @@ class Settings(BaseSettings):
                 "test server"
             )
         return self
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_addresses(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("expected host:port,host:port,... (a port from 1 to 65535)")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_primary_url_is_tcp(self) -> Settings:
+        if self.redis_sentinels and not self.redis_url.get_secret_value().startswith(
+            ("redis://", "rediss://")
+        ):
+            raise ValueError("with REDIS_SENTINELS, REDIS_URL must be redis:// or rediss://")
+        return self
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs (empty: no Sentinel)."""
+        if not self.redis_sentinels:
+            return []
+        pairs = [a.strip().rpartition(":") for a in self.redis_sentinels.split(",")]
+        return [(host.strip("[]"), int(port)) for host, _, port in pairs]
 
     @field_validator("rate_limit_overrides")
     @classmethod

@@ -8,8 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.connection import SSLConnection
+from redis.sentinel import SentinelConnectionPool, SentinelManagedConnection
 
-from worker.connections.redis import open_redis
+from worker.connections.redis import RedisErrors, open_redis
+from worker.connections.redis_direct import ThreadConnections
+from worker.errors import ConfigurationError
 from worker.settings import REDIS_TIMEOUT_S, Settings
 
 
@@ -72,3 +76,100 @@ def test_tls_and_unix_socket_urls_keep_redis_pys_connection_classes(
     client = open_redis(Settings(redis_url=url))
     assert client.connection_pool.connection_class is kind
     client.close()
+
+
+# --- through Sentinel -----------------------------------------------------------------------
+PRIMARY_SECRET = "primary-pw-9Zt"
+SENTINEL_SECRET = "sentinel-pw-3Hv"
+
+
+def closed_ports(count: int) -> list[int]:
+    """Ports nothing listens on (bound, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def sentinel_settings(url: str = f"redis://:{PRIMARY_SECRET}@unused.invalid:1/5") -> Settings:
+    return Settings(
+        redis_url=url,
+        redis_sentinels=",".join(f"127.0.0.1:{port}" for port in closed_ports(3)),
+        redis_sentinel_service="cache",
+        redis_sentinel_password=SENTINEL_SECRET,
+    )
+
+
+def test_with_sentinels_the_client_asks_them_for_the_primary_with_the_urls_credentials() -> None:
+    settings = sentinel_settings()
+    client = open_redis(settings)
+    pool = client.connection_pool
+    try:
+        assert isinstance(pool, SentinelConnectionPool)
+        assert pool.service_name == "cache"
+        assert pool.connection_kwargs["db"] == 5
+        assert pool.connection_kwargs["password"] == PRIMARY_SECRET
+        assert "host" not in pool.connection_kwargs  # REDIS_URL's host is not used
+        assert issubclass(pool.connection_class, SentinelManagedConnection)
+        assert not issubclass(pool.connection_class, SSLConnection)
+        sentinels = pool.sentinel_manager.sentinels
+        assert [s.connection_pool.connection_kwargs["port"] for s in sentinels] == [
+            port for _, port in settings.sentinel_addresses
+        ]
+        assert all(
+            s.connection_pool.connection_kwargs["password"] == SENTINEL_SECRET for s in sentinels
+        )
+    finally:
+        client.close()
+
+
+def test_with_sentinels_a_rediss_url_makes_tls_connections_to_the_primary() -> None:
+    client = open_redis(sentinel_settings(f"rediss://:{PRIMARY_SECRET}@unused.invalid:1/0"))
+    try:
+        assert issubclass(client.connection_pool.connection_class, SSLConnection)
+    finally:
+        client.close()
+
+
+def test_without_a_sentinel_answering_every_call_fails_and_names_no_password() -> None:
+    """No primary known: the pool's calls and the send path's per-thread connections both fail
+    (the limiter and the ledger then hold their sends). The per-thread connection must ask the
+    sentinels too: connecting lazily, it would reach redis-py's default host instead."""
+    client = open_redis(sentinel_settings())
+    direct = ThreadConnections(client)
+    try:
+        failures: list[redis.RedisError] = []
+        for call in (client.ping, lambda: direct.execute([("SET", "k", "v")])):
+            with pytest.raises(redis.ConnectionError) as caught:
+                call()
+            failures.append(caught.value)
+        translated = RedisErrors("ledger: {error}").translate(failures[-1])
+        for text in [*map(str, failures), *map(repr, failures), str(translated)]:
+            assert PRIMARY_SECRET not in text
+            assert SENTINEL_SECRET not in text
+    finally:
+        direct.close()
+        client.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["sentinel.example", "sentinel.example:port", ":26399", "s.example:26379,", "s.example:70000"],
+)
+def test_a_malformed_sentinel_list_is_refused_without_echoing_it(value: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.load(redis_sentinels=value)
+    assert "REDIS_SENTINELS" in str(caught.value)
+    assert value not in str(caught.value)
+
+
+def test_sentinels_need_a_tcp_redis_url() -> None:
+    with pytest.raises(ConfigurationError, match="redis:// or rediss://"):
+        Settings.load(redis_sentinels="127.0.0.1:26379", redis_url="unix:///tmp/redis.sock")
+    assert Settings(redis_sentinels=" 10.0.0.5:26379, [::1]:26380").sentinel_addresses == [
+        ("10.0.0.5", 26379),
+        ("::1", 26380),
+    ]

@@ -180,12 +180,7 @@ def start(
         language=language,
         body_params=body_params,
     )
-    cache = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        decode_responses=True,
-        socket_timeout=5.0,
-        socket_connect_timeout=5.0,
-    )
+    cache = open_redis(settings, timeout_s=5.0)
     show = not no_progress and sys.stdout.isatty()
     try:
         with Progress(file.stat().st_size, enabled=show) as progress:

@@ -91,6 +91,11 @@ def service_problems(settings: Settings) -> list[tuple[str, str, str | None]]:
             or "Is it running? Start it with: rabbitmq-server -detached"
         )
     redis_url = mask_url(settings.redis_url.get_secret_value())
+    if settings.redis_sentinels:  # addresses and a name: nothing secret
+        redis_url += (
+            f" (primary {settings.redis_sentinel_service!r} of the sentinels "
+            f"{settings.redis_sentinels})"
+        )
     redis_problem = None
     try:
         client = open_redis(settings)

@@ -15,6 +15,8 @@ from types import TracebackType
 from typing import Any
 
 import redis
+from redis.connection import SSLConnection, parse_url
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
 from worker.errors import RedisUnavailable
 from worker.settings import REDIS_TIMEOUT_S, Settings
@@ -22,9 +24,9 @@ from worker.settings import REDIS_TIMEOUT_S, Settings
 __all__ = ["RedisErrors", "as_text", "open_redis"]
 
 
-class _KernelTimeoutConnection(redis.Connection):
-    """A TCP connection to Redis whose timeout is kept by the kernel (``SO_RCVTIMEO`` and
-    ``SO_SNDTIMEO`` on a blocking socket) rather than by Python.
+class _KernelTimeouts:
+    """Makes a TCP connection to Redis keep its timeout in the kernel (``SO_RCVTIMEO`` and
+    ``SO_SNDTIMEO`` on a blocking socket) rather than in Python.
 
     A read is then one ``recv`` instead of a ``poll`` and a ``recv``: one release of the
     interpreter lock fewer per read, on a path that makes a few Redis calls per job. A read or
@@ -34,11 +36,11 @@ class _KernelTimeoutConnection(redis.Connection):
 
     def __init__(self, **kwargs: Any) -> None:
         self._io_timeout_s = kwargs.pop("socket_timeout", None) or REDIS_TIMEOUT_S
-        super().__init__(socket_timeout=None, **kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(socket_timeout=None, **kwargs)  # type: ignore[call-arg]
 
     def _connect(self) -> socket.socket:
         # Connected, and blocking (its Python timeout is None).
-        sock: socket.socket = super()._connect()  # type: ignore[no-untyped-call]
+        sock: socket.socket = super()._connect()  # type: ignore[misc]
         seconds = int(self._io_timeout_s)
         timeval = struct.pack("ll", seconds, int((self._io_timeout_s - seconds) * 1_000_000))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
@@ -46,20 +48,69 @@ class _KernelTimeoutConnection(redis.Connection):
         return sock
 
 
-def open_redis(settings: Settings) -> redis.Redis:
-    """A Redis client with short timeouts: a dead Redis fails a call, it does not hang it."""
+class _KernelTimeoutConnection(_KernelTimeouts, redis.Connection):
+    """A TCP connection to REDIS_URL's host with kernel-kept timeouts."""
+
+
+class _KernelTimeoutSentinelConnection(_KernelTimeouts, SentinelManagedConnection):
+    """A TCP connection to the primary the sentinels name (asked again at each connect, and
+    dropped when the server says it is a replica now), with kernel-kept timeouts."""
+
+
+def open_redis(settings: Settings, *, timeout_s: float = REDIS_TIMEOUT_S) -> redis.Redis:
+    """A Redis client with short timeouts: a dead Redis fails a call, it does not hang it.
+    With REDIS_SENTINELS, it finds the primary through the sentinels (see :func:`_primary`)."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": 15,
+        "retry_on_timeout": False,
+    }
     url = settings.redis_url.get_secret_value()
+    if settings.redis_sentinels:
+        return _primary(settings, url, options)
     # TLS (rediss://) and Unix sockets keep the classes redis-py picks for them.
-    tcp = {"connection_class": _KernelTimeoutConnection} if url.startswith("redis://") else {}
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        health_check_interval=15,
-        retry_on_timeout=False,
-        **tcp,
+    if url.startswith("redis://"):
+        options["connection_class"] = _KernelTimeoutConnection
+    return redis.Redis.from_url(url, **options)
+
+
+def _primary(settings: Settings, url: str, options: dict[str, Any]) -> redis.Redis:
+    """A client of the primary that the sentinels monitor as REDIS_SENTINEL_SERVICE.
+
+    REDIS_URL gives its TLS (``rediss://`` and its ``ssl_*`` parameters), credentials and
+    database; its host and port are not used. Each new connection asks the sentinels where the
+    primary is, and a connection still open to a primary that became a replica is dropped at
+    its first refused write: a failover is followed without a restart. While no primary is
+    known, every call fails (``MasterNotFoundError`` is a ``ConnectionError``): the limiter and
+    the ledger hold their sends.
+    """
+    primary: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    for place in ("host", "port", "path"):
+        primary.pop(place, None)
+    tls = primary.pop("connection_class", None) is SSLConnection
+    connection_class = SentinelManagedSSLConnection if tls else _KernelTimeoutSentinelConnection
+    to_sentinels: dict[str, Any] = {
+        "socket_timeout": options["socket_timeout"],
+        "socket_connect_timeout": options["socket_connect_timeout"],
+        "decode_responses": True,
+    }
+    if settings.redis_sentinel_username:
+        to_sentinels["username"] = settings.redis_sentinel_username
+    if settings.redis_sentinel_password is not None:
+        to_sentinels["password"] = settings.redis_sentinel_password.get_secret_value()
+    if settings.redis_sentinel_tls:
+        to_sentinels["ssl"] = True
+        to_sentinels.update({k: v for k, v in primary.items() if k.startswith("ssl_")})
+    sentinel = Sentinel(settings.sentinel_addresses, sentinel_kwargs=to_sentinels)
+    client: redis.Redis = sentinel.master_for(
+        settings.redis_sentinel_service,
+        connection_class=connection_class,
+        **options,
+        **primary,
     )
+    return client
 
 
 class RedisErrors(ContextDecorator):

@@ -2,7 +2,8 @@
 layers (the pool's lock, its liveness poll, the retry and telemetry wrappers).
 
 Each thread keeps one connection of the pool's class and settings (kernel-kept timeouts, TLS,
-credentials), writes its commands in one ``send`` (packed by hiredis) and reads their replies.
+credentials; with Sentinel, the primary the sentinels name when it connects, so a failover is
+followed), writes its commands in one ``send`` (packed by hiredis) and reads their replies.
 Failures are redis-py's own exceptions; a call that fails on a connection used before is tried
 once more on a new one (Redis may have restarted). Every call made here is safe to repeat.
 """
@@ -65,6 +66,11 @@ class ThreadConnections:
                 self._local.connection = connection
             used_before = connection._sock is not None
             try:
+                if not used_before:
+                    # Through the class's own connect(): a Sentinel-managed connection asks the
+                    # sentinels for the primary there (send_packed_command's lazy connect would
+                    # skip it and reach the host in its default settings, localhost:6379).
+                    connection.connect()
                 connection.send_packed_command(self._pack(connection, commands))
                 return self._replies(connection, len(commands), raise_refusals)
             except (redis.ConnectionError, redis.TimeoutError, OSError):

@@ -19,7 +19,7 @@ from dramatiq.errors import BrokerConnectionError
 
 from worker.campaigns.store import CampaignRef
 from worker.connections.redis import RedisErrors
-from worker.errors import RedisUnavailable
+from worker.errors import LedgerNotReplicated, RedisUnavailable
 from worker.finish.events import declare_exchange, publish_event
 from worker.finish.outcome import JobOutcome, JobRun, Outcome
 from worker.receipts.links import Link
@@ -73,6 +73,12 @@ class JobFinisher:
                 self._failed(run, sent, "event", "the outcome event could not be encoded")
         try:
             replies = self._write(services, outcome, commands, sent) if sent or commands else []
+        except LedgerNotReplicated as written:
+            # Written on the primary, not yet on a replica: acknowledged all the same (a
+            # redelivery could only send it again); the ledger writes the record again later.
+            replies = written.replies
+            run.note(ledger="not_replicated")
+            _log.warning("a sent message's record reached no replica in time; kept to rewrite")
         except RedisUnavailable:
             if sent:
                 # Sent, but not written down: acknowledging is right (sending again is not).

@@ -123,6 +123,8 @@ class Services:
             ttl_s=settings.ledger_ttl_s,
             lease_s=settings.ledger_lease,
             connections=connections,
+            replicas=1 if settings.ledger_durability == "replica" else 0,
+            replica_timeout_ms=settings.ledger_replica_timeout_ms,
         )
         campaigns = CampaignStore(
             cache,

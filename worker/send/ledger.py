@@ -7,7 +7,9 @@ the finisher records Verloop's message id once it accepted. Values:
 * ``p:<lease end, ms>:<owner>``: a call is under way; another delivery waits for the lease.
 * uncertain: the call may have reached Verloop; the next delivery follows ``UNCERTAIN_SEND_POLICY``.
 
-A claim may name *holds* (the limiter's recipient and number holds) that keep it from sending.
+With ``replicas`` (``LEDGER_DURABILITY=replica``) a record counts once that many replicas have
+it (``WAIT``); one they did not confirm in time is written again later, like one Redis did not
+take. A claim may name *holds* (the limiter's recipient and number holds) that keep it from sending.
 A job's key from an earlier version is honoured until it expires.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ import redis
 
 from worker.connections.redis import RedisErrors, as_text
 from worker.connections.redis_direct import ThreadConnections
+from worker.errors import LedgerNotReplicated
 
 __all__ = ["MAX_UNRECORDED", "Claim", "Ledger", "LedgerEntry", "LedgerKey"]
 
@@ -32,6 +36,9 @@ _PREFIX: Final = "verloop:ledger:"
 MAX_UNRECORDED: Final = 10_000
 #: Records written late per claim, at most.
 _LATE_BATCH: Final = 100
+#: With replicas to wait for, records are written late at most this often (each try may wait
+#: the replica timeout on the claim's thread).
+_LATE_EVERY_S: Final = 1.0
 #: Every Redis error of the ledger becomes RedisUnavailable("idempotency ledger: <error>").
 _REDIS: Final = RedisErrors("idempotency ledger: {error}")
 
@@ -149,8 +156,14 @@ class Ledger:
         ttl_s: int,
         lease_s: float,
         connections: ThreadConnections | None = None,
+        replicas: int = 0,
+        replica_timeout_ms: int = 250,
     ) -> None:
         self.cache = cache
+        #: A record counts once this many replicas confirm it (``WAIT``); 0: once written.
+        self._wait = ("WAIT", replicas, replica_timeout_ms) if replicas > 0 else None
+        self._replicas = replicas
+        self._late_after = 0.0
         self.ttl_s = ttl_s
         self.lease_ms = max(1, int(lease_s * 1000))
         self._claim = cache.register_script(_CLAIM)
@@ -176,7 +189,7 @@ class Ledger:
                 [*key.names, *holds],
                 [self.lease_ms, self.ttl_s, self._owner_prefix + owner, int(take_over_uncertain)],
             )
-        if self._unrecorded:
+        if self._unrecorded and time.monotonic() >= self._late_after:
             self._record_late()
         state, detail = as_text(state), as_text(detail)
         if state in ("busy", "held"):
@@ -195,10 +208,13 @@ class Ledger:
 
         Raises:
             RedisUnavailable: the record was not written (the others may not have been either).
+            LedgerNotReplicated: the record and the others were written on the primary, no
+                replica confirmed them in time (``replicas``); it is written again later.
         """
         record = ("SET", _PREFIX + key.name, "s:" + (message_id or ""), "EX", self.ttl_s)
+        commands = [record, *also, self._wait] if self._wait else [record, *also]
         try:
-            replies = self._direct.execute([record, *also], raise_refusals=False)
+            replies = self._direct.execute(commands, raise_refusals=False)
         except redis.RedisError as exc:
             failed: redis.RedisError | None = exc
         else:
@@ -206,7 +222,18 @@ class Ledger:
         if failed is not None:  # not sent, or refused: written with a later claim
             self._unrecorded.append((key.name, message_id or ""))
             raise _REDIS.translate(failed) from None
-        return replies[1:]
+        if self._wait is None:
+            return replies[1:]
+        if not self._replicated(replies[-1]):
+            self._unrecorded.append((key.name, message_id or ""))
+            raise LedgerNotReplicated(
+                "idempotency ledger: no replica confirmed the record in time", replies[1:-1]
+            )
+        return replies[1:-1]
+
+    def _replicated(self, reply: Any) -> bool:
+        """Whether ``WAIT``'s reply counts enough replicas."""
+        return isinstance(reply, int) and reply >= self._replicas
 
     @property
     def unrecorded(self) -> int:
@@ -222,11 +249,20 @@ class Ledger:
                 taken.append(self._unrecorded.popleft())
             except IndexError:  # another thread took the last one
                 break
-        commands = [("SET", _PREFIX + k, "s:" + m, "EX", self.ttl_s) for k, m in taken]
+        commands: list[Sequence[Any]] = [
+            ("SET", _PREFIX + k, "s:" + m, "EX", self.ttl_s) for k, m in taken
+        ]
         try:
-            replies = self._direct.execute(commands, raise_refusals=False)
+            replies = self._direct.execute(
+                [*commands, self._wait] if self._wait else commands, raise_refusals=False
+            )
         except redis.RedisError:
             self._unrecorded.extendleft(reversed(taken))
+            return
+        if self._wait is not None and not self._replicated(replies.pop()):
+            # All kept: none of them is known to be on a replica.
+            self._unrecorded.extendleft(reversed(taken))
+            self._late_after = time.monotonic() + _LATE_EVERY_S
             return
         for (key, message_id), reply in zip(taken, replies, strict=True):
             if isinstance(reply, redis.RedisError):
