@@ -20,9 +20,11 @@ from tests.integration.conftest import (
     redis_client,
     wait_until,
 )
+from worker.connections.redis_keys import join_parts
 from worker.jobs.models import SEND_QUEUE
 from worker.jobs.producer import Producer, encode_job
 from worker.runtime.app import WorkerApp
+from worker.send.ledger import LedgerKey
 
 TEXT = {"type": "text", "text": {"body": "Your code is 4711"}}
 EXCHANGE = "verloop.events"
@@ -246,6 +248,35 @@ def test_a_job_whose_event_rabbitmq_refuses_is_still_acknowledged_once(
     wait_until(simulator.messages)
     wait_until(lambda: "event_published=False" in capsys.readouterr().out, timeout=10)
     time.sleep(0.5)
+    assert len(simulator.messages()) == 1
+    assert queue_depth(SEND_QUEUE) == 0
+    assert dead_letters() == []
+
+
+def test_a_send_no_replica_confirmed_is_acknowledged_with_its_event_and_counted_once(
+    simulator: Simulator,
+    producer: Producer,
+    start_worker: Callable[..., WorkerApp],
+    events: Events,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """LEDGER_DURABILITY=replica on a Redis without replicas: WAIT confirms nothing, so the
+    record is "not replicated". The job was sent: it is acknowledged (no resend, no dead
+    letter), its event still goes out, its log line says so, and the record is on the primary,
+    so the same job sent again is suppressed."""
+    app = start_worker(ledger_durability="replica", ledger_replica_timeout_ms=50)
+    message_id = send(producer, idempotency_key="no-replica")
+    [(_, event)] = events.wait_for(1)
+    assert (event["message_id"], event["outcome"]) == (message_id, "sent")
+    wait_until(lambda: "ledger=not_replicated" in capsys.readouterr().out, timeout=10)
+    [record] = simulator.messages()
+    entry = app.lifecycle.services.ledger.lookup(
+        LedgerKey("key:" + join_parts("acme", "no-replica"))
+    )
+    assert (entry.state, entry.message_id) == ("sent", record["id"])
+    send(producer, idempotency_key="no-replica")
+    [(_, again)] = events.wait_for(1)
+    assert again["outcome"] == "suppressed"
     assert len(simulator.messages()) == 1
     assert queue_depth(SEND_QUEUE) == 0
     assert dead_letters() == []
