@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import socket
-import struct
 from contextlib import ContextDecorator
 from types import TracebackType
 from typing import Any
@@ -18,6 +17,7 @@ import redis
 from redis.connection import SSLConnection, parse_url
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
+from worker.connections.sockets import keep_timeouts_in_kernel
 from worker.errors import RedisUnavailable
 from worker.settings import REDIS_TIMEOUT_S, Settings
 
@@ -39,12 +39,8 @@ class _KernelTimeouts:
         super().__init__(socket_timeout=None, **kwargs)  # type: ignore[call-arg]
 
     def _connect(self) -> socket.socket:
-        # Connected, and blocking (its Python timeout is None).
         sock: socket.socket = super()._connect()  # type: ignore[misc]
-        seconds = int(self._io_timeout_s)
-        timeval = struct.pack("ll", seconds, int((self._io_timeout_s - seconds) * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        keep_timeouts_in_kernel(sock, self._io_timeout_s, self._io_timeout_s)
         return sock
 
 

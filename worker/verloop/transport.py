@@ -21,12 +21,13 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-import struct
 from collections.abc import Iterable
 from typing import Any
 
 import httpcore
 import httpx
+
+from worker.connections.sockets import keep_timeouts_in_kernel
 
 __all__ = ["KernelTimeoutBackend", "open_transport"]
 
@@ -48,14 +49,6 @@ def open_transport(timeout: httpx.Timeout, limits: httpx.Limits) -> httpx.HTTPTr
         network_backend=KernelTimeoutBackend(read_s=timeout.read, write_s=timeout.write),
     )
     return transport
-
-
-def _timeval(seconds: float | None) -> bytes:
-    """A ``struct timeval`` for ``SO_RCVTIMEO``/``SO_SNDTIMEO`` (0: wait for ever)."""
-    if seconds is None:
-        return struct.pack("ll", 0, 0)
-    whole = int(seconds)
-    return struct.pack("ll", whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
 
 
 class KernelTimeoutBackend(httpcore.NetworkBackend):
@@ -91,9 +84,7 @@ class _KernelTimeoutStream(httpcore.NetworkStream):
     docstring). httpcore uses a connection from one thread at a time."""
 
     def __init__(self, sock: socket.socket, read_s: float | None, write_s: float | None) -> None:
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(read_s))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(write_s))
+        keep_timeouts_in_kernel(sock, read_s, write_s)
         self._sock = sock
         self._read_s = read_s
         self._write_s = write_s
