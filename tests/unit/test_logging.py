@@ -22,6 +22,7 @@ from worker.observability.logging import (
     bound_logger,
     configure_logging,
     forget_secrets,
+    log_job_line,
     mask_url,
     register_secret,
     resolve_log_format,
@@ -365,3 +366,59 @@ def test_the_bound_logger_follows_every_new_configuration() -> None:
     assert [json.loads(line)["n"] for line in first.getvalue().splitlines()] == [1]
     [line] = [json.loads(line) for line in second.getvalue().splitlines()]
     assert (line["n"], line["detail"]) == (3, f"token {REDACTED}")
+
+
+@pytest.mark.parametrize("level", ["info", "warning", "error"])
+def test_the_job_line_is_the_line_structlog_writes_redacted_the_same_way(level: str) -> None:
+    """log_job_line's own JSON path writes, key for key and in the same order, what the bound
+    logger writes: level, redaction of secrets, URL passwords and phone numbers, nested values,
+    and a value orjson cannot encode (repr'd)."""
+    register_secret(SECRET)
+    fields: dict[str, Any] = {
+        "message_id": "m-1",
+        "to": "+91******3210",
+        "reason": f"Verloop said 401 for token {SECRET} at https://u:pw@verloop.example/x",
+        "detail": "sent to +919876543210",
+        "phone_token": "abc",
+        "metadata": {"order": 7, "api_key": "k", "nested": [f"{SECRET}", "+14155550100"]},
+        "attempt": 2,
+        "duration_ms": 3.5,
+        "odd": object(),
+        "logger": "verloop_worker.job",
+    }
+    lines = []
+    for write in (
+        lambda: getattr(bound_logger(), level)("job", **dict(fields)),
+        lambda: log_job_line(level, dict(fields)),
+    ):
+        with json_logging() as stream:
+            write()
+        lines.append(json.loads(stream.getvalue()))
+    structlog_line, own_line = lines
+    assert own_line.pop("timestamp").endswith("Z")
+    structlog_line.pop("timestamp")
+    assert list(own_line.items()) == list(structlog_line.items())
+    assert own_line["level"] == level
+    assert SECRET not in json.dumps(own_line)
+    assert "pw@" not in own_line["reason"]
+    assert own_line["phone_token"] == REDACTED
+    assert own_line["detail"] == "sent to +91******3210"
+    assert own_line["odd"].startswith("<object object")
+
+
+def test_the_job_line_keeps_the_level_and_the_traceback_path() -> None:
+    """Below the configured level nothing is written; with a traceback the line goes through
+    structlog (format_exc_info), still redacted."""
+    register_secret(SECRET)
+    with json_logging(level="WARNING") as stream:
+        log_job_line("info", {"message_id": "m-1"})
+    assert stream.getvalue() == ""
+    with json_logging() as stream:
+        try:
+            raise RuntimeError(f"boom with {SECRET}")
+        except RuntimeError as exc:
+            log_job_line("error", {"message_id": "m-2"}, exc)
+    line = json.loads(stream.getvalue())
+    assert line["message_id"] == "m-2"
+    assert "RuntimeError" in line["exception"]
+    assert SECRET not in stream.getvalue()

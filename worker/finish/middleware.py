@@ -35,7 +35,7 @@ from worker.finish.outcome import (
 )
 from worker.jobs.models import lane_of
 from worker.jobs.wire import UNDECODABLE_ACTOR, raw_body_of
-from worker.observability.logging import bound_logger, scrub_text
+from worker.observability.logging import log_job_line, scrub_text
 from worker.observability.metrics import Metrics
 from worker.settings import MAX_SINGLE_DELAY_S
 
@@ -282,7 +282,7 @@ class JobOutcomes(Middleware):
             fields["after_send_failures"] = run.after_send_failures
         fields["logger"] = _LOGGER_NAME
         try:
-            getattr(bound_logger(), level)("job", exc_info=exc_info, **fields)
+            log_job_line(level, fields, exc_info)
         except Exception as exc:  # noqa: BLE001 - the job's outcome stands whatever its line does
             # Validation keeps a job's fields encodable; should one still not be, the line is
             # written without the producer's part of it.

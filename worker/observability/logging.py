@@ -30,6 +30,7 @@ __all__ = [
     "bound_logger",
     "configure_logging",
     "forget_secrets",
+    "log_job_line",
     "mask_url",
     "redact_secrets",
     "register_secret",
@@ -182,15 +183,33 @@ def _is_secret_key(key: str) -> bool:
 
 def redact_secrets(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """structlog processor: remove secrets from every key and value of the event."""
-    # Runs for every log line: strings (the common case) take the short path.
+    # Runs for every log line. Its strings are looked at together first: a line with no
+    # registered secret, no URL and no phone number in any of them (most lines) is left as it
+    # is, one search instead of three per string.
+    texts: list[str] = []
     for key, value in event_dict.items():
         if _is_secret_key(key):
             event_dict[key] = REDACTED
         elif isinstance(value, str):
-            event_dict[key] = _scrub_str(value)
+            texts.append(value)
         elif isinstance(value, dict | list | tuple):
             event_dict[key] = _scrub(value)
+    if texts and _may_need_scrubbing("\x00".join(texts)):
+        for key, value in event_dict.items():
+            if isinstance(value, str) and value != REDACTED:
+                event_dict[key] = _scrub_str(value)
     return event_dict
+
+
+def _may_need_scrubbing(text: str) -> bool:
+    """Whether :func:`_scrub_str` could change any part of ``text`` (never False when it could:
+    a match across two joined strings only sends them the long way)."""
+    pattern = _secret_pattern
+    return (
+        (pattern is not None and pattern.search(text) is not None)
+        or "://" in text
+        or ("+" in text and _E164.search(text) is not None)
+    )
 
 
 class _DropDramatiqJobFailures(logging.Filter):
@@ -259,6 +278,8 @@ def resolve_log_format(
 
 _generation = 0
 _bound: tuple[int, Any] = (-1, None)
+#: The job line's own way to a JSON log (set by configure_logging; None for the console).
+_job_lines: _JobLines | None = None
 
 
 def bound_logger() -> Any:
@@ -275,6 +296,44 @@ def bound_logger() -> Any:
     return logger
 
 
+def log_job_line(level: str, fields: dict[str, Any], exc_info: BaseException | None = None) -> None:
+    """Log ``fields`` as the ``job`` line at ``level`` (``info``, ``warning`` or ``error``).
+
+    The same line ``bound_logger().<level>("job", **fields)`` writes. In JSON without a
+    traceback it takes a path of its own: the same processors' work (level, timestamp,
+    redaction, orjson) without structlog's chain, a third of the line's CPU.
+    """
+    lines = _job_lines
+    if lines is None or exc_info is not None:
+        getattr(bound_logger(), level)("job", exc_info=exc_info, **fields)
+    elif _LEVEL_NUMBERS[level] >= lines.min_level:
+        lines.write(level, fields)
+
+
+_LEVEL_NUMBERS = logging.getLevelNamesMapping() | {
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _JobLines:
+    def __init__(self, stream: Any, min_level: int, stamper: Processor) -> None:
+        self.stream = stream
+        self.min_level = min_level
+        self.stamper = stamper
+        self.lock = threading.Lock()  # as structlog's WriteLogger
+
+    def write(self, level: str, fields: dict[str, Any]) -> None:
+        line_fields = {**fields, "event": "job", "level": level}
+        self.stamper(None, level, line_fields)
+        redact_secrets(None, level, line_fields)
+        line = _orjson_text(line_fields) + "\n"
+        with self.lock:
+            self.stream.write(line)
+            self.stream.flush()
+
+
 def configure_logging(
     fmt: Literal["auto", "json", "console"] = "auto",
     level: str = "INFO",
@@ -283,10 +342,11 @@ def configure_logging(
     quiet_loggers: Iterable[str] = ("pika", "httpx", "httpcore", "redis", "aiohttp.access"),
 ) -> None:
     """Set up structlog and the standard library's root logger for this process."""
-    global _generation
+    global _generation, _job_lines
     stream = stream or sys.stderr
     renderer: Processor
-    if resolve_log_format(fmt, stream) == "json":
+    json_lines = resolve_log_format(fmt, stream) == "json"
+    if json_lines:
         # orjson renders a job's line in a fraction of json.dumps' time (a line per job adds up).
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_text)
     else:
@@ -294,9 +354,10 @@ def configure_logging(
 
     # (No structlog.contextvars.merge_contextvars: nothing binds context variables, and it copied
     # the whole context of every line to find none.)
+    stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     shared: list[Processor] = [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        stamper,
         # Exceptions become text before redaction, so a secret inside one is caught too.
         structlog.processors.format_exc_info,
         redact_secrets,
@@ -310,6 +371,8 @@ def configure_logging(
         cache_logger_on_first_use=False,  # configure_logging may be called again (tests)
     )
     _generation += 1  # bound_logger() binds again
+    min_level = logging.getLevelNamesMapping()[level]
+    _job_lines = _JobLines(stream, min_level, stamper) if json_lines else None
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
