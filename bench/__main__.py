@@ -17,6 +17,9 @@
   of sends answered 5xx) with a RabbitMQ and a Redis restart, both private servers it starts
   itself (``bench/soak.py``); targets: worker RSS, Redis memory beyond the ledger, keys and
   the outbox flat; nothing lost, nobody messaged twice.
+* ``ledger_backends``, on demand only (``--only ledger_backends``): one send's ledger writes
+  (claim, record) in Redis and in PostgreSQL with synchronous commit, the measurement behind
+  ``LEDGER_DURABILITY`` (``bench/ledger_backends.py``; needs a PostgreSQL, ``PGHOST``).
 
 ``--only NAME`` (repeatable) runs some of them. Figures and logs go to ``bench/results/``.
 Everything uses RabbitMQ vhost ``verloop-bench`` and Redis db 14 on 127.0.0.1, except the soak
@@ -43,6 +46,7 @@ from bench import (
     fidelity,
     high_rate,
     lanes,
+    ledger_backends,
     rate_limits,
     receipts,
     send_path,
@@ -61,9 +65,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     receipts.NAME: receipts.run,
     webhooks.NAME: webhooks.run,
     soak.NAME: soak.run,
+    ledger_backends.NAME: ledger_backends.run,
 }
 #: Run only when named with --only: too long for every `make bench`.
-ON_DEMAND = frozenset({soak.NAME})
+ON_DEMAND = frozenset({soak.NAME, ledger_backends.NAME})
 
 
 def main() -> None:
@@ -91,6 +96,7 @@ def main() -> None:
     receipts.add_arguments(parser)
     webhooks.add_arguments(parser)
     soak.add_arguments(parser)
+    ledger_backends.add_arguments(parser)
     args = parser.parse_args()
 
     RESULTS.mkdir(exist_ok=True)
