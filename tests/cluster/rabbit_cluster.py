@@ -160,7 +160,7 @@ class RabbitCluster:
     def log_tail(self, node: Node, lines: int = 15) -> str:
         """The end of a node's logs, for a failure's message."""
         texts = []
-        for path in sorted(node.base.glob("log/*.log")) + [node.base / "stdout.log"]:
+        for path in [*sorted(node.base.glob("log/*.log")), node.base / "stdout.log"]:
             if path.exists():
                 tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
                 texts.append(f"--- {path.name}\n" + "\n".join(tail))
@@ -200,8 +200,8 @@ class RabbitCluster:
             raise RuntimeError(f"node {node.name} exited at boot\n{self.log_tail(node)}")
         # `wait PIDFILE` first waits for the node to write its pid (await_startup gives up on a
         # node not registered with epmd yet), then for its app to run.
-        pid_file = str(node.base / "pid")
-        self.ctl(node, "wait", pid_file, "--timeout", str(BOOT_TIMEOUT_S), timeout=BOOT_TIMEOUT_S + 10)
+        pid_file, limit = str(node.base / "pid"), str(BOOT_TIMEOUT_S)
+        self.ctl(node, "wait", pid_file, "--timeout", limit, timeout=BOOT_TIMEOUT_S + 10)
 
     def running_nodes(self, asked: Node) -> set[str]:
         """The running nodes of the cluster, as ``asked`` sees them."""

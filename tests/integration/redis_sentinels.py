@@ -162,6 +162,7 @@ def sentinel_group(workdir: Path, replicas: int = 1) -> Iterator[SentinelGroup]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not on PATH; this test starts its own primary and sentinels")
+    workdir.mkdir(parents=True, exist_ok=True)
     processes = SentinelGroup(binary, workdir, replicas)
     try:
         processes.start()
