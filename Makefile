@@ -5,10 +5,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install services tools run test test-unit fuzz lint format bench profile soak schema clean
+.PHONY: help install services tools run test test-unit test-cluster fuzz lint format bench profile soak schema clean
 
 help:  ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -47,6 +47,9 @@ test: services tools  ## Run every test (real RabbitMQ, Redis and the simulator)
 
 test-unit: $(STAMP)  ## Run the tests that need no services
 	$(BIN)/pytest tests/unit
+
+test-cluster: services  ## Rehearsals: a RabbitMQ node, then the Redis primary, killed mid-campaign (~2 min)
+	$(BIN)/pytest tests/cluster -s
 
 fuzz: services  ## Hostile jobs through a real worker: FUZZ_EXAMPLES=5000 or FUZZ_MINUTES=30 make fuzz
 	FUZZ=1 $(BIN)/pytest tests/property -k test_no_job_hurts_another -q --show-capture=no

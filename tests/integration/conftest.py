@@ -26,6 +26,7 @@ import pytest
 import redis
 from dramatiq import Worker
 
+from worker.connections.amqp import open_connection
 from worker.finish.finish import JobFinisher
 from worker.finish.outcome import JobRun
 from worker.jobs.producer import Producer
@@ -300,9 +301,12 @@ def wait_for_progress(
         time.sleep(interval)
 
 
-def dead_letters(queue: str = "verloop.send") -> list[tuple[dict[str, Any], bytes]]:
-    """Take every message from ``queue``'s dead-letter queue: (headers, body) pairs."""
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+def dead_letters(
+    queue: str = "verloop.send", url: str = AMQP_URL
+) -> list[tuple[dict[str, Any], bytes]]:
+    """Take every message from ``queue``'s dead-letter queue: (headers, body) pairs. ``url``
+    may list several nodes."""
+    connection = open_connection(url)
     channel = connection.channel()
     letters = []
     try:
@@ -320,9 +324,9 @@ def dead_letters(queue: str = "verloop.send") -> list[tuple[dict[str, Any], byte
     return letters
 
 
-def queue_depth(queue: str) -> int:
-    """Ready messages in ``queue`` (0 if it does not exist)."""
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+def queue_depth(queue: str, url: str = AMQP_URL) -> int:
+    """Ready messages in ``queue`` (0 if it does not exist); ``url`` may list several nodes."""
+    connection = open_connection(url)
     try:
         return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
     except pika.exceptions.ChannelClosedByBroker:

@@ -1,5 +1,6 @@
-"""A Redis that fails over, on loopback: a primary, a replica and three sentinels, each a real
-``redis-server`` process on a free port with its files in a temporary folder.
+"""A Redis that fails over, on loopback: a primary, a replica (or more) and three sentinels,
+each a real ``redis-server`` process on a free port with its files in a temporary folder.
+Used by tests/integration/test_redis_sentinel.py and the failover rehearsal of tests/cluster/.
 
 Both Redis servers and the sentinels have passwords (different ones), so a test can check
 that neither ever shows. The sentinels declare the primary down after about a second
@@ -9,11 +10,13 @@ that neither ever shows. The sentinels declare the primary down after about a se
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.integration.conftest import free_port
@@ -34,12 +37,19 @@ def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 class SentinelGroup:
-    """The processes; :meth:`start` waits until the sentinels see the replica and each other."""
+    """The processes; :meth:`start` waits until the sentinels see the replicas and each other.
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    ``ports`` names the servers as they started: ``primary``, ``replica`` (and ``replica-2``...
+    with ``replicas`` > 1); which one is the primary now is :meth:`primary_port`'s answer.
+    """
+
+    def __init__(self, binary: str, workdir: Path, replicas: int = 1) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.replicas = replicas
         self.ports = {"primary": free_port(), "replica": free_port()}
+        for n in range(2, replicas + 1):
+            self.ports[f"replica-{n}"] = free_port()
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -75,9 +85,11 @@ class SentinelGroup:
         )  # fmt: skip
 
     def start(self) -> None:
-        primary, replica = self.ports["primary"], self.ports["replica"]
+        primary = self.ports["primary"]
         self._server(primary)
-        self._server(replica, "--replicaof", "127.0.0.1", str(primary))
+        for name, port in self.ports.items():
+            if name != "primary":
+                self._server(port, "--replicaof", "127.0.0.1", str(primary))
         for port in self.sentinel_ports:
             config = self.workdir / f"sentinel-{port}.conf"
             config.write_text(
@@ -99,19 +111,23 @@ class SentinelGroup:
                 encoding="utf-8",
             )
             self._spawn(port, [self.binary, str(config), "--sentinel"])
-        _wait(self._ready, 30, "the sentinels did not see the replica and each other")
+        _wait(self._ready, 30, "the sentinels did not see the replicas and each other")
 
     def _ready(self) -> bool:
         try:
             for port in self.sentinel_ports:
                 with self.sentinel(port) as client:
                     state = client.sentinel_master(SERVICE)
-                if state["num-slaves"] < 1 or state["num-other-sentinels"] < 2:
+                if state["num-slaves"] < self.replicas or state["num-other-sentinels"] < 2:
                     return False
-            with self.server(self.ports["replica"]) as client:
-                return client.info("replication")["master_link_status"] == "up"
+            for name, port in self.ports.items():
+                if name != "primary":
+                    with self.server(port) as client:
+                        if client.info("replication")["master_link_status"] != "up":
+                            return False
         except redis.RedisError:
             return False
+        return True
 
     @staticmethod
     def sentinel(port: int) -> redis.Redis:
@@ -138,3 +154,18 @@ class SentinelGroup:
     def stop(self) -> None:
         for port in list(self.procs):
             self.kill(port)
+
+
+@contextlib.contextmanager
+def sentinel_group(workdir: Path, replicas: int = 1) -> Iterator[SentinelGroup]:
+    """A started group, every process of it killed afterwards whatever happened."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not on PATH; this test starts its own primary and sentinels")
+    workdir.mkdir(parents=True, exist_ok=True)
+    processes = SentinelGroup(binary, workdir, replicas)
+    try:
+        processes.start()
+        yield processes
+    finally:
+        processes.stop()

@@ -5,7 +5,6 @@ hold their sends. With LEDGER_DURABILITY=replica a record counts once a replica 
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from tests.integration.redis_sentinels import (
     SENTINEL_PASSWORD,
     SERVICE,
     SentinelGroup,
+    sentinel_group,
 )
 from worker.commands.check import service_problems
 from worker.connections.redis import open_redis
@@ -33,15 +33,8 @@ FAILOVER_WITHIN_S = 15.0
 
 @pytest.fixture
 def group(tmp_path: Path) -> Iterator[SentinelGroup]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH; this test starts its own primary and sentinels")
-    processes = SentinelGroup(binary, tmp_path)
-    try:
-        processes.start()
+    with sentinel_group(tmp_path) as processes:
         yield processes
-    finally:
-        processes.stop()
 
 
 def through(group: SentinelGroup, **more: object) -> Settings:
