@@ -149,3 +149,25 @@ def test_check_reaches_the_primary_through_the_sentinels_and_names_no_password(
     for text in (target, problem):
         assert PRIMARY_PASSWORD not in text
         assert SENTINEL_PASSWORD not in text
+
+
+def test_check_says_the_sentinels_refused_their_password_not_the_primarys(
+    group: SentinelGroup,
+) -> None:
+    """A wrong REDIS_SENTINEL_PASSWORD is named as such (not as the primary's password, nor
+    as a Redis that is not running); no password shows."""
+    settings = Settings(
+        redis_url=f"redis://:{PRIMARY_PASSWORD}@unused.invalid:1/0",
+        redis_sentinels=group.sentinels,
+        redis_sentinel_service=SERVICE,
+        redis_sentinel_password="not-the-sentinels-password",
+    )
+    _service, target, problem = service_problems(settings)[1]
+    assert problem is not None
+    assert "REDIS_SENTINEL_PASSWORD" in problem
+    assert "refused the password in REDIS_URL" not in problem
+    assert "Start it with" not in problem
+    for text in (target, problem):
+        assert PRIMARY_PASSWORD not in text
+        assert SENTINEL_PASSWORD not in text
+        assert "not-the-sentinels-password" not in text

@@ -11,6 +11,7 @@ import click
 import pika
 import pika.exceptions
 import redis
+import redis.sentinel
 
 from worker.commands.context import current_settings
 from worker.connections.amqp import amqp_parameter_list
@@ -111,6 +112,8 @@ def service_problems(settings: Settings) -> list[tuple[str, str, str | None]]:
             f"{redis_url} refused the password in REDIS_URL ({type(exc).__name__}); "
             "check REDIS_URL (redis://:PASSWORD@host:port/db)"
         )
+    except redis.sentinel.MasterNotFoundError as exc:
+        redis_problem = _no_primary(settings, redis_url, exc)
     except redis.RedisError as exc:
         redis_problem = f"cannot connect to {redis_url} ({type(exc).__name__}). " + (
             _tls_hint(exc, "REDIS_URL", "?ssl_ca_certs=/path/ca.pem")
@@ -119,6 +122,23 @@ def service_problems(settings: Settings) -> list[tuple[str, str, str | None]]:
     finally:
         client.close()
     return [("RabbitMQ", mask_url(amqp), amqp_problem), ("Redis", redis_url, redis_problem)]
+
+
+def _no_primary(settings: Settings, redis_url: str, exc: BaseException) -> str:
+    """Why the sentinels named no primary. The error's own text (each sentinel's reply) is not
+    shown: only whether one of them refused the sentinels' credentials."""
+    text = str(exc)
+    if any(word in text for word in ("AuthenticationError", "WRONGPASS", "NOAUTH")):
+        return (
+            f"the sentinels of {redis_url} refused their credentials ({type(exc).__name__}); "
+            "check REDIS_SENTINEL_PASSWORD and REDIS_SENTINEL_USERNAME (the sentinels' own, "
+            "not the primary's password in REDIS_URL)"
+        )
+    return (
+        f"no sentinel of {redis_url} named a primary ({type(exc).__name__}): check "
+        "REDIS_SENTINELS and REDIS_SENTINEL_SERVICE (the name in the sentinels' `sentinel "
+        "monitor` line), and that they run (redis-server /path/sentinel.conf --sentinel)"
+    )
 
 
 def _tls_hint(exc: BaseException, setting: str, ca_option: str) -> str | None:
