@@ -12,6 +12,9 @@
   (``bench/receipts.py``); target >= 3,000 statuses/s with the funnel exact.
 * ``webhooks``: the status webhook receiver taking signed statuses, one per request, with
   publisher confirms (``bench/webhooks.py``); targets >= 3,000 statuses/s, p99 < 100 ms.
+* ``durable_ledger``: the send path with ``LEDGER_DURABILITY=replica`` through Sentinel (a
+  primary, a replica, three sentinels of its own) against one Redis of its own with the
+  default ``primary``, alternating rounds (``bench/durable_ledger.py``); figures only.
 * ``soak``, on demand only (``make soak``, ``--only soak``; ``--soak-minutes``, 25 by
   default): steady mixed load (transactional, campaign, management and 1 % hostile jobs, 2 %
   of sends answered 5xx) with a RabbitMQ and a Redis restart, both private servers it starts
@@ -43,6 +46,7 @@ from pika.exceptions import AMQPError
 from bench import (
     campaign_enqueue,
     campaign_send,
+    durable_ledger,
     fidelity,
     high_rate,
     lanes,
@@ -64,6 +68,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Result]]] = {
     campaign_enqueue.NAME: campaign_enqueue.run,
     receipts.NAME: receipts.run,
     webhooks.NAME: webhooks.run,
+    durable_ledger.NAME: durable_ledger.run,
     soak.NAME: soak.run,
     ledger_backends.NAME: ledger_backends.run,
 }
@@ -97,6 +102,7 @@ def main() -> None:
     webhooks.add_arguments(parser)
     soak.add_arguments(parser)
     ledger_backends.add_arguments(parser)
+    durable_ledger.add_arguments(parser)
     args = parser.parse_args()
 
     RESULTS.mkdir(exist_ok=True)

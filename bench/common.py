@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -458,14 +458,17 @@ class CpuSample:
     machine: tuple[float, float] | None
 
     @classmethod
-    def take(cls, proc: WorkerProcess, sim: Simulator) -> CpuSample:
-        """A sample now (RabbitMQ and Redis found by their listening ports, 5672 and 6379)."""
+    def take(
+        cls, proc: WorkerProcess, sim: Simulator, redis_pids: Sequence[int] | None = None
+    ) -> CpuSample:
+        """A sample now (RabbitMQ and Redis found by their listening ports, 5672 and 6379,
+        unless ``redis_pids`` names the Redis processes)."""
         return cls(
             t=time.monotonic(),
             worker=process_cpu_s(proc.pids()),
             simulator=process_cpu_s([sim.pid]),
             rabbitmq=process_cpu_s(pids_listening(5672)),
-            redis=process_cpu_s(pids_listening(6379)),
+            redis=process_cpu_s(pids_listening(6379) if redis_pids is None else redis_pids),
             machine=machine_cpu(),
         )
 

@@ -20,6 +20,7 @@ import argparse
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 
 import httpx
 
@@ -81,10 +82,17 @@ def backlog(actor: str, queue: str, jobs: int) -> list[bytes]:
 
 
 def measure(
-    sim: Simulator, latency_ms: float, jobs: int, command: list[str], env: dict[str, str], log: str
+    sim: Simulator,
+    latency_ms: float,
+    jobs: int,
+    command: list[str],
+    env: dict[str, str],
+    log: str,
+    redis_pids: Sequence[int] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Start the worker, wait for the backlog to drain at the simulator; return sends/s, and
-    the CPU each part used per send (ms) and the machine's busy share, over the same span."""
+    the CPU each part used per send (ms) and the machine's busy share, over the same span
+    (Redis: the server on 6379, or the processes ``redis_pids``)."""
     http = httpx.Client(base_url=sim.url, timeout=10)
     http.post("/admin/reset").raise_for_status()  # counters, and faults too: set latency again
     http.put("/admin/faults", json={"latency_ms": latency_ms}).raise_for_status()
@@ -98,9 +106,9 @@ def measure(
                 raise BenchError(f"worker stalled; see {proc.log}")
             sent = http.get("/admin/stats").json()["sent"]
             if first is None and sent >= low:
-                first = CpuSample.take(proc, sim)
+                first = CpuSample.take(proc, sim, redis_pids)
             if sent >= high:
-                last = CpuSample.take(proc, sim)
+                last = CpuSample.take(proc, sim, redis_pids)
             time.sleep(0.02)
     http.close()
     assert first is not None

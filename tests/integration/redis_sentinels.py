@@ -1,159 +1,32 @@
-"""A Redis that fails over, on loopback: a primary, a replica (or more) and three sentinels,
-each a real ``redis-server`` process on a free port with its files in a temporary folder.
-Used by tests/integration/test_redis_sentinel.py and the failover rehearsal of tests/cluster/.
-
-Both Redis servers and the sentinels have passwords (different ones), so a test can check
-that neither ever shows. The sentinels declare the primary down after about a second
-(``down-after-milliseconds 1000``) and promote the replica a moment later.
-"""
+"""The failover tests' Redis: a primary, its replicas and three sentinels on loopback
+(:class:`bench.sentinel_group.SentinelGroup`, which the ``durable_ledger`` benchmark starts
+too), as a context manager that fails the test when ``redis-server`` is missing."""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from tests.integration.conftest import free_port
+from bench.sentinel_group import (
+    DOWN_AFTER_MS,
+    PRIMARY_PASSWORD,
+    SENTINEL_PASSWORD,
+    SERVICE,
+    SentinelGroup,
+)
 
-SERVICE = "rehearsal"
-PRIMARY_PASSWORD = "primary-secret-7Qx"
-SENTINEL_PASSWORD = "sentinel-secret-4Kp"
-#: The sentinels' opinion of a dead primary: subjectively down after this long.
-DOWN_AFTER_MS = 1000
-
-
-def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.05)
-
-
-class SentinelGroup:
-    """The processes; :meth:`start` waits until the sentinels see the replicas and each other.
-
-    ``ports`` names the servers as they started: ``primary``, ``replica`` (and ``replica-2``...
-    with ``replicas`` > 1); which one is the primary now is :meth:`primary_port`'s answer.
-    """
-
-    def __init__(self, binary: str, workdir: Path, replicas: int = 1) -> None:
-        self.binary = binary
-        self.workdir = workdir
-        self.replicas = replicas
-        self.ports = {"primary": free_port(), "replica": free_port()}
-        for n in range(2, replicas + 1):
-            self.ports[f"replica-{n}"] = free_port()
-        self.sentinel_ports = [free_port() for _ in range(3)]
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-
-    @property
-    def sentinels(self) -> str:
-        """The REDIS_SENTINELS value for this group."""
-        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-
-    def _spawn(self, port: int, arguments: list[str]) -> None:
-        log = self.workdir / f"{port}.log"
-        self.procs[port] = subprocess.Popen(
-            [*arguments, "--logfile", str(log)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=self.workdir,
-        )
-
-    def _server(self, port: int, *extra: str) -> None:
-        self._spawn(
-            port,
-            [
-                self.binary,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
-                "--dbfilename", f"{port}.rdb",
-                "--requirepass", PRIMARY_PASSWORD,
-                "--masterauth", PRIMARY_PASSWORD,
-                *extra,
-            ],
-        )  # fmt: skip
-
-    def start(self) -> None:
-        primary = self.ports["primary"]
-        self._server(primary)
-        for name, port in self.ports.items():
-            if name != "primary":
-                self._server(port, "--replicaof", "127.0.0.1", str(primary))
-        for port in self.sentinel_ports:
-            config = self.workdir / f"sentinel-{port}.conf"
-            config.write_text(
-                "\n".join(
-                    [
-                        f"port {port}",
-                        "bind 127.0.0.1",
-                        f"dir {self.workdir}",
-                        f"requirepass {SENTINEL_PASSWORD}",
-                        f"sentinel sentinel-pass {SENTINEL_PASSWORD}",
-                        f"sentinel monitor {SERVICE} 127.0.0.1 {primary} 2",
-                        f"sentinel auth-pass {SERVICE} {PRIMARY_PASSWORD}",
-                        f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
-                        f"sentinel failover-timeout {SERVICE} 4000",
-                        f"sentinel parallel-syncs {SERVICE} 1",
-                        "",
-                    ]
-                ),
-                encoding="utf-8",
-            )
-            self._spawn(port, [self.binary, str(config), "--sentinel"])
-        _wait(self._ready, 30, "the sentinels did not see the replicas and each other")
-
-    def _ready(self) -> bool:
-        try:
-            for port in self.sentinel_ports:
-                with self.sentinel(port) as client:
-                    state = client.sentinel_master(SERVICE)
-                if state["num-slaves"] < self.replicas or state["num-other-sentinels"] < 2:
-                    return False
-            for name, port in self.ports.items():
-                if name != "primary":
-                    with self.server(port) as client:
-                        if client.info("replication")["master_link_status"] != "up":
-                            return False
-        except redis.RedisError:
-            return False
-        return True
-
-    @staticmethod
-    def sentinel(port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=SENTINEL_PASSWORD, socket_timeout=1)
-
-    @staticmethod
-    def server(port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=PRIMARY_PASSWORD, socket_timeout=1)
-
-    def primary_port(self) -> int | None:
-        """Which of the two servers is a primary now (None: neither answers as one)."""
-        for port in self.ports.values():
-            with contextlib.suppress(redis.RedisError), self.server(port) as client:
-                if client.info("replication")["role"] == "master":
-                    return port
-        return None
-
-    def kill(self, port: int) -> None:
-        """SIGKILL one process (no goodbye to its clients or its replica)."""
-        proc = self.procs.pop(port)
-        proc.kill()
-        proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        for port in list(self.procs):
-            self.kill(port)
+__all__ = [
+    "DOWN_AFTER_MS",
+    "PRIMARY_PASSWORD",
+    "SENTINEL_PASSWORD",
+    "SERVICE",
+    "SentinelGroup",
+    "sentinel_group",
+]
 
 
 @contextlib.contextmanager
