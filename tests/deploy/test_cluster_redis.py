@@ -7,10 +7,13 @@ Substituted, and nothing else: each listening port (a free one on loopback), ``b
 folder (``/data``, a temporary folder per service, as each has a volume of its own), the
 configuration's mount point, the service names (``localhost``: it exercises
 ``resolve-hostnames`` and ``announce-hostnames`` as container names would), and the image's
-entrypoint wrapper (``docker-entrypoint.sh``, which only drops root). The passwords come in
-through the Compose variables REDIS_PASSWORD and REDIS_SENTINEL_PASSWORD.
+entrypoint wrapper (``docker-entrypoint.sh``: it drops root, and adds ``--protected-mode no``,
+which changes nothing for servers with a password). The passwords come in through the Compose
+variables REDIS_PASSWORD and REDIS_SENTINEL_PASSWORD. Not covered: the image itself (its Redis
+version, its entrypoint), Docker's DNS, a failover (tests/cluster/ rehearses one).
 
-Needs ``redis-server`` and ``redis-cli`` (Debian: ``apt-get install redis-server``); about 5 s.
+Needs ``redis-server`` and ``redis-cli`` (Debian: ``apt-get install redis-server``); about 8 s, 5 of
+them Redis 7's ``repl-diskless-sync-delay`` before the replica's first sync.
 """
 
 from __future__ import annotations
@@ -201,14 +204,15 @@ def test_compose_redis_replicates_and_the_sentinels_see_primary_and_replica(
         assert client.config_get("appendonly") == {"appendonly": "yes"}
 
     group.launch("redis-replica")
-    wait_until(lambda: _replica_is_linked(group), timeout=10)
+    # Redis 7 waits repl-diskless-sync-delay (5 s) for more replicas before the first sync.
+    wait_until(lambda: _replica_is_linked(group), timeout=20)
     with group.server(primary) as client:
         assert client.set("deploy-check", "1")
         assert client.execute_command("WAIT", 1, 2000) == 1
 
     for name in REDIS_SENTINELS:
         group.launch(name)
-    wait_until(lambda: _sentinels_agree(group), timeout=12)
+    wait_until(lambda: _sentinels_agree(group), timeout=20)
 
     for name in REDIS_SENTINELS:
         with group.sentinel(group.port_of[name]) as client:
