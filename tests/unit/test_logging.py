@@ -422,3 +422,20 @@ def test_the_job_line_keeps_the_level_and_the_traceback_path() -> None:
     assert line["message_id"] == "m-2"
     assert "RuntimeError" in line["exception"]
     assert SECRET not in stream.getvalue()
+
+
+def test_the_job_line_follows_structlog_once_it_is_configured_by_someone_else() -> None:
+    """After configure_logging, structlog reset (or configured elsewhere): the job line goes
+    where structlog now says, not to the stream of the earlier configuration."""
+    with json_logging() as first:
+        log_job_line("info", {"message_id": "m-1"})
+    structlog.reset_defaults()
+    second = io.StringIO()
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=second))
+    try:
+        log_job_line("info", {"message_id": "m-2"})
+    finally:
+        structlog.reset_defaults()
+    assert "m-1" in first.getvalue()
+    assert "m-2" not in first.getvalue()
+    assert "m-2" in second.getvalue()

@@ -304,7 +304,12 @@ def log_job_line(level: str, fields: dict[str, Any], exc_info: BaseException | N
     redaction, orjson) without structlog's chain, a third of the line's CPU.
     """
     lines = _job_lines
-    if lines is None or exc_info is not None:
+    if (
+        lines is None
+        or exc_info is not None
+        # structlog configured since by someone else (or reset): its configuration decides
+        or structlog.get_config()["logger_factory"] is not lines.factory
+    ):
         getattr(bound_logger(), level)("job", exc_info=exc_info, **fields)
     elif _LEVEL_NUMBERS[level] >= lines.min_level:
         lines.write(level, fields)
@@ -318,7 +323,8 @@ _LEVEL_NUMBERS = logging.getLevelNamesMapping() | {
 
 
 class _JobLines:
-    def __init__(self, stream: Any, min_level: int, stamper: Processor) -> None:
+    def __init__(self, stream: Any, min_level: int, stamper: Processor, factory: Any) -> None:
+        self.factory = factory
         self.stream = stream
         self.min_level = min_level
         self.stamper = stamper
@@ -355,6 +361,7 @@ def configure_logging(
     # (No structlog.contextvars.merge_contextvars: nothing binds context variables, and it copied
     # the whole context of every line to find none.)
     stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    factory = structlog.WriteLoggerFactory(file=stream)
     shared: list[Processor] = [
         structlog.processors.add_log_level,
         stamper,
@@ -366,13 +373,13 @@ def configure_logging(
     # come in through the root handler below and get the same processors.
     structlog.configure(
         processors=[*shared, renderer],
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=factory,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
         cache_logger_on_first_use=False,  # configure_logging may be called again (tests)
     )
     _generation += 1  # bound_logger() binds again
     min_level = logging.getLevelNamesMapping()[level]
-    _job_lines = _JobLines(stream, min_level, stamper) if json_lines else None
+    _job_lines = _JobLines(stream, min_level, stamper, factory) if json_lines else None
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
