@@ -37,7 +37,7 @@ from bench.common import (
     write_json,
 )
 from bench.send_path import backlog, measure
-from bench.sentinel_group import PRIMARY_PASSWORD, SENTINEL_PASSWORD, SERVICE, SentinelGroup
+from bench.sentinel_group import PRIMARY_PASSWORD, SentinelGroup
 
 NAME = "durable_ledger"
 CHOICES = ("single node", "replica")
@@ -83,15 +83,7 @@ def run(args: argparse.Namespace) -> list[Result]:
                         f"{single.ports['primary']}/0",
                         "LEDGER_DURABILITY": "primary",
                     },
-                    "replica": base
-                    | {
-                        # The host is not used: the sentinels name the primary.
-                        "REDIS_URL": f"redis://:{PRIMARY_PASSWORD}@127.0.0.1:1/0",
-                        "REDIS_SENTINELS": replicated.sentinels,
-                        "REDIS_SENTINEL_SERVICE": SERVICE,
-                        "REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
-                        "LEDGER_DURABILITY": "replica",
-                    },
+                    "replica": base | replicated.worker_env() | {"LEDGER_DURABILITY": "replica"},
                 }
                 groups = {"single node": single, "replica": replicated}
                 try:

@@ -31,7 +31,15 @@ from collections.abc import Callable
 
 import redis
 
-from bench.common import REDIS_URL, BenchError, Result, clear_redis, pids_listening, process_cpu_s
+from bench.common import (
+    REDIS_URL,
+    BenchError,
+    Result,
+    clear_redis,
+    cpu_used,
+    pids_listening,
+    process_cpu_s,
+)
 from worker.send.ledger import Ledger, LedgerKey
 
 NAME = "ledger_backends"
@@ -80,9 +88,7 @@ class _Timed:
             one(n)
             self.waits.append(time.perf_counter() - started)
         client = time.process_time() - client_before
-        server_after = process_cpu_s(self.server_pids)
-        both = server_before.keys() & server_after.keys()
-        server = sum(server_after[pid] - server_before[pid] for pid in both)
+        server = cpu_used(server_before, process_cpu_s(self.server_pids))
         waits = sorted(self.waits)
         return {
             "client_us": 1e6 * client / sends,

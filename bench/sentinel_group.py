@@ -60,6 +60,16 @@ class SentinelGroup:
         """The REDIS_SENTINELS value for this group."""
         return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
 
+    def worker_env(self) -> dict[str, str]:
+        """The worker's settings that reach this group's primary through its sentinels
+        (REDIS_URL carries the primary's password; its host is not used)."""
+        return {
+            "REDIS_URL": f"redis://:{PRIMARY_PASSWORD}@unused.invalid:1/0",
+            "REDIS_SENTINELS": self.sentinels,
+            "REDIS_SENTINEL_SERVICE": SERVICE,
+            "REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
+        }
+
     @property
     def pids(self) -> list[int]:
         """Every process of the group still running (servers and sentinels)."""

@@ -20,7 +20,6 @@ from tests.integration.conftest import AMQP_URL, Simulator, wait_until
 from tests.integration.redis_sentinels import (
     PRIMARY_PASSWORD,
     SENTINEL_PASSWORD,
-    SERVICE,
     sentinel_group,
 )
 
@@ -30,14 +29,7 @@ def test_the_redis_primary_is_killed_mid_campaign_and_a_replica_promoted(
     simulator: Simulator, tmp_path: Path
 ) -> None:
     with sentinel_group(tmp_path / "redis", replicas=2) as group:
-        env = {
-            # REDIS_URL's password and database; its host is not used with sentinels.
-            "REDIS_URL": f"redis://:{PRIMARY_PASSWORD}@unused.invalid:1/0",
-            "REDIS_SENTINELS": group.sentinels,
-            "REDIS_SENTINEL_SERVICE": SERVICE,
-            "REDIS_SENTINEL_PASSWORD": SENTINEL_PASSWORD,
-            "LEDGER_DURABILITY": "replica",
-        }
+        env = group.worker_env() | {"LEDGER_DURABILITY": "replica"}
         old = group.ports["primary"]
         promoted: list[int | None] = []
 

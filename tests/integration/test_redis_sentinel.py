@@ -146,6 +146,7 @@ def test_check_reaches_the_primary_through_the_sentinels_and_names_no_password(
         group.kill(port)
     _service, target, problem = service_problems(settings)[1]
     assert problem is not None
+    assert "REDIS_SENTINEL_SERVICE" in problem  # no sentinel answers: none named a primary
     for text in (target, problem):
         assert PRIMARY_PASSWORD not in text
         assert SENTINEL_PASSWORD not in text

@@ -362,6 +362,7 @@ def configure_logging(
     # the whole context of every line to find none.)
     stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     factory = structlog.WriteLoggerFactory(file=stream)
+    min_level = logging.getLevelNamesMapping()[level]
     shared: list[Processor] = [
         structlog.processors.add_log_level,
         stamper,
@@ -374,11 +375,10 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, renderer],
         logger_factory=factory,
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(min_level),
         cache_logger_on_first_use=False,  # configure_logging may be called again (tests)
     )
     _generation += 1  # bound_logger() binds again
-    min_level = logging.getLevelNamesMapping()[level]
     _job_lines = _JobLines(stream, min_level, stamper, factory) if json_lines else None
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
