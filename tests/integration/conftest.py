@@ -7,15 +7,19 @@ with a message saying how to start it; nothing is skipped.
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +54,13 @@ QUEUES = [
 VENV_BIN = Path(sys.executable).parent
 
 
+#: Policies tests set on the test vhost are named with this prefix.
+TEST_POLICY_PREFIX = "test-"
+
+
 def _ensure_vhost() -> None:
+    """Create the test vhost if missing, and clear any policy an interrupted run left on it (a
+    leftover ``max-length`` policy makes RabbitMQ refuse the next run's publishes)."""
     ctl = shutil.which("rabbitmqctl")
     if ctl is None or "TEST_AMQP_URL" in os.environ:
         return
@@ -62,11 +72,47 @@ def _ensure_vhost() -> None:
         capture_output=True,
         check=False,
     )
+    policies = subprocess.run(
+        [ctl, "-q", "list_policies", "-p", TEST_VHOST, "--formatter", "json"],
+        capture_output=True,
+        text=True,
+    )
+    for policy in json.loads(policies.stdout or "[]"):
+        if policy["name"].startswith(TEST_POLICY_PREFIX):
+            subprocess.run(
+                [ctl, "-q", "clear_policy", "-p", TEST_VHOST, policy["name"]], check=False
+            )
+
+
+#: Held for the whole run: two runs on one machine share the vhost and the Redis database.
+_run_lock: Any = None
+
+
+def _one_run_at_a_time(config: pytest.Config) -> None:
+    """Wait, saying so, while another test run on this machine uses the same services: two
+    runs emptying each other's queues and setting each other's policies fail at random."""
+    global _run_lock
+    name = re.sub(r"[^A-Za-z0-9]+", "_", f"{AMQP_URL}|{REDIS_URL}")
+    handle = open(Path(tempfile.gettempdir()) / f"verloop-tests-{name}.lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture else nullcontext():
+            print(
+                "\nanother test run on this machine is using the same vhost and Redis "
+                "database; waiting for it to finish",
+                file=sys.stderr,
+                flush=True,
+            )
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    _run_lock = handle
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _services_answer() -> None:
+def _services_answer(pytestconfig: pytest.Config) -> None:
     """Stop the run at once, saying how to fix it, if RabbitMQ or Redis do not answer."""
+    _one_run_at_a_time(pytestconfig)
     _ensure_vhost()
     try:
         pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()

@@ -23,7 +23,7 @@ import pika
 import pytest
 from click.testing import CliRunner
 
-from tests.integration.conftest import AMQP_URL, REDIS_URL, redis_client
+from tests.integration.conftest import AMQP_URL, REDIS_URL, TEST_POLICY_PREFIX, redis_client
 from worker.campaigns.enqueue import CampaignEnqueueError, enqueue_campaign
 from worker.campaigns.spec import CampaignSpec
 from worker.campaigns.store import CampaignRef, CampaignStore
@@ -444,6 +444,10 @@ def _vhost() -> str:
     return unquote(urlsplit(AMQP_URL).path.lstrip("/")) or "/"
 
 
+#: Cleared at the next run's start if this run is killed before clearing it.
+POLICY = f"{TEST_POLICY_PREFIX}nack"
+
+
 @pytest.fixture
 def reject_publish_over_100() -> Iterator[None]:
     """A policy making RabbitMQ nack publishes once the campaign queue holds 100 messages."""
@@ -460,7 +464,7 @@ def reject_publish_over_100() -> Iterator[None]:
             _vhost(),
             "--apply-to",
             "queues",
-            "test-nack",
+            POLICY,
             f"^{CAMPAIGN_QUEUE}$",
             policy,
         ],
@@ -470,9 +474,7 @@ def reject_publish_over_100() -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(
-            [ctl, "-q", "clear_policy", "-p", _vhost(), "test-nack"], capture_output=True
-        )
+        subprocess.run([ctl, "-q", "clear_policy", "-p", _vhost(), POLICY], capture_output=True)
 
 
 def test_a_nack_fails_the_run_and_the_checkpoint_stays_before_it(
