@@ -84,29 +84,47 @@ def _ensure_vhost() -> None:
             )
 
 
-#: Held for the whole run: two runs on one machine share the vhost and the Redis database.
-_run_lock: Any = None
+#: How long a test run waits for another one on the same services (under pytest-timeout's 240 s).
+RUN_LOCK_WAIT_S = 200.0
+
+
+def _say(config: pytest.Config, text: str) -> None:
+    """Print ``text`` on the terminal now, past pytest's output capture."""
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else nullcontext():
+        print("\n" + text, file=sys.stderr, flush=True)
 
 
 def _one_run_at_a_time(config: pytest.Config) -> None:
     """Wait, saying so, while another test run on this machine uses the same services: two
-    runs emptying each other's queues and setting each other's policies fail at random."""
-    global _run_lock
+    runs emptying each other's queues and setting each other's policies fail at random. The
+    lock is kept on ``config`` for the whole run (a second fixture of the same run, e.g. the
+    property tests', finds it there: a second ``flock`` of ours would wait for ourselves)."""
+    if getattr(config, "_verloop_run_lock", None) is not None:
+        return
     name = re.sub(r"[^A-Za-z0-9]+", "_", f"{AMQP_URL}|{REDIS_URL}")
     handle = open(Path(tempfile.gettempdir()) / f"verloop-tests-{name}.lock", "w")  # noqa: SIM115
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        capture = config.pluginmanager.get_plugin("capturemanager")
-        with capture.global_and_fixture_disabled() if capture else nullcontext():
-            print(
-                "\nanother test run on this machine is using the same vhost and Redis "
-                "database; waiting for it to finish",
-                file=sys.stderr,
-                flush=True,
-            )
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    _run_lock = handle
+    waited_since = None
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if waited_since is None:
+                waited_since = time.monotonic()
+                _say(
+                    config,
+                    "another test run on this machine is using the same vhost and "
+                    "Redis database; waiting for it to finish",
+                )
+            elif time.monotonic() - waited_since > RUN_LOCK_WAIT_S:
+                pytest.exit(
+                    f"another test run on this machine has held {handle.name} for over "
+                    f"{RUN_LOCK_WAIT_S:.0f} s; run the tests again once it has finished",
+                    returncode=3,
+                )
+            time.sleep(0.5)
+    config._verloop_run_lock = handle  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session", autouse=True)
