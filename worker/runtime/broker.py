@@ -30,7 +30,6 @@ from worker.connections.queues import (
 from worker.errors import InvalidJob
 from worker.finish.events import declare_exchange
 from worker.jobs.wire import UNDECODABLE_ACTOR, parse_envelope, undecodable_envelope
-from worker.runtime.consumer import BatchedAckConsumer
 
 __all__ = ["VerloopBroker", "WireEncoder", "build_broker"]
 
@@ -137,11 +136,6 @@ class VerloopBroker(RabbitmqBroker):
         self.low_priority_queues = low_priority_queues
         self.events_exchange = events_exchange
         self.queue_type = queue_type
-
-    @property
-    def consumer_class(self) -> type[BatchedAckConsumer]:
-        """Consumers whose acks share wake-ups of the consumer thread (worker.runtime.consumer)."""
-        return BatchedAckConsumer
 
     # Every queue, its delay queue and its dead-letter queue are declared with the arguments of
     # worker.connections.queues (dramatiq's own for classic queues).
