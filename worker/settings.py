@@ -183,6 +183,9 @@ class Settings(BaseSettings):
     #: took in LEDGER_REPLICA_TIMEOUT_MS is kept to be written again later.
     ledger_durability: Literal["primary", "replica"] = "primary"
     ledger_replica_timeout_ms: int = Field(default=250, ge=1, le=int(REDIS_TIMEOUT_S * 1000 / 2))
+    #: A sent job's record waits at most this long for the next claim's round trip to carry
+    #: it (its acknowledgement waits too); 0: written at once. Not with ``replica``.
+    ledger_record_carry_ms: int = Field(default=10, ge=0, le=1000)
     #: How long a process trusts a campaign's state (running/paused/cancelled) it read.
     campaign_state_cache_s: float = Field(default=1.0, ge=0, le=30)
     #: A paused campaign's job looks again after this long (it is re-delayed, no retry used).

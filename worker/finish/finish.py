@@ -21,7 +21,7 @@ from worker.campaigns.store import CampaignRef
 from worker.connections.redis import RedisErrors
 from worker.errors import LedgerNotReplicated, RedisUnavailable
 from worker.finish.events import declare_exchange, publish_event
-from worker.finish.outcome import JobOutcome, JobRun, Outcome
+from worker.finish.outcome import Afterwards, JobOutcome, JobRun, Outcome
 from worker.receipts.links import Link
 
 if TYPE_CHECKING:
@@ -71,22 +71,76 @@ class JobFinisher:
                 event_pending = False
                 run.note(event_published=False)
                 self._failed(run, sent, "event", "the outcome event could not be encoded")
-        try:
-            replies = self._write(services, outcome, commands, sent) if sent or commands else []
-        except LedgerNotReplicated as written:
-            # Written on the primary, not yet on a replica: acknowledged all the same (a
-            # redelivery could only send it again); the ledger writes the record again later.
-            replies = written.replies
-            run.note(ledger="not_replicated")
-            _log.warning("a sent message's record reached no replica in time; kept to rewrite")
-        except RedisUnavailable:
+        holds = getattr(broker, "held_acks", None)
+        if sent and holds is not None and services.ledger.carried is not None:
+            self._record_later(broker, run, holds, commands, steps, event_pending)
+        else:
+            try:
+                replies = self._write(services, outcome, commands, sent) if sent or commands else []
+            except LedgerNotReplicated as written:
+                # Written on the primary, not yet on a replica: acknowledged all the same (a
+                # redelivery could only send it again); the ledger writes the record again later.
+                replies = written.replies
+                run.note(ledger="not_replicated")
+                _log.warning("a sent message's record reached no replica in time; kept to rewrite")
+            except RedisUnavailable as exc:
+                replies = exc  # type: ignore[assignment]
+            self._written(broker, run, steps, event_pending, replies)
+        for fields, extra in outcome.events:
+            self._publish(broker, run, fields, extra)
+
+    def _record_later(
+        self,
+        broker: Any,
+        run: JobRun,
+        holds: Any,
+        commands: list[Sequence[Any]],
+        steps: list[str],
+        event_pending: bool,
+    ) -> None:
+        """A sent job's writes, carried by the next claim (worker.send.carried). Its log line
+        (``run.written_later``) and its acknowledgement (worker.runtime.consumer) wait for them."""
+        outcome = run.outcome
+        assert outcome is not None
+        assert outcome.ledger_key is not None
+        message_id = run.ctx.message_id
+        later = run.written_later = Afterwards()
+        holds.hold(message_id)
+
+        def written(result: list[Any] | RedisUnavailable) -> None:
+            try:
+                self._written(broker, run, steps, event_pending, result)
+            finally:
+                try:
+                    later.done()
+                finally:
+                    holds.release(message_id)
+
+        self.lifecycle.services.ledger.mark_sent_later(
+            outcome.ledger_key, outcome.verloop_message_id, written, also=commands
+        )
+
+    def _written(
+        self,
+        broker: Any,
+        run: JobRun,
+        steps: list[str],
+        event_pending: bool,
+        replies: list[Any] | RedisUnavailable,
+    ) -> None:
+        """What follows a final outcome's writes: each failed step logged and counted, the
+        event published straight to RabbitMQ if it did not reach the outbox."""
+        outcome = run.outcome
+        assert outcome is not None
+        sent = outcome.kind is Outcome.SENT and outcome.ledger_key is not None
+        if isinstance(replies, RedisUnavailable):
             if sent:
                 # Sent, but not written down: acknowledging is right (sending again is not).
                 # The ledger writes the record with its next claim that reaches Redis; a
                 # redelivery before that finds the claim and treats it as an uncertain outcome.
                 run.note(ledger="not_recorded")
                 self._failed(run, sent, "ledger", "a sent message could not be recorded")
-            if campaign is not None:
+            if _campaign_of(run) is not None:
                 run.note(campaign_counted=False)
                 _log.warning("campaign progress not counted: Redis did not answer")
             if event_pending:
@@ -101,10 +155,8 @@ class JobFinisher:
             self._failed(run, sent, step, f"Redis refused the job's {step} update")
         if "campaign" in failed:
             run.note(campaign_counted=False)
-        if event_pending and (services.outbox is None or "event" in failed):
+        if event_pending and ("event" not in steps or "event" in failed):
             self._publish(broker, run)
-        for fields, extra in outcome.events:
-            self._publish(broker, run, fields, extra)
 
     @staticmethod
     def _write(
@@ -122,9 +174,13 @@ class JobFinisher:
     def _failed(run: JobRun, sent: bool, step: str, what: str) -> None:
         if sent:
             run.after_send_failures.append(step)
-            _log.error(what + "; the message was sent and is not sent again", step=step)
+            _log.error(
+                what + "; the message was sent and is not sent again",
+                step=step,
+                message_id=run.ctx.message_id,
+            )
         else:
-            _log.warning(what, step=step)
+            _log.warning(what, step=step, message_id=run.ctx.message_id)
 
     def _publish(
         self,

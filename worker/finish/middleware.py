@@ -152,7 +152,10 @@ class JobOutcomes(Middleware):
             if run.outcome is None:  # the actor sets it (see worker.runtime.actors)
                 run.outcome = JobOutcome(Outcome.DONE)
             self._finish(broker, run)
-            self._log(run, "info")
+            if run.written_later is not None:  # a sent job's record is carried by a later call
+                run.written_later.then(lambda: self._log(run, "info"))
+            else:
+                self._log(run, "info")
             return
         failure: Failure | None = None
         try:

@@ -8,9 +8,10 @@ renderings of the finished :class:`JobRun`.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -190,6 +191,32 @@ class JobOutcome:
         return self.kind in FINAL_OUTCOMES
 
 
+class Afterwards:
+    """Steps that wait for a final outcome's writes carried by a later round trip
+    (:mod:`worker.send.carried`): run when they are done, or at once if they are already."""
+
+    __slots__ = ("_done", "_lock", "_waiting")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = False
+        self._waiting: list[Callable[[], None]] = []
+
+    def then(self, step: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._done:
+                self._waiting.append(step)
+                return
+        step()
+
+    def done(self) -> None:
+        with self._lock:
+            self._done = True
+            waiting, self._waiting = self._waiting, []
+        for step in waiting:
+            step()
+
+
 @dataclass(slots=True)
 class JobRun:
     """One delivery of a job, from the middleware's start to its outcome."""
@@ -208,6 +235,9 @@ class JobRun:
     after_send_failures: list[str] = field(default_factory=list)
     #: A status job's statuses, and what recording each did.
     statuses: list[StatusFacts] = field(default_factory=list)
+    #: Set when the outcome's writes wait for a later round trip (a sent job's carried record):
+    #: its log line waits for them too.
+    written_later: Afterwards | None = None
 
     def note(self, **values: Any) -> None:
         """Add details to the job's log line."""

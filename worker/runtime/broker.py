@@ -30,6 +30,7 @@ from worker.connections.queues import (
 from worker.errors import InvalidJob
 from worker.finish.events import declare_exchange
 from worker.jobs.wire import UNDECODABLE_ACTOR, parse_envelope, undecodable_envelope
+from worker.runtime.consumer import HeldAcks, HoldingConsumer
 
 __all__ = ["VerloopBroker", "WireEncoder", "build_broker"]
 
@@ -136,6 +137,13 @@ class VerloopBroker(RabbitmqBroker):
         self.low_priority_queues = low_priority_queues
         self.events_exchange = events_exchange
         self.queue_type = queue_type
+        #: Acknowledgements waiting for their job's ledger record (worker.runtime.consumer).
+        self.held_acks = HeldAcks()
+
+    @property
+    def consumer_class(self) -> type[HoldingConsumer]:
+        """Dramatiq's consumer, whose acknowledgements may wait (worker.runtime.consumer)."""
+        return HoldingConsumer
 
     # Every queue, its delay queue and its dead-letter queue are declared with the arguments of
     # worker.connections.queues (dramatiq's own for classic queues).

@@ -125,6 +125,7 @@ class Services:
             connections=connections,
             replicas=1 if settings.ledger_durability == "replica" else 0,
             replica_timeout_ms=settings.ledger_replica_timeout_ms,
+            carry_s=settings.ledger_record_carry_ms / 1000,
         )
         campaigns = CampaignStore(
             cache,
@@ -179,6 +180,10 @@ class Lifecycle(Middleware):
         services = self._services = Services.open(
             self.settings, threads=worker.worker_threads, metrics=self.metrics
         )
+        carried = services.ledger.carried
+        if carried is not None and hasattr(broker, "held_acks"):
+            # A consumer closing writes the records its held acknowledgements wait for.
+            broker.held_acks.flush = carried.flush
         if self.metrics is not None:
             # Numbers known from settings get their series at zero before their first job.
             self.metrics.add_known_numbers(
@@ -203,6 +208,8 @@ class Lifecycle(Middleware):
             self._relay.start()
 
     def after_worker_shutdown(self, broker: Any, worker: Any) -> None:
+        if hasattr(broker, "held_acks"):
+            broker.held_acks.flush = None
         if self._relay is not None:
             self._relay.stop()
             self._relay = None

@@ -11,6 +11,9 @@ With ``replicas`` (``LEDGER_DURABILITY=replica``) a record counts once that many
 it (``WAIT``); one they did not confirm in time is written again later, like one Redis did not
 take. A claim may name *holds* (the limiter's recipient and number holds) that keep it from sending.
 A job's key from an earlier version is honoured until it expires.
+
+With ``carry_s`` (and no replicas to wait for), :meth:`Ledger.mark_sent_later` queues a record
+for the next claim's round trip to carry (:mod:`worker.send.carried`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -27,7 +30,8 @@ import redis
 
 from worker.connections.redis import RedisErrors, as_text
 from worker.connections.redis_direct import ThreadConnections
-from worker.errors import LedgerNotReplicated
+from worker.errors import LedgerNotReplicated, RedisUnavailable
+from worker.send.carried import CarriedWrites, Written
 
 __all__ = ["MAX_UNRECORDED", "Claim", "Ledger", "LedgerEntry", "LedgerKey"]
 
@@ -158,6 +162,7 @@ class Ledger:
         connections: ThreadConnections | None = None,
         replicas: int = 0,
         replica_timeout_ms: int = 250,
+        carry_s: float = 0.0,
     ) -> None:
         self.cache = cache
         #: A record counts once this many replicas confirm it (``WAIT``); 0: once written.
@@ -177,18 +182,24 @@ class Ledger:
         #: Records of sends Redis did not take (it was down): written with the next claim that
         #: reaches Redis, so a blip does not leave a sent job looking uncertain for 30 days.
         self._unrecorded: deque[tuple[str, str]] = deque(maxlen=MAX_UNRECORDED)
+        #: Records waiting for a claim to carry them (none with replicas: WAIT is per record).
+        self.carried: CarriedWrites | None = None
+        if carry_s > 0 and replicas == 0:
+            self.carried = CarriedWrites(self._execute_carried, max_delay_s=carry_s)
 
     def claim(
         self, key: LedgerKey, owner: str, *, take_over_uncertain: bool, holds: Sequence[str] = ()
     ) -> Claim:
         """Claim ``key`` for one call to Verloop by ``owner`` (e.g. the dramatiq message id),
         unless one of the ``holds`` keys exists."""
-        with _REDIS:
-            state, detail = self._direct.evalsha(
-                self._claim,
-                [*key.names, *holds],
-                [self.lease_ms, self.ttl_s, self._owner_prefix + owner, int(take_over_uncertain)],
-            )
+        keys = [*key.names, *holds]
+        args = [self.lease_ms, self.ttl_s, self._owner_prefix + owner, int(take_over_uncertain)]
+        carried = self.carried.take() if self.carried is not None else []
+        if carried:
+            state, detail = self._claim_carrying(carried, keys, args)
+        else:
+            with _REDIS:
+                state, detail = self._direct.evalsha(self._claim, keys, args)
         if self._unrecorded and time.monotonic() >= self._late_after:
             self._record_late()
         state, detail = as_text(state), as_text(detail)
@@ -199,6 +210,58 @@ class Ledger:
         if state == "sent":
             return Claim("sent", detail=detail)
         return Claim("uncertain", detail=detail)
+
+    def _claim_carrying(self, carried: Any, keys: list[str], args: list[Any]) -> Any:
+        """The claim, in one round trip with the records ``carried`` (written first)."""
+        assert self.carried is not None
+        command = ("EVALSHA", self._claim.sha, len(keys), *keys, *args)
+        try:
+            replies = self._direct.execute(
+                [*self.carried.commands(carried), command], raise_refusals=False
+            )
+        except Exception as exc:
+            self.carried.settle(carried, exc)
+            if isinstance(exc, redis.RedisError):
+                raise _REDIS.translate(exc) from None
+            raise
+        self.carried.settle(carried, replies)
+        reply = replies[-1]
+        if isinstance(reply, redis.exceptions.NoScriptError):  # Redis restarted: load it
+            with _REDIS:
+                return self._direct.evalsha(self._claim, keys, args)
+        if isinstance(reply, redis.RedisError):
+            raise _REDIS.translate(reply)
+        return reply
+
+    def _execute_carried(self, commands: list[Sequence[Any]]) -> list[Any]:
+        return self._direct.execute(commands, raise_refusals=False)
+
+    def mark_sent_later(
+        self,
+        key: LedgerKey,
+        message_id: str | None,
+        on_written: Callable[[list[Any] | RedisUnavailable], None],
+        *,
+        also: Sequence[Sequence[Any]] = (),
+    ) -> None:
+        """:meth:`mark_sent`, carried by the next claim's round trip (or written alone within
+        ``carry_s``): ``on_written`` gets the replies of ``also``, or the
+        :class:`~worker.errors.RedisUnavailable` that :meth:`mark_sent` would have raised (the
+        record is then kept to be written later, as there). Only with :attr:`carried`."""
+        carried = self.carried
+        if carried is None:
+            raise RuntimeError("this ledger writes records at once (no carry_s, or replicas)")
+        record = ("SET", _PREFIX + key.name, "s:" + (message_id or ""), "EX", self.ttl_s)
+
+        def written(replies: Written) -> None:
+            failed = replies if isinstance(replies, BaseException) else replies[0]
+            if isinstance(failed, BaseException):
+                self._unrecorded.append((key.name, message_id or ""))
+                on_written(_REDIS.translate(failed))  # type: ignore[arg-type]
+            else:
+                on_written(replies[1:])  # type: ignore[index]
+
+        carried.add([record, *also], written)
 
     def mark_sent(
         self, key: LedgerKey, message_id: str | None, *, also: Sequence[Sequence[Any]] = ()
@@ -277,7 +340,10 @@ class Ledger:
             )
 
     def close(self) -> None:
-        """Close the connections of the send path's calls (the client is the caller's)."""
+        """Write the records still waiting for a claim, and close the connections of the send
+        path's calls (the client is the caller's)."""
+        if self.carried is not None:
+            self.carried.stop()
         self._direct.close()
 
     def release(self, key: LedgerKey, owner: str) -> None:
