@@ -30,8 +30,10 @@ from tests.integration.test_ledger_and_events import Events, send
 from tests.integration.test_process import descendants
 from worker.connections.redis_keys import join_parts
 from worker.errors import RedisUnavailable
+from worker.finish import middleware
 from worker.finish.deadletters import DEAD_LETTER_HEADER
 from worker.jobs.producer import Producer
+from worker.observability.logging import log_job_line as write_job_line
 from worker.runtime.app import WorkerApp
 from worker.send.ledger import Ledger, LedgerKey
 
@@ -145,10 +147,19 @@ def test_a_sent_job_is_acknowledged_and_logged_only_once_its_record_is_written(
     producer: Producer,
     start_worker: Callable[..., WorkerApp],
     events: Events,
-    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One job and nothing else to carry its record: the record waits its LEDGER_RECORD_CARRY_MS,
     and meanwhile the job is neither acknowledged nor logged, and its event is not out."""
+    # The job lines written, read where they are made (whatever stream an earlier test left
+    # logging configured with).
+    logged: list[dict[str, Any]] = []
+
+    def log_job_line(level: str, fields: dict[str, Any], exc_info: Any = None) -> None:
+        logged.append(dict(fields))
+        write_job_line(level, fields, exc_info)
+
+    monkeypatch.setattr(middleware, "log_job_line", log_job_line)
     app = start_worker(ledger_record_carry_ms=1000)
     message_id = send(producer, idempotency_key="carried-1")
     wait_until(simulator.messages)
@@ -157,16 +168,15 @@ def test_a_sent_job_is_acknowledged_and_logged_only_once_its_record_is_written(
     time.sleep(0.3)
     assert len(app.broker.held_acks) == 1
     assert ledger.lookup(entry).state == "pending"
-    assert message_id not in capsys.readouterr().out
+    assert [line for line in logged if line["message_id"] == message_id] == []
     assert events.take() == []
     # Then the ledger's thread writes it: the line, the event and the acknowledgement follow.
     [(_, event)] = events.wait_for(1)
     assert event["outcome"] == "sent"
     assert ledger.lookup(entry).message_id == simulator.messages()[0]["id"]
     wait_until(lambda: len(app.broker.held_acks) == 0)
-    out = capsys.readouterr().out
-    assert message_id in out
-    assert "outcome=sent" in out
+    [line] = [line for line in logged if line["message_id"] == message_id]
+    assert line["outcome"] == "sent"
 
 
 def test_every_job_of_a_busy_worker_is_recorded_acknowledged_and_evented_once(
