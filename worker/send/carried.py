@@ -66,9 +66,6 @@ class CarriedWrites:
         self.carried = 0
         self.written_alone = 0
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     def add(self, commands: list[Command], on_written: Callable[[Written], None]) -> None:
         """Queue ``commands``; ``on_written`` is called once they are written or have failed."""
         with self._lock:

@@ -251,7 +251,7 @@ class Ledger:
         carried = self.carried
         if carried is None:
             raise RuntimeError("this ledger writes records at once (no carry_s, or replicas)")
-        record = ("SET", _PREFIX + key.name, "s:" + (message_id or ""), "EX", self.ttl_s)
+        record = self._record(key.name, message_id or "")
 
         def written(replies: Written) -> None:
             failed = replies if isinstance(replies, BaseException) else replies[0]
@@ -262,6 +262,10 @@ class Ledger:
                 on_written(replies[1:])  # type: ignore[index]
 
         carried.add([record, *also], written)
+
+    def _record(self, name: str, message_id: str) -> tuple[Any, ...]:
+        """The command that records a send of entry ``name`` (Verloop's ``message_id``)."""
+        return ("SET", _PREFIX + name, "s:" + message_id, "EX", self.ttl_s)
 
     def mark_sent(
         self, key: LedgerKey, message_id: str | None, *, also: Sequence[Sequence[Any]] = ()
@@ -274,7 +278,7 @@ class Ledger:
             LedgerNotReplicated: the record and the others were written on the primary, no
                 replica confirmed them in time (``replicas``); it is written again later.
         """
-        record = ("SET", _PREFIX + key.name, "s:" + (message_id or ""), "EX", self.ttl_s)
+        record = self._record(key.name, message_id or "")
         commands = [record, *also, self._wait] if self._wait else [record, *also]
         try:
             replies = self._direct.execute(commands, raise_refusals=False)
@@ -312,9 +316,7 @@ class Ledger:
                 taken.append(self._unrecorded.popleft())
             except IndexError:  # another thread took the last one
                 break
-        commands: list[Sequence[Any]] = [
-            ("SET", _PREFIX + k, "s:" + m, "EX", self.ttl_s) for k, m in taken
-        ]
+        commands: list[Sequence[Any]] = [self._record(k, m) for k, m in taken]
         try:
             replies = self._direct.execute(
                 [*commands, self._wait] if self._wait else commands, raise_refusals=False
