@@ -34,8 +34,9 @@ from worker.finish import middleware
 from worker.finish.deadletters import DEAD_LETTER_HEADER
 from worker.jobs.producer import Producer
 from worker.observability.logging import log_job_line as write_job_line
-from worker.runtime.app import WorkerApp
+from worker.runtime.app import WorkerApp, create_app
 from worker.send.ledger import Ledger, LedgerKey
+from worker.settings import Settings
 
 
 @pytest.fixture
@@ -130,6 +131,63 @@ def test_a_record_redis_did_not_take_is_reported_and_kept_for_later() -> None:
         assert ledger.unrecorded == 1
     finally:
         ledger.close()
+
+
+def test_a_claim_whose_round_trip_fails_fails_the_records_it_carried_too() -> None:
+    """The claim is held (RedisUnavailable, as without carrying) and each carried record gets
+    the same error in its callback and is kept to be written later."""
+    dead = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    ledger = Ledger(dead, ttl_s=3600, lease_s=10, carry_s=1.0)
+    try:
+        written = Written()
+        ledger.mark_sent_later(key("carried-down"), "wamid.6", written)
+        with pytest.raises(RedisUnavailable):
+            ledger.claim(key("claim-down"), "job-2", take_over_uncertain=False)
+        assert isinstance(written.result, RedisUnavailable)
+        assert ledger.unrecorded == 1
+    finally:
+        ledger.close()
+
+
+def test_a_callback_that_raises_does_not_stop_the_others_or_the_claim() -> None:
+    ledger = Ledger(redis_client(REDIS_URL), ttl_s=3600, lease_s=10, carry_s=1.0)
+    try:
+
+        def broken(result: list[Any] | RedisUnavailable) -> None:
+            raise ValueError("a bug in a callback")
+
+        first, second = key("broken"), key("after-broken")
+        ledger.mark_sent_later(first, "wamid.7", broken)
+        written = Written()
+        ledger.mark_sent_later(second, "wamid.8", written)
+        assert ledger.claim(key("carrier"), "job-3", take_over_uncertain=False).state == "claimed"
+        assert written.done.is_set()
+        assert ledger.lookup(first).message_id == "wamid.7"
+        assert ledger.lookup(second).message_id == "wamid.8"
+    finally:
+        ledger.close()
+
+
+def test_a_held_acknowledgement_whose_connection_closed_is_dropped_not_raised(
+    make_settings: Callable[..., Settings], producer: Producer
+) -> None:
+    """Released after its consumer's connection closed: a warning, no exception in the thread
+    that released it; RabbitMQ delivers the job again (the ledger answers that delivery)."""
+    app = create_app(make_settings())
+    broker: Any = app.broker
+    send(producer, idempotency_key="held-closed")
+    consumer = broker.consume("verloop.send", prefetch=1, timeout=200)
+    try:
+        message = wait_until(lambda: next(consumer), timeout=10)
+        broker.held_acks.hold(message.message_id)
+        consumer.ack(message)  # parked
+        assert len(broker.held_acks) == 1
+        consumer.connection.close()
+        broker.held_acks.release(message.message_id)
+        assert len(broker.held_acks) == 0
+    finally:
+        broker.close()
+    wait_until(lambda: queue_depth("verloop.send") == 1)
 
 
 def test_with_replicas_records_are_not_carried() -> None:
