@@ -18,7 +18,7 @@ import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import q_name, xq_name
 from dramatiq.encoder import JSONEncoder
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import Middleware, MiddlewareError
 
 from worker.connections.amqp import split_amqp_urls
 from worker.connections.queues import (
@@ -139,6 +139,48 @@ class VerloopBroker(RabbitmqBroker):
         self.queue_type = queue_type
         #: Acknowledgements waiting for their job's ledger record (worker.runtime.consumer).
         self.held_acks = HeldAcks()
+
+    # --- middleware hooks: only the ones a middleware defines -----------------------------------
+    # Dramatiq calls every middleware's hook for every signal (four a job), most of them the
+    # base class's empty method. The hooks a middleware really has are found once per signal, in
+    # the same order; the cache is dropped when the middleware list changes.
+    def add_middleware(self, middleware: Middleware, **kwargs: Any) -> None:
+        super().add_middleware(middleware, **kwargs)
+        self.__dict__.pop("_hook_cache", None)
+
+    def _hooks(self, name: str) -> tuple[Any, ...]:
+        cache: dict[str, tuple[int, tuple[Any, ...]]] = self.__dict__.setdefault("_hook_cache", {})
+        found = cache.get(name)
+        middleware = self.middleware
+        if found is None or found[0] != len(middleware):
+            empty = getattr(Middleware, name, None)
+            hooks = tuple(
+                getattr(m, name)
+                for m in (reversed(middleware) if name.startswith("after_") else middleware)
+                if empty is None or getattr(type(m), name, None) is not empty or name in vars(m)
+            )
+            found = cache[name] = (len(middleware), hooks)
+        return found[1]
+
+    def emit_before(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        for hook in self._hooks("before_" + signal):
+            try:
+                hook(self, *args, **kwargs)
+            except MiddlewareError:
+                raise
+            except Exception:
+                self.logger.critical(
+                    "Unexpected failure in before_%s of %r.", signal, hook.__self__, exc_info=True
+                )
+
+    def emit_after(self, signal: str, *args: Any, **kwargs: Any) -> None:
+        for hook in self._hooks("after_" + signal):
+            try:
+                hook(self, *args, **kwargs)
+            except Exception:
+                self.logger.critical(
+                    "Unexpected failure in after_%s of %r.", signal, hook.__self__, exc_info=True
+                )
 
     @property
     def consumer_class(self) -> type[HoldingConsumer]:
