@@ -72,6 +72,22 @@ def test_values_of_every_kind_the_worker_sends_arrive_as_redis_py_would_write_th
     direct.close()
 
 
+def test_replies_larger_than_one_read_arrive_whole_and_in_step(client: redis.Redis) -> None:
+    """A reply that takes many reads (here 3 MB) and the small ones after it: each command
+    gets its own reply, and the next call starts clean."""
+    direct = ThreadConnections(client)
+    assert direct._own_reads
+    big = "é" * 1_500_000
+    direct.execute([("SET", "d:big", big)])
+    assert direct.execute([("GET", "d:big"), ("STRLEN", "d:big"), ("ECHO", "after")]) == [
+        big,
+        len(big.encode()),
+        "after",
+    ]
+    assert direct.execute([("PING",)]) == ["PONG"]
+    direct.close()
+
+
 def test_a_refused_command_raises_after_every_reply_was_read(client: redis.Redis) -> None:
     direct = ThreadConnections(client)
     client.set("d:text", "not a number")

@@ -63,6 +63,35 @@ def test_a_tcp_connection_is_blocking_with_kernel_timeouts(silent_server: int) -
         client.close()
 
 
+def test_the_send_path_s_calls_to_a_silent_redis_fail_within_the_timeout_too(
+    silent_server: int,
+) -> None:
+    """Its replies are read from the socket by a reader of its own: the kernel's timeout still
+    ends the wait, as a ConnectionError naming no more than the socket's error."""
+    direct = ThreadConnections(open_redis(Settings(redis_url=f"redis://127.0.0.1:{silent_server}")))
+    assert direct._own_reads
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        direct.execute([("PING",)])
+    took = time.monotonic() - started
+    direct.close()
+    assert REDIS_TIMEOUT_S * 0.9 <= took < REDIS_TIMEOUT_S * 3
+
+
+def test_only_plain_tcp_connections_of_the_worker_s_class_read_replies_themselves() -> None:
+    """TLS, Unix sockets, Sentinel (whose reads notice a demoted primary), RESP3 and redis-py's
+    default class keep redis-py's own reads."""
+    assert ThreadConnections(open_redis(Settings(redis_url="redis://127.0.0.1:1/0")))._own_reads
+    for url in (
+        "rediss://127.0.0.1:1/0",
+        "unix:///tmp/redis.sock",
+        "redis://127.0.0.1:1/0?protocol=3",
+    ):
+        assert not ThreadConnections(open_redis(Settings(redis_url=url)))._own_reads, url
+    assert not ThreadConnections(redis.Redis.from_url("redis://127.0.0.1:1/0"))._own_reads
+    assert not ThreadConnections(open_redis(sentinel_settings()))._own_reads
+
+
 @pytest.mark.parametrize(
     ("url", "kind"),
     [

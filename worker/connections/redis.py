@@ -47,6 +47,11 @@ class _KernelTimeouts:
 class _KernelTimeoutConnection(_KernelTimeouts, redis.Connection):
     """A TCP connection to REDIS_URL's host with kernel-kept timeouts."""
 
+    #: The send path may read its replies from the socket itself
+    #: (:mod:`worker.connections.redis_direct`): a plain socket, and reads that do nothing but
+    #: parse (unlike a Sentinel-managed connection's, which notice a demoted primary).
+    replies_from_socket = True
+
 
 class _KernelTimeoutSentinelConnection(_KernelTimeouts, SentinelManagedConnection):
     """A TCP connection to the primary the sentinels name (asked again at each connect, and

@@ -6,6 +6,13 @@ credentials; with Sentinel, the primary the sentinels name when it connects, so 
 followed), writes its commands in one ``send`` (packed by hiredis) and reads their replies.
 Failures are redis-py's own exceptions; a call that fails on a connection used before is tried
 once more on a new one (Redis may have restarted). Every call made here is safe to repeat.
+
+On a plain TCP connection of the worker's own class (``redis://``, RESP2) the replies are read
+straight from the socket by a hiredis reader of the thread's own, one ``recv`` for all of them,
+rather than through redis-py's reply layers once per command (about a quarter of the send
+path's Redis CPU). Redis-py's connection still connects, authenticates and selects the
+database; TLS, Unix sockets, Sentinel (whose reads notice a demoted primary) and RESP3 keep
+redis-py's own reads.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis._parsers.base import BaseParser
 from redis.commands.core import Script
 
 try:
+    import hiredis
     from hiredis import pack_command as _pack_command
 except ImportError:  # pragma: no cover - hiredis is a dependency (redis[hiredis])
+    hiredis = None  # type: ignore[assignment]
     _pack_command = None  # type: ignore[assignment]
 
 __all__ = ["ThreadConnections"]
@@ -40,6 +50,19 @@ class ThreadConnections:
         encoding = self._connection_kwargs.get("encoding", "utf-8")
         errors = self._connection_kwargs.get("encoding_errors", "strict")
         self._utf8 = encoding.lower().replace("-", "") == "utf8" and errors == "strict"
+        #: Replies read from the socket by a reader of our own (see the module docstring).
+        self._own_reads = (
+            hiredis is not None
+            and self._utf8
+            and getattr(self._connection_class, "replies_from_socket", False)
+            and str(self._connection_kwargs.get("protocol") or 2) == "2"
+        )
+        self._reader_options: dict[str, Any] = {
+            "protocolError": redis.exceptions.InvalidResponse,
+            "replyError": BaseParser.parse_error,
+        }
+        if self._connection_kwargs.get("decode_responses"):
+            self._reader_options |= {"encoding": encoding, "errors": errors}
         self._local = threading.local()
         self._opened: list[Any] = []  # redis-py connections (untyped)
         self._lock = threading.Lock()
@@ -71,6 +94,8 @@ class ThreadConnections:
                     # sentinels for the primary there (send_packed_command's lazy connect would
                     # skip it and reach the host in its default settings, localhost:6379).
                     connection.connect()
+                if self._own_reads:
+                    return self._read_own(connection, commands, raise_refusals)
                 connection.send_packed_command(self._pack(connection, commands))
                 return self._replies(connection, len(commands), raise_refusals)
             except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -89,6 +114,42 @@ class ThreadConnections:
             return [b"".join([_pack_command(tuple(command)) for command in commands])]
         except TypeError as exc:  # as redis-py's own encoder refuses a bool or None
             raise redis.DataError(f"Invalid input for Redis: {exc}") from None
+
+    def _read_own(
+        self, connection: Any, commands: Sequence[Command], raise_refusals: bool
+    ) -> list[Any]:
+        """Write ``commands`` and read their replies on the connection's socket itself."""
+        local = self._local
+        sock = connection._sock
+        if getattr(local, "sock", None) is not sock:  # a new connection: a new reader
+            local.sock, local.reader = sock, hiredis.Reader(**self._reader_options)
+        reader = local.reader
+        packed = self._pack(connection, commands)[0]
+        count = len(commands)
+        replies: list[Any] = []
+        refused: redis.ResponseError | None = None
+        try:
+            sock.sendall(packed)
+            while len(replies) < count:
+                reply = reader.gets()
+                if reply is False:  # not all of it is here yet
+                    data = sock.recv(65536)
+                    if not data:
+                        raise redis.ConnectionError("Connection closed by server.")
+                    reader.feed(data)
+                    continue
+                if isinstance(reply, redis.ResponseError):
+                    refused = refused or reply
+                replies.append(reply)
+        except OSError as exc:  # a kernel-kept timeout is one too (EAGAIN), as in redis-py
+            connection.disconnect()
+            raise redis.ConnectionError(f"Error talking to Redis: {exc.args}") from None
+        except BaseException:  # not understood, or interrupted: the rest would be out of step
+            connection.disconnect()
+            raise
+        if refused is not None and raise_refusals:
+            raise refused
+        return replies
 
     def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a registered script by its hash, loading it first if Redis does not have it
