@@ -179,11 +179,11 @@ def test_a_held_acknowledgement_whose_connection_closed_is_dropped_not_raised(
     consumer = broker.consume("verloop.send", prefetch=1, timeout=200)
     try:
         message = wait_until(lambda: next(consumer), timeout=10)
-        broker.held_acks.hold(message.message_id)
+        broker.held_acks.hold("verloop.send", message.message_id)
         consumer.ack(message)  # parked
         assert len(broker.held_acks) == 1
         consumer.connection.close()
-        broker.held_acks.release(message.message_id)
+        broker.held_acks.release("verloop.send", message.message_id)
         assert len(broker.held_acks) == 0
     finally:
         broker.close()

@@ -103,9 +103,9 @@ class JobFinisher:
         outcome = run.outcome
         assert outcome is not None
         assert outcome.ledger_key is not None
-        message_id = run.ctx.message_id
+        message_id, queue = run.ctx.message_id, run.ctx.queue
         later = run.written_later = Afterwards()
-        holds.hold(message_id)
+        holds.hold(queue, message_id)
 
         def written(result: list[Any] | RedisUnavailable) -> None:
             try:
@@ -114,7 +114,7 @@ class JobFinisher:
                 try:
                     later.done()
                 finally:
-                    holds.release(message_id)
+                    holds.release(queue, message_id)
 
         self.lifecycle.services.ledger.mark_sent_later(
             outcome.ledger_key, outcome.verloop_message_id, written, also=commands

@@ -25,37 +25,43 @@ _log = structlog.get_logger()
 
 
 class HeldAcks:
-    """Acknowledgements that wait until their job is released (see the module docstring)."""
+    """Acknowledgements that wait until their job is released (see the module docstring).
+
+    A job is held by its queue and message id: a delayed job's delivery from the delay queue
+    (``verloop.send.DQ``) shares its message id with the job it becomes on ``verloop.send``, and
+    its acknowledgement must not wait for, or replace, the other's. Every acknowledgement
+    parked under a held job leaves when it is released.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        #: message id -> None (held, not acknowledged yet) or (consumer, message) parked.
-        self._held: dict[str, tuple[HoldingConsumer, Any] | None] = {}
+        #: (queue, message id) -> the acknowledgements parked until it is released.
+        self._held: dict[tuple[str, str], list[tuple[HoldingConsumer, Any]]] = {}
         #: Writes what every held job waits for (the ledger's pending records), at once.
         self.flush: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, message_id: str) -> None:
-        """The job's acknowledgement waits for :meth:`release`."""
+    def hold(self, queue: str, message_id: str) -> None:
+        """Acknowledgements of the job ``message_id`` from ``queue`` wait for :meth:`release`."""
         with self._lock:
-            self._held[message_id] = None
+            self._held.setdefault((queue, message_id), [])
 
     def park(self, consumer: HoldingConsumer, message: Any) -> bool:
         """Keep ``message``'s acknowledgement if its job is held; False if it may leave now."""
         with self._lock:
-            if message.message_id not in self._held:
+            parked = self._held.get((consumer.queue_name, message.message_id))
+            if parked is None:
                 return False
-            self._held[message.message_id] = (consumer, message)
+            parked.append((consumer, message))
             return True
 
-    def release(self, message_id: str) -> None:
-        """The job may be acknowledged: now, if its acknowledgement was parked."""
+    def release(self, queue: str, message_id: str) -> None:
+        """The job may be acknowledged: now, for every acknowledgement parked under it."""
         with self._lock:
-            parked = self._held.pop(message_id, None)
-        if parked is not None:
-            consumer, message = parked
+            parked = self._held.pop((queue, message_id), [])
+        for consumer, message in parked:
             consumer.ack_now(message)
 
 
