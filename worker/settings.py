@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     verloop_endpoints: dict[str, EndpointOverride] = Field(default_factory=dict)
     verloop_connect_timeout_s: float = Field(default=5.0, gt=0)
     verloop_timeout_s: float = Field(default=15.0, gt=0)
+    #: No longer used: each worker thread keeps one connection of its own (still accepted, so
+    #: existing environment files load).
     verloop_max_connections: int = Field(default=64, ge=1)
 
     # --- tokens ------------------------------------------------------------------------------

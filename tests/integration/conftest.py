@@ -262,7 +262,7 @@ def make_settings(simulator: Simulator) -> Callable[..., Settings]:
 @pytest.fixture
 def services(make_settings: Callable[..., Settings]) -> Iterator[Services]:
     """One worker thread's services (real Redis, the simulator), for testing steps alone."""
-    opened = Services.open(make_settings(), threads=1)
+    opened = Services.open(make_settings())
     yield opened
     opened.close()
 

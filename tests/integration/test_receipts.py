@@ -282,7 +282,7 @@ def test_redis_down_holds_the_status_job_and_records_nothing(
 ) -> None:
     """The job waits (no retry used) rather than failing or recording half of it."""
     nobody = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    down = Services.open(make_settings(redis_url=nobody), threads=1)
+    down = Services.open(make_settings(redis_url=nobody))
     try:
         with pytest.raises(Deferred) as held:
             _job(down, _entry("wamid.down", "delivered"))

@@ -178,7 +178,7 @@ def redis_sockets() -> int:
 
 def test_the_ledger_and_the_limiter_share_one_connection_per_thread() -> None:
     baseline = redis_sockets()
-    services = Services.open(Settings(redis_url=REDIS_URL), threads=2)
+    services = Services.open(Settings(redis_url=REDIS_URL))
     # Warm up on this thread: the scripts get loaded (through the client's pool).
     assert (
         services.ledger.claim(LedgerKey("share:0"), "a", take_over_uncertain=False).state

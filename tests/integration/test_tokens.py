@@ -63,7 +63,7 @@ def build(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Phon
         **settings_overrides: Any,
     ) -> PhoneTokens:
         settings = make_settings(**settings_overrides)
-        client = open_verloop_client(settings, threads=8)
+        client = open_verloop_client(settings)
         cache = open_redis(settings)
         opened.extend([client, cache])
         system = SystemToken(

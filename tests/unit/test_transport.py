@@ -224,3 +224,36 @@ def test_a_kept_alive_connection_the_server_closed_is_not_reused(servers: list[S
     finally:
         client.close()
     assert server.connections == 2
+
+
+def test_each_thread_keeps_a_connection_of_its_own_and_close_closes_them_all(
+    servers: list[Server],
+) -> None:
+    """A worker thread makes one call at a time: its calls reuse its own connection (httpx's
+    pool looks over every connection it holds at each call, so one pool per thread keeps that
+    to one), and close() closes every thread's."""
+    box: list[Server] = []
+    server = Server(_answering(box, requests=100))
+    box.append(server)
+    servers.append(server)
+    client = _client(server.port)
+    results: list[str | None] = []
+
+    def calls() -> None:
+        for _ in range(5):
+            results.append(client.send_message("phone-token", {"n": 1}).message_id)
+
+    threads = [threading.Thread(target=calls) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    calls()  # and this thread's own
+    assert results == ["wamid.1"] * 20
+    assert server.connections == 4
+    assert len(client._opened) == 4
+    client.close()
+    assert client._opened == []
+    calls()  # a call after close() opens a pool again
+    assert server.connections == 5
+    client.close()

@@ -157,7 +157,7 @@ def _tls_hint(exc: BaseException, setting: str, ca_option: str) -> str | None:
 def _verloop_problem(settings: Settings) -> str | None:
     if not settings.has_verloop_credentials:
         return NO_CREDENTIALS
-    client = open_verloop_client(settings, threads=1)
+    client = open_verloop_client(settings)
     system = SystemToken(
         client,
         token=settings.verloop_system_token,

@@ -27,11 +27,9 @@ from worker.verloop.tokens import PhoneTokens, SystemToken
 __all__ = ["Lifecycle", "Services", "open_limiter", "open_redis", "open_verloop_client"]
 
 
-def open_verloop_client(
-    settings: Settings, *, threads: int = 8, metrics: Metrics | None = None
-) -> VerloopClient:
-    """The HTTP client, its pool sized to the worker's threads."""
-    pool = max(settings.verloop_max_connections, threads)
+def open_verloop_client(settings: Settings, *, metrics: Metrics | None = None) -> VerloopClient:
+    """The HTTP client: each thread that calls Verloop keeps a connection of its own (and opens a
+    spare should it ever be busy)."""
     return VerloopClient(
         base_url=settings.verloop_base_url,
         api_prefix=settings.verloop_api_prefix,
@@ -39,7 +37,7 @@ def open_verloop_client(
         timeout=httpx.Timeout(
             settings.verloop_timeout_s, connect=settings.verloop_connect_timeout_s
         ),
-        limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+        limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
         observe=metrics.observe_api_call if metrics is not None else None,
     )
 
@@ -81,12 +79,10 @@ class Services:
     outbox: EventOutbox | None = None
 
     @classmethod
-    def open(
-        cls, settings: Settings, *, threads: int = 8, metrics: Metrics | None = None
-    ) -> Services:
+    def open(cls, settings: Settings, *, metrics: Metrics | None = None) -> Services:
         """Open the HTTP pool and the Redis client, and read the tokens file."""
         configured = settings.load_phone_tokens()
-        verloop = open_verloop_client(settings, threads=threads, metrics=metrics)
+        verloop = open_verloop_client(settings, metrics=metrics)
         cache = open_redis(settings)
         # One connection per worker thread, shared by the ledger, the limiter and the finisher.
         connections = ThreadConnections(cache)
@@ -177,9 +173,7 @@ class Lifecycle(Middleware):
         return self._services
 
     def before_worker_boot(self, broker: Any, worker: Any) -> None:
-        services = self._services = Services.open(
-            self.settings, threads=worker.worker_threads, metrics=self.metrics
-        )
+        services = self._services = Services.open(self.settings, metrics=self.metrics)
         carried = services.ledger.carried
         if carried is not None and hasattr(broker, "held_acks"):
             # A consumer closing writes the records its held acknowledgements wait for.

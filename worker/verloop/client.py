@@ -7,6 +7,7 @@ non-2xx answers become our errors (:mod:`worker.errors`). Tokens travel only in 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,8 +66,8 @@ class VerloopClient:
         api_prefix: ``/api/v2/whatsapp``; prepended to every path not marked ``from_root``.
         endpoints: the resolved endpoint table.
         timeout: per-call timeouts; a call never waits longer than these.
-        limits: connection pool bounds (size it to the worker's threads).
-        transport: a seam for tests (``httpx.MockTransport``).
+        limits: the bounds of each thread's connection pool.
+        transport: a seam for tests (``httpx.MockTransport``), shared by every thread.
     """
 
     def __init__(
@@ -90,14 +91,39 @@ class VerloopClient:
         # the client's per-request features (base-URL merging, cookies, auth, redirects).
         # Timeouts travel with each request, as httpx.Client would send them, and are kept by
         # the kernel on the transport's sockets (worker.verloop.transport).
-        self._transport = transport or open_transport(timeout, limits)
+        #
+        # Each thread has a connection pool of its own: a worker thread makes one call at a time,
+        # and httpx's pool looks over every connection it holds (a poll of each idle one) at the
+        # start and the end of each call, so a pool shared by T threads cost T times that.
+        self._shared = transport
+        self._timeout, self._limits = timeout, limits
+        self._local = threading.local()
+        self._opened: list[httpx.BaseTransport] = []
+        self._opened_lock = threading.Lock()
         self._extensions = {"timeout": timeout.as_dict()}
         #: Called after every call with (endpoint, status, code, seconds): the metrics hook.
         self._observe = observe
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self._transport.close()
+        """Close every thread's connection pool (a later call opens one again)."""
+        if self._shared is not None:
+            self._shared.close()
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for transport in opened:
+            transport.close()
+        self._local = threading.local()
+
+    def _transport(self) -> httpx.BaseTransport:
+        """This thread's connection pool (the test seam's, if one was given)."""
+        transport: httpx.BaseTransport | None = self._shared or getattr(
+            self._local, "transport", None
+        )
+        if transport is None:
+            transport = self._local.transport = open_transport(self._timeout, self._limits)
+            with self._opened_lock:
+                self._opened.append(transport)
+        return transport
 
     # --- documented calls ----------------------------------------------------------------------
     def authenticate(self, username: str, password: str) -> str:
@@ -158,7 +184,7 @@ class VerloopClient:
         )
         started = time.perf_counter()
         try:
-            response = self._transport.handle_request(request)
+            response = self._transport().handle_request(request)
         except _NOT_SENT as exc:
             self._observed(name, _failure_status(exc), "", started)
             what = "timed out before" if isinstance(exc, httpx.TimeoutException) else "failed in"
