@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from worker.errors import OutcomeUnknown
-from worker.verloop.client import VerloopClient
+from worker.errors import OutcomeUnknown, TransientFailure
+from worker.verloop.client import MAX_RESPONSE_BYTES, VerloopClient
 from worker.verloop.endpoints import resolve_endpoints
 from worker.verloop.transport import KernelTimeoutBackend, open_transport
 
@@ -257,3 +257,88 @@ def test_each_thread_keeps_a_connection_of_its_own_and_close_closes_them_all(
     calls()  # a call after close() opens a pool again
     assert server.connections == 5
     client.close()
+
+
+def _answering_with(box: list[Server], answer: bytes) -> Serve:
+    def serve(conn: socket.socket) -> None:
+        if box[0].read_request(conn):
+            conn.sendall(answer)
+
+    return serve
+
+
+def test_a_call_carries_the_headers_httpx_would_write(servers: list[Server]) -> None:
+    """Called through httpcore directly, a request still names its host, its body's length and
+    type, the token and the idempotency key; a GET carries its query and no body length."""
+    box: list[Server] = []
+    token_answer = b'{"token": "phone-token-1"}'
+    server = Server(_answering(box, requests=2))
+    box.append(server)
+    servers.append(server)
+    client = _client(server.port)
+    try:
+        client.send_message("phone-token", {"to": "+919800001234"}, idempotency_key="key-1")
+        server.serve = _answering_with(box, OK % (len(token_answer), token_answer))
+        client.close()  # the next call opens a new connection, served by the new function
+        assert client.get_phone_token("system-token", "acme", "phone 1") == "phone-token-1"
+    finally:
+        client.close()
+    post, get = (
+        request.partition(b"\r\n\r\n")[0].lower() for request in server.first_reads if request
+    )
+    body = b'{"to":"+919800001234"}'
+    for line in (
+        f"host: 127.0.0.1:{server.port}".encode(),
+        f"content-length: {len(body)}".encode(),
+        b"content-type: application/json",
+        b"authorization: phone-token",
+        b"idempotency-key: key-1",
+    ):
+        assert line in post.split(b"\r\n")
+    assert get.startswith(b"get /api/v2/whatsapp/")
+    assert b"?client_id=acme&phone_id=phone+1 http/1.1" in get.split(b"\r\n")[0]
+    assert b"content-length" not in get
+
+
+def test_a_refused_connection_is_a_transient_failure_and_not_an_unknown_outcome(
+    servers: list[Server],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = _client(port)
+    try:
+        with pytest.raises(TransientFailure, match="could not reach Verloop"):
+            client.send_message("phone-token", {"to": "+919800001234"})
+    finally:
+        client.close()
+
+
+def test_an_error_answer_is_classified_with_its_headers_and_a_long_answer_read_to_the_bound(
+    servers: list[Server],
+) -> None:
+    box: list[Server] = []
+    limited = b'{"error": {"code": 130429, "message": "slow down"}}'
+    answer = (
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: 7\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(limited), limited)
+    )
+    server = Server(_answering_with(box, answer))
+    box.append(server)
+    servers.append(server)
+    client = _client(server.port)
+    try:
+        with pytest.raises(TransientFailure) as raised:
+            client.send_message("phone-token", {"to": "+919800001234"})
+    finally:
+        client.close()
+    assert raised.value.details.retry_after == 7
+    assert raised.value.details.code == "130429"
+    huge = b'{"messages": [{"id": "wamid.big"}], "pad": "' + b"x" * (MAX_RESPONSE_BYTES * 2) + b'"}'
+    server.serve = _answering_with(box, OK % (len(huge), huge))
+    client = _client(server.port)
+    try:
+        # Cut at the bound, the answer is no longer JSON: the send is still accepted (2xx).
+        assert client.send_message("phone-token", {"to": "+919800001234"}).message_id is None
+    finally:
+        client.close()

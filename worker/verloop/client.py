@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpcore
 import httpx
 import orjson
 
 from worker.errors import OutcomeUnknown, PermanentFailure, TransientFailure
 from worker.verloop.classify import classify_response
 from worker.verloop.endpoints import Endpoint, pick
-from worker.verloop.transport import open_transport
+from worker.verloop.transport import DirectTransport
 
 __all__ = ["MAX_RESPONSE_BYTES", "SendResult", "VerloopClient"]
 
@@ -27,6 +28,8 @@ _HEADERS = {"User-Agent": "verloop-worker/0.1", "Accept": "application/json"}
 #: A call with a JSON body: encoded by orjson (httpx's own encoder, the standard library's, costs
 #: about a third of building the request; both write the same compact UTF-8).
 _JSON_HEADERS = _HEADERS | {"Content-Type": "application/json"}
+_RAW_HEADERS = [(k.encode(), v.encode()) for k, v in _HEADERS.items()]
+_RAW_JSON_HEADERS = [(k.encode(), v.encode()) for k, v in _JSON_HEADERS.items()]
 #: Verloop's answers are small JSON objects: more than this is not read (what was read is kept).
 MAX_RESPONSE_BYTES = 1024 * 1024
 #: Failures that mean the request never reached Verloop whole: sending it again is safe. Any
@@ -98,7 +101,7 @@ class VerloopClient:
         self._shared = transport
         self._timeout, self._limits = timeout, limits
         self._local = threading.local()
-        self._opened: list[httpx.BaseTransport] = []
+        self._opened: list[DirectTransport] = []
         self._opened_lock = threading.Lock()
         self._extensions = {"timeout": timeout.as_dict()}
         #: Called after every call with (endpoint, status, code, seconds): the metrics hook.
@@ -114,13 +117,11 @@ class VerloopClient:
             transport.close()
         self._local = threading.local()
 
-    def _transport(self) -> httpx.BaseTransport:
-        """This thread's connection pool (the test seam's, if one was given)."""
-        transport: httpx.BaseTransport | None = self._shared or getattr(
-            self._local, "transport", None
-        )
+    def _transport(self) -> DirectTransport:
+        """This thread's connection pool."""
+        transport: DirectTransport | None = getattr(self._local, "transport", None)
         if transport is None:
-            transport = self._local.transport = open_transport(self._timeout, self._limits)
+            transport = self._local.transport = DirectTransport(self._timeout, self._limits)
             with self._opened_lock:
                 self._opened.append(transport)
         return transport
@@ -171,20 +172,11 @@ class VerloopClient:
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> _Answer:
-        endpoint = self._endpoints[name]
-        request = httpx.Request(
-            endpoint.method,
-            self._urls[name],
-            content=None if json is None else orjson.dumps(json),
-            params=params,
-            headers=(_HEADERS if json is None else _JSON_HEADERS)
-            | {"Authorization": token or ""}
-            | (headers or {}),
-            extensions=self._extensions,
-        )
+        content = b"" if json is None else orjson.dumps(json)
+        extra = {"Authorization": token or ""} | (headers or {})
         started = time.perf_counter()
         try:
-            response = self._transport().handle_request(request)
+            status, answer_headers, answer = self._exchange(name, content, params, extra)
         except _NOT_SENT as exc:
             self._observed(name, _failure_status(exc), "", started)
             what = "timed out before" if isinstance(exc, httpx.TimeoutException) else "failed in"
@@ -197,21 +189,56 @@ class VerloopClient:
             raise OutcomeUnknown(
                 f"{name} {what} Verloop's answer after the request was sent ({type(exc).__name__})"
             ) from None
-        try:
-            content = _read_bounded(response)
-        finally:
-            response.close()
-        status = response.status_code
-        if not response.is_success:
-            failure = classify_response(status, content, response.headers, what=name)
+        if not 200 <= status < 300:
+            failure = classify_response(status, answer, httpx.Headers(answer_headers), what=name)
             self._observed(name, str(status), failure.details.code or "", started)
             raise failure
         self._observed(name, str(status), "", started)
         try:
-            body = orjson.loads(content) if content else None
+            body = orjson.loads(answer) if answer else None
         except ValueError:
             body = None  # callers that need a value say so; a send is accepted regardless
         return _Answer(status, body)
+
+    def _exchange(
+        self, name: str, content: bytes, params: dict[str, str] | None, extra: dict[str, str]
+    ) -> tuple[int, Any, bytes]:
+        """One call's status, headers and body (at most MAX_RESPONSE_BYTES of it).
+
+        Raises:
+            httpx.TransportError: no answer.
+        """
+        endpoint = self._endpoints[name]
+        json_headers = _JSON_HEADERS if content else _HEADERS
+        if self._shared is not None:  # a test's transport: through httpx's objects
+            request = httpx.Request(
+                endpoint.method,
+                self._urls[name],
+                content=content or None,
+                params=params,
+                headers=json_headers | extra,
+                extensions=self._extensions,
+            )
+            response = self._shared.handle_request(request)
+            try:
+                body = _read_bounded(response)
+            finally:
+                response.close()
+            return response.status_code, response.headers, body
+        url = self._urls[name] if params is None else self._urls[name].copy_merge_params(params)
+        head = [
+            (b"Host", url.netloc),
+            *(_RAW_JSON_HEADERS if content else _RAW_HEADERS),
+            *((k.encode("ascii"), v.encode("ascii")) for k, v in extra.items()),
+        ]
+        if content or endpoint.method in ("POST", "PUT", "PATCH"):  # as httpx adds it
+            head.append((b"Content-Length", str(len(content)).encode()))
+        target = httpcore.URL(
+            scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
+        )
+        return self._transport().exchange(
+            endpoint.method.encode(), target, head, content, self._extensions, MAX_RESPONSE_BYTES
+        )
 
     def _observed(self, name: str, status: str, code: str, started: float) -> None:
         if self._observe is not None:
