@@ -77,6 +77,19 @@ def open_redis(settings: Settings, *, timeout_s: float = REDIS_TIMEOUT_S) -> red
     return redis.Redis.from_url(url, **options)
 
 
+class _SentinelPrimary(redis.Redis):
+    """A client of the sentinels' primary whose ``close`` also closes its connections to the
+    sentinels (redis-py leaves them open until they are garbage collected)."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            manager = getattr(self.connection_pool, "sentinel_manager", None)
+            for sentinel in getattr(manager, "sentinels", ()):
+                sentinel.close()
+
+
 def _primary(settings: Settings, url: str, options: dict[str, Any]) -> redis.Redis:
     """A client of the primary that the sentinels monitor as REDIS_SENTINEL_SERVICE.
 
@@ -107,6 +120,7 @@ def _primary(settings: Settings, url: str, options: dict[str, Any]) -> redis.Red
     sentinel = Sentinel(settings.sentinel_addresses, sentinel_kwargs=to_sentinels)
     client: redis.Redis = sentinel.master_for(
         settings.redis_sentinel_service,
+        redis_class=_SentinelPrimary,
         connection_class=connection_class,
         **options,
         **primary,
