@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -76,6 +78,36 @@ def test_the_send_path_s_calls_to_a_silent_redis_fail_within_the_timeout_too(
     took = time.monotonic() - started
     direct.close()
     assert REDIS_TIMEOUT_S * 0.9 <= took < REDIS_TIMEOUT_S * 3
+
+
+def test_a_reply_the_reader_cannot_parse_fails_the_call_and_drops_the_connection() -> None:
+    """A server that answers the handshake, then garbage: the call fails as redis-py's
+    InvalidResponse (a RedisError, so callers hold the job), and the connection is dropped so
+    no later call reads the rest out of step."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(b"?not redis\r\n" if b"PING" in data else b"+OK\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    direct = ThreadConnections(
+        open_redis(Settings(redis_url=f"redis://127.0.0.1:{server.getsockname()[1]}/0"))
+    )
+    try:
+        with pytest.raises(redis.exceptions.InvalidResponse):
+            direct.execute([("PING",)])
+        assert direct._local.connection._sock is None  # dropped, not reused
+    finally:
+        direct.close()
+        server.close()
+        thread.join(timeout=5)
 
 
 def test_only_plain_tcp_connections_of_the_worker_s_class_read_replies_themselves() -> None:

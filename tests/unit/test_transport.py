@@ -342,3 +342,20 @@ def test_an_error_answer_is_classified_with_its_headers_and_a_long_answer_read_t
         assert client.send_message("phone-token", {"to": "+919800001234"}).message_id is None
     finally:
         client.close()
+
+
+def test_an_accepted_answer_cut_short_is_kept_as_far_as_it_came(servers: list[Server]) -> None:
+    """The connection drops partway through a 200's body: the send is accepted (never sent
+    again for that); what arrived is the body, here not JSON, so no message id."""
+    box: list[Server] = []
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    server = Server(_answering_with(box, head + b'{"messages": [{"id"'))
+    box.append(server)
+    servers.append(server)
+    client = _client(server.port)
+    try:
+        result = client.send_message("phone-token", {"to": "+919800001234"})
+    finally:
+        client.close()
+    assert result.http_status == 200
+    assert result.message_id is None

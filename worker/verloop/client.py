@@ -20,7 +20,7 @@ import orjson
 from worker.errors import OutcomeUnknown, PermanentFailure, TransientFailure
 from worker.verloop.classify import classify_response
 from worker.verloop.endpoints import Endpoint, pick
-from worker.verloop.transport import DirectTransport
+from worker.verloop.transport import DirectTransport, read_bounded
 
 __all__ = ["MAX_RESPONSE_BYTES", "SendResult", "VerloopClient"]
 
@@ -209,14 +209,13 @@ class VerloopClient:
             httpx.TransportError: no answer.
         """
         endpoint = self._endpoints[name]
-        json_headers = _JSON_HEADERS if content else _HEADERS
         if self._shared is not None:  # a test's transport: through httpx's objects
             request = httpx.Request(
                 endpoint.method,
                 self._urls[name],
                 content=content or None,
                 params=params,
-                headers=json_headers | extra,
+                headers=(_JSON_HEADERS if content else _HEADERS) | extra,
                 extensions=self._extensions,
             )
             response = self._shared.handle_request(request)
@@ -263,17 +262,11 @@ def _read_bounded(response: httpx.Response) -> bytes:
         return response.content[:MAX_RESPONSE_BYTES]  # in memory already (a test transport's)
     except httpx.ResponseNotRead:
         pass
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        for chunk in response.iter_raw():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= MAX_RESPONSE_BYTES:
-                break
-    except httpx.TransportError:
-        pass
-    return b"".join(chunks)[:MAX_RESPONSE_BYTES]
+    return read_bounded(
+        response.iter_raw(),
+        MAX_RESPONSE_BYTES,
+        cut=lambda exc: isinstance(exc, httpx.TransportError),
+    )
 
 
 def _failure_status(exc: httpx.TransportError) -> str:

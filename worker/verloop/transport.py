@@ -26,7 +26,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpcore
@@ -34,7 +34,7 @@ import httpx
 
 from worker.connections.sockets import keep_timeouts_in_kernel
 
-__all__ = ["DirectTransport", "KernelTimeoutBackend", "open_transport"]
+__all__ = ["DirectTransport", "KernelTimeoutBackend", "open_transport", "read_bounded"]
 
 
 def open_transport(timeout: httpx.Timeout, limits: httpx.Limits) -> httpx.HTTPTransport:
@@ -88,23 +88,37 @@ class DirectTransport:
             if mapped is exc:
                 raise
             raise mapped from exc
-        chunks: list[bytes] = []
-        size = 0
         try:
-            for chunk in response.stream:  # type: ignore[union-attr]
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= max_bytes:
-                    break
-        except Exception as exc:  # what arrived is kept (an httpcore error), as httpx would
-            if _as_httpx(exc) is exc:
-                raise
+            body = read_bounded(
+                response.stream,  # type: ignore[arg-type]
+                max_bytes,
+                cut=lambda exc: _as_httpx(exc) is not exc,  # an httpcore error: keep what came
+            )
         finally:
             response.close()
-        return response.status, response.headers, b"".join(chunks)[:max_bytes]
+        return response.status, response.headers, body
 
     def close(self) -> None:
         self._transport.close()
+
+
+def read_bounded(
+    chunks: Iterable[bytes], max_bytes: int, *, cut: Callable[[Exception], bool]
+) -> bytes:
+    """At most ``max_bytes`` of a body's ``chunks``. A body that fails partway with an error
+    ``cut`` accepts (the connection dropped while it came) is what arrived."""
+    kept: list[bytes] = []
+    size = 0
+    try:
+        for chunk in chunks:
+            kept.append(chunk)
+            size += len(chunk)
+            if size >= max_bytes:
+                break
+    except Exception as exc:
+        if not cut(exc):
+            raise
+    return b"".join(kept)[:max_bytes]
 
 
 def _as_httpx(exc: Exception) -> Exception:
